@@ -1,0 +1,1 @@
+"""Moray operations: the `moray` command line, the demo, and (later) cluster configs."""

@@ -1,0 +1,1 @@
+"""Moray reward side: objective scorers, offline prompts, on-policy pair making."""

@@ -1,0 +1,104 @@
+"""On-policy preference pairs: sample responses on Ray Data actors, score them, pair best vs worst.
+
+``sample_responses`` runs a causal LM as a Ray Data actor pool (the model loads once per actor)
+and draws ``n`` seeded samples per prompt. ``best_vs_worst`` turns per-objective scores into one
+pair per prompt (ties dropped, the score margin kept).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    """The text a chat model continues: the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+class Generate:
+    """``map_batches`` callable class: ``prompt`` rows -> ``responses`` (a JSON list of ``n`` samples)."""
+
+    def __init__(self, model_path: str, n: int, max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int, threads: int = 1, trust_remote_code: bool = False):
+        from trainers.models import load_causal_lm, load_tokenizer
+
+        torch.set_num_threads(threads)
+        self.tok = load_tokenizer(model_path, trust_remote_code)
+        self.tok.padding_side = "left"
+        self.model = load_causal_lm(model_path, trust_remote_code).eval()
+        self.n, self.max_new_tokens = n, max_new_tokens
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+
+    @torch.no_grad()
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        prompts = [str(p) for p in batch["prompt"]]
+        texts = [render_prompt(self.tok, p) for p in prompts]
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.tok.chat_template)
+        # seed from the batch's first row id: the same rows give the same samples on any actor
+        torch.manual_seed(self.seed * 1_000_003 + int(batch["row"][0]))
+        out = self.model.generate(**enc, do_sample=self.temperature > 0, temperature=self.temperature or None,
+                                  top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                                  num_return_sequences=self.n, pad_token_id=self.tok.pad_token_id)
+        gen = out[:, enc["input_ids"].shape[1]:]
+        decoded = self.tok.batch_decode(gen, skip_special_tokens=True)
+        responses = [json.dumps([d.strip() for d in decoded[i * self.n:(i + 1) * self.n]]) for i in range(len(prompts))]
+        return {"row": batch["row"], "prompt": np.array(prompts, dtype=object), "responses": np.array(responses, dtype=object)}
+
+
+def sample_responses(model_path: str, prompts: Sequence[str], n: int, max_new_tokens: int = 48,
+                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, actors: int = 1,
+                     threads_per_actor: int = 1, batch_size: int = 8) -> List[List[str]]:
+    """``n`` samples for each prompt, in prompt order, from a Ray Data actor pool."""
+    import ray.data
+
+    ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)])
+    ds = ds.map_batches(Generate, fn_constructor_args=(model_path, n, max_new_tokens, temperature, top_p, seed,
+                                                       threads_per_actor),
+                        batch_size=batch_size, num_cpus=threads_per_actor,
+                        compute=ray.data.ActorPoolStrategy(size=actors))
+    rows = sorted(ds.take_all(), key=lambda r: r["row"])
+    return [json.loads(r["responses"]) for r in rows]
+
+
+def best_vs_worst(prompts: Sequence[str], responses: Sequence[Sequence[str]], scores: Sequence[np.ndarray],
+                  min_margin: float = 0.0) -> List[Dict[str, Any]]:
+    """One pair per prompt: the best-scored response against the worst.
+
+    ``scores[i]`` holds the ``n`` scores of ``responses[i]``. Prompts whose best and worst tie
+    (margin <= ``min_margin``) or whose two texts are equal are dropped.
+    """
+    pairs = []
+    for prompt, resp, sc in zip(prompts, responses, scores):
+        sc = np.asarray(sc, dtype=np.float64)
+        if len(resp) != len(sc):
+            raise ValueError(f"{len(resp)} responses but {len(sc)} scores for prompt {prompt!r}")
+        hi, lo = int(np.argmax(sc)), int(np.argmin(sc))
+        margin = float(sc[hi] - sc[lo])
+        if margin <= min_margin or resp[hi] == resp[lo] or not resp[hi] or not resp[lo]:
+            continue
+        pairs.append({"prompt": prompt, "chosen": resp[hi], "rejected": resp[lo], "margin": margin})
+    return pairs
+
+
+def write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def mean_scores(names: Sequence[str], prompts: Sequence[str], responses: Sequence[Sequence[str]],
+                tokenizer: Optional[object] = None) -> Dict[str, float]:
+    """Mean of each objective's score over all samples of all prompts."""
+    from reward_models.rules import score_all
+
+    flat_p = [p for p, rs in zip(prompts, responses) for _ in rs]
+    flat_r = [r for rs in responses for r in rs]
+    return {k: float(v.mean()) for k, v in score_all(names, flat_p, flat_r, tokenizer).items()}

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny Llama with a tokenizer trained here (no downloads), preference files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from reward_models.prompts import tiny_corpus  # noqa: E402
+from trainers.models import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), tiny_corpus(400, seed=0))
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def synthetic_pairs(n: int, seed: int = 0):
+    """Pairs labelled by a known rule: the chosen response is positive, the rejected negative."""
+    rng = random.Random(seed)
+    pos = ["great", "lovely", "wonderful", "happy", "good"]
+    neg = ["awful", "terrible", "sad", "bad", "boring"]
+    rows = []
+    for i in range(n):
+        topic = rng.choice(["coffee", "movie", "book", "park", "song"])
+        k = 1 + i % 4
+        rows.append({"prompt": f"Write about the {topic}.",
+                     "chosen": f"The {topic} is " + " and ".join(rng.choices(pos, k=k)) + ".",
+                     "rejected": f"The {topic} is " + " and ".join(rng.choices(neg, k=1 + (i + 1) % 4)) + "."})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> str:
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", synthetic_pairs(48))

@@ -1,0 +1,72 @@
+"""ALGORITHMS.md §1 oracles for the DPO family, in float64."""
+
+import math
+
+import pytest
+import torch
+
+from trainers.losses import dpo_loss, get_loss, ipo_loss
+
+D = torch.float64
+
+
+def _logps(seed=0, n=7):
+    g = torch.Generator().manual_seed(seed)
+    return [(-40 * torch.rand(n, generator=g, dtype=D) - 1) for _ in range(4)]
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0, 5.0])
+def test_dpo_is_log2_when_policy_equals_reference(beta):
+    pc, pr, _, _ = _logps()
+    losses, cr, rr = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta)
+    assert losses.dtype == D
+    torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)), rtol=0, atol=1e-15)
+    assert torch.all(cr == 0) and torch.all(rr == 0)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_gradient_wrt_chosen_logp(beta):
+    pc, pr, rc, rrf = _logps(1)
+    pc = pc.clone().requires_grad_(True)
+    losses, _, _ = dpo_loss(pc, pr, rc, rrf, beta)
+    losses.sum().backward()
+    z = beta * ((pc.detach() - rc) - (pr - rrf))
+    torch.testing.assert_close(pc.grad, -beta * torch.sigmoid(-z), rtol=0, atol=1e-14)
+
+
+def test_dpo_swap_gives_minus_logsigmoid_minus_z():
+    beta = 0.3
+    pc, pr, rc, rrf = _logps(2)
+    z = beta * ((pc - rc) - (pr - rrf))
+    swapped, _, _ = dpo_loss(pr, pc, rrf, rc, beta)
+    torch.testing.assert_close(swapped, -torch.nn.functional.logsigmoid(-z), rtol=0, atol=1e-14)
+    straight, _, _ = dpo_loss(pc, pr, rc, rrf, beta)
+    torch.testing.assert_close(straight, -torch.nn.functional.logsigmoid(z), rtol=0, atol=1e-14)
+
+
+def test_dpo_rewards_and_a_worked_value():
+    # beta 0.1: chosen ratio -50 - (-52) = 2, rejected ratio -45 - (-44) = -1 -> z = 0.3
+    losses, cr, rr = dpo_loss(torch.tensor([-50.0], dtype=D), torch.tensor([-45.0], dtype=D),
+                              torch.tensor([-52.0], dtype=D), torch.tensor([-44.0], dtype=D), 0.1)
+    assert cr.item() == pytest.approx(0.2, abs=1e-15)
+    assert rr.item() == pytest.approx(-0.1, abs=1e-15)
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-0.3)), abs=1e-15)
+
+
+def test_ipo_value_and_minimum():
+    beta = 0.25  # target margin 1/(2β) = 2
+    pc = torch.tensor([-10.0, -10.0], dtype=D)
+    pr = torch.tensor([-12.0, -10.0], dtype=D)
+    ref = torch.tensor([-10.0, -10.0], dtype=D)
+    losses, _, _ = ipo_loss(pc, pr, ref, ref, beta)
+    # margin 2 hits the target exactly; margin 0 is 2 short -> (0 - 2)^2 = 4
+    torch.testing.assert_close(losses, torch.tensor([0.0, 4.0], dtype=D), rtol=0, atol=1e-15)
+
+
+def test_registry_and_bad_beta():
+    assert get_loss("dpo") is dpo_loss and get_loss("ipo") is ipo_loss
+    with pytest.raises(ValueError, match="unknown loss 'kto'"):
+        get_loss("kto")
+    x = torch.zeros(2, dtype=D)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(x, x, x, x, 0.0)

@@ -1,0 +1,1 @@
+"""Moray trainers: preference data, losses, DeepSpeed engine, Ray Train launching, export."""

@@ -1,0 +1,275 @@
+"""Preference pairs into a Ray Dataset: read, map columns, validate, tokenize.
+
+Sources: jsonl, parquet (a file or a directory of them), a directory written by ``datasets``'
+``save_to_disk``, or a hub dataset name. Every source row becomes ``prompt``, ``chosen``,
+``rejected`` -- strings, or chat message lists rendered with the tokenizer's chat template --
+after an optional column mapping (:class:`~trainers.config.DataConfig`). Multi-objective pair
+files (two responses plus one "which is better" label per objective) are turned into pairs for
+the requested objective.
+
+Validation runs on the driver before any compute and names the file and row numbers of each
+bad row; ``skip_invalid`` drops them instead and reports how many.
+
+Tokenized rows (:class:`Tokenize`, run in ``map_batches``) hold ``chosen_ids`` and
+``rejected_ids`` (prompt + response token ids) and ``chosen_start`` / ``rejected_start``, the
+index of the first response token: only positions ``>= start`` count in a log-prob.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainers.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+class PreferenceDataError(ValueError):
+    """Malformed preference data; the message names files and row numbers."""
+
+
+@dataclass
+class SourceRows:
+    """Rows of one source file (or HF split), with their origin for error messages."""
+
+    name: str
+    rows: List[Dict[str, Any]]
+
+
+@dataclass
+class LoadReport:
+    total: int = 0
+    kept: int = 0
+    skipped: int = 0
+    problems: Dict[str, List[int]] = field(default_factory=dict)  # "file: reason" -> row numbers
+
+
+def _resolve_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    p = Path(path)
+    if p.is_file():
+        if p.suffix in (".jsonl", ".json"):
+            return "jsonl"
+        if p.suffix == ".parquet":
+            return "parquet"
+        raise PreferenceDataError(f"{path}: cannot tell the format from the suffix; set data.format")
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or any(p.glob("*/dataset_info.json")):
+            return "hf"
+        if any(p.glob("*.parquet")):
+            return "parquet"
+        if any(p.glob("*.jsonl")):
+            return "jsonl"
+        raise PreferenceDataError(f"{path}: directory holds no .parquet, .jsonl or HF dataset")
+    if "/" in path and not path.startswith((".", "/")):
+        return "hf"  # looks like a hub name: owner/dataset
+    raise PreferenceDataError(f"{path}: no such file or directory")
+
+
+def _files(path: str, suffix: str) -> List[Path]:
+    p = Path(path)
+    return [p] if p.is_file() else sorted(p.glob(f"*{suffix}"))
+
+
+def read_source(path: str, fmt: str = "auto", split: str = "train") -> List[SourceRows]:
+    """Read raw rows, keeping file names so errors can point at them."""
+    fmt = _resolve_format(path, fmt)
+    if fmt == "jsonl":
+        out = []
+        for f in _files(path, ".jsonl"):
+            rows: List[Dict[str, Any]] = []
+            with open(f) as fh:
+                for lineno, line in enumerate(fh, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise PreferenceDataError(f"{f}: line {lineno} is not valid JSON ({e.msg})") from None
+                    rows.append(obj if isinstance(obj, dict) else {"__not_an_object__": obj})
+            out.append(SourceRows(str(f), rows))
+        return out
+    if fmt == "parquet":
+        return [SourceRows(str(f), pq.read_table(f).to_pylist()) for f in _files(path, ".parquet")]
+    if fmt == "hf":
+        import datasets
+
+        if Path(path).exists():
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise PreferenceDataError(f"{path}: no split {split!r}; has {sorted(ds)}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(path, split=split)
+        return [SourceRows(f"{path}[{split}]", ds.to_list())]
+    raise PreferenceDataError(f"unknown data format {fmt!r}; use jsonl, parquet or hf")
+
+
+def _is_messages(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        and m["content"].strip() for m in v))
+
+
+def _field_problem(v: Any) -> Optional[str]:
+    if v is None:
+        return "missing"
+    if isinstance(v, str):
+        return None if v.strip() else "empty"
+    if isinstance(v, list):
+        return None if _is_messages(v) else "malformed chat messages"
+    return f"not a string ({type(v).__name__})"
+
+
+def map_row(row: Dict[str, Any], cfg: DataConfig, objective: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """One source row -> ``{prompt, chosen, rejected}`` or a reason it is invalid."""
+    if "__not_an_object__" in row:
+        return None, "not a JSON object"
+    get = lambda name: row.get(cfg.columns.get(name, name))  # noqa: E731
+    if cfg.objective_labels:
+        label_col = cfg.objective_labels[objective]
+        label = row.get(label_col)
+        if isinstance(label, bool) or label not in (0, 1):
+            return None, f"{label_col} must be 0 or 1"
+        a, b = (row.get(c) for c in cfg.response_columns)
+        chosen, rejected = (a, b) if label == 0 else (b, a)
+        out = {"prompt": get("prompt"), "chosen": chosen, "rejected": rejected}
+    else:
+        out = {k: get(k) for k in FIELDS}
+        if out["prompt"] is None and _is_messages(out["chosen"]) and _is_messages(out["rejected"]):
+            # conversation-only rows (e.g. HH-RLHF): the shared turns before the last are the prompt
+            out = {"prompt": out["chosen"][:-1], "chosen": out["chosen"][-1:], "rejected": out["rejected"][-1:]}
+    for k in FIELDS:
+        problem = _field_problem(out[k])
+        if problem:
+            return None, f"{k} {problem}"
+    if out["chosen"] == out["rejected"]:
+        return None, "chosen == rejected"
+    return out, None
+
+
+def _ranges(rows: Sequence[int]) -> str:
+    shown = ", ".join(str(r) for r in rows[:20])
+    return shown + (f", … ({len(rows)} rows)" if len(rows) > 20 else "")
+
+
+def load_pairs(cfg: DataConfig, objective: str) -> Tuple[pa.Table, LoadReport]:
+    """Read, map and validate; return a table of ``idx, prompt, chosen, rejected``.
+
+    Chat message lists are stored as JSON strings (``is_chat`` column) so the table has one
+    schema; :class:`Tokenize` renders them with the chat template. Raises
+    :class:`PreferenceDataError` listing every bad row unless ``cfg.skip_invalid``.
+    """
+    if cfg.objective_labels and objective not in cfg.objective_labels:
+        raise PreferenceDataError(f"objective {objective!r} is not in data.objective_labels "
+                                  f"({sorted(cfg.objective_labels)})")
+    report = LoadReport()
+    kept: Dict[str, List[Any]] = {"prompt": [], "chosen": [], "rejected": [], "is_chat": []}
+    for src in read_source(cfg.path, cfg.format, cfg.split):
+        for i, row in enumerate(src.rows):
+            report.total += 1
+            mapped, problem = map_row(row, cfg, objective)
+            if problem:
+                report.problems.setdefault(f"{src.name}: {problem}", []).append(i)
+                continue
+            is_chat = any(isinstance(mapped[k], list) for k in FIELDS)
+            for k in FIELDS:
+                v = mapped[k]
+                if is_chat and isinstance(v, str):
+                    v = [{"role": "user" if k == "prompt" else "assistant", "content": v}]
+                kept[k].append(json.dumps(v) if is_chat else v)
+            kept["is_chat"].append(is_chat)
+    if report.total == 0:
+        raise PreferenceDataError(f"{cfg.path}: no rows")
+    bad = sum(len(v) for v in report.problems.values())
+    if bad:
+        detail = "; ".join(f"{k} (row {_ranges(v)})" for k, v in report.problems.items())
+        if not cfg.skip_invalid:
+            raise PreferenceDataError(f"{bad} invalid preference rows (rows count from 0 per file): "
+                                      f"{detail}. Fix them or set data.skip_invalid=true.")
+        log.warning("skipped %d of %d invalid preference rows: %s", bad, report.total, detail)
+    report.skipped = bad
+    report.kept = len(kept["prompt"])
+    if report.kept == 0:
+        raise PreferenceDataError(f"{cfg.path}: every row was invalid")
+    table = pa.table({"idx": pa.array(np.arange(report.kept, dtype=np.int64)), **kept})
+    return table, report
+
+
+def _render(tokenizer, prompt: Any, response: Any, is_chat: bool) -> Tuple[str, str]:
+    if not is_chat:
+        return prompt, response
+    p, r = json.loads(prompt), json.loads(response)
+    prompt_text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(p + r, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise PreferenceDataError("chat template does not render the prompt as a prefix of the "
+                                  "conversation; pass plain-string columns instead")
+    return prompt_text, full[len(prompt_text):]
+
+
+def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, is_chat: bool,
+                  max_prompt_length: int, max_response_length: int) -> Dict[str, Any]:
+    """Token ids for one pair: prompt truncated from the left, responses from the right.
+
+    Plain-string responses end with EOS (added if missing) so a policy learns where to stop.
+    """
+    prompt_text, chosen_text = _render(tokenizer, prompt, chosen, is_chat)
+    _, rejected_text = _render(tokenizer, prompt, rejected, is_chat)
+    add_special = not is_chat  # a chat template already carries BOS where the model wants it
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"][-max_prompt_length:]
+    out: Dict[str, Any] = {}
+    for name, text in (("chosen", chosen_text), ("rejected", rejected_text)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not is_chat and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        ids = ids[:max_response_length]
+        out[f"{name}_ids"] = np.asarray(prompt_ids + ids, dtype=np.int64)
+        out[f"{name}_start"] = len(prompt_ids)
+    return out
+
+
+class Tokenize:
+    """``map_batches`` callable: string pairs -> token ids and response starts."""
+
+    def __init__(self, tokenizer_path: str, max_prompt_length: int, max_response_length: int,
+                 trust_remote_code: bool = False):
+        from trainers.models import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_path, trust_remote_code)
+        self.max_prompt_length = max_prompt_length
+        self.max_response_length = max_response_length
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        cols: Dict[str, List[Any]] = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_start", "rejected_start")}
+        for p, c, r, chat in zip(batch["prompt"], batch["chosen"], batch["rejected"], batch["is_chat"]):
+            t = tokenize_pair(self.tok, p, c, r, bool(chat), self.max_prompt_length, self.max_response_length)
+            for k in cols:
+                cols[k].append(t[k])
+        n = len(batch["idx"])
+        return {
+            "idx": batch["idx"],
+            "chosen_ids": _ragged(cols["chosen_ids"]),
+            "rejected_ids": _ragged(cols["rejected_ids"]),
+            "chosen_start": np.asarray(cols["chosen_start"], dtype=np.int64).reshape(n),
+            "rejected_start": np.asarray(cols["rejected_start"], dtype=np.int64).reshape(n),
+        }
+
+
+def _ragged(arrays: List[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out

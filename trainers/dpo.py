@@ -1,0 +1,204 @@
+"""The per-worker DPO/IPO training loop (runs inside a Ray Train worker).
+
+Each worker reads its own shard (``get_dataset_shard(f"rank{r}")``, split deterministically on
+the driver) with ``iter_torch_batches``; a window of ``bucket_batches`` batches is grouped by
+length before being cut into micro-batches. Reference log-probs arrive with the rows (computed
+once, :mod:`trainers.reference`). The data position is the count of micro-batches done, which
+with the seeded order makes a resumed run see exactly the pairs an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+from trainers.config import DPOJobConfig, from_dict
+from trainers.logps import length_buckets, pad_pairs, pair_logps
+from trainers.losses import get_loss
+
+STATE_FILE = "trainer_state.json"
+DS_TAG = "deepspeed"
+METRIC_KEYS = ("loss", "reward_margin", "accuracy", "chosen_reward", "rejected_reward")
+
+
+def schedule(rows_per_rank: int, micro_batch_size: int, grad_accum: int, epochs: int) -> Dict[str, int]:
+    """Counts every rank agrees on: micro-batches per epoch and in all, optimizer steps."""
+    per_epoch = math.ceil(rows_per_rank / micro_batch_size)
+    total_micro = per_epoch * epochs
+    return {"micro_per_epoch": per_epoch, "total_micro": total_micro,
+            "total_steps": math.ceil(total_micro / grad_accum)}
+
+
+def epoch_batches(shard, epoch: int, cfg, pad_id: int):
+    """Yield the padded micro-batches of one epoch, in a deterministic, seeded order."""
+    t = cfg.train
+    window = t.micro_batch_size * t.bucket_batches
+
+    def collate(rows: Dict[str, np.ndarray]) -> List[Dict[str, torch.Tensor]]:
+        seed = (t.seed, epoch, int(rows["idx"][0]))
+        return [pad_pairs(rows, pad_id, index) for index in length_buckets(rows, t.micro_batch_size, seed, t.shuffle)]
+
+    kwargs: Dict[str, Any] = {}
+    if t.shuffle:
+        kwargs = {"local_shuffle_buffer_size": window, "local_shuffle_seed": t.seed * 100_003 + epoch}
+    for batches in shard.iter_torch_batches(batch_size=window, collate_fn=collate, prefetch_batches=1, **kwargs):
+        yield from batches
+
+
+def _load_checkpoint(engine) -> int:
+    """Restore engine state from Ray Train's latest checkpoint; return micro-batches done."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        # our own run's checkpoint in our storage path: DeepSpeed's torch.load of it is trusted
+        engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+    return int(state["micro_batches_done"])
+
+
+def _report(metrics: Dict[str, Any], engine, rank: int, save: bool, state: Dict[str, Any]) -> None:
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
+        if rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{state['step']:07d}")
+
+
+def _maybe_fail(cfg, step: int, rank: int, world: int, marker: str) -> None:
+    """Fault injection for recovery tests: one worker process dies, once."""
+    if cfg.train.fail_at_step != step or rank != min(1, world - 1) or not marker or os.path.exists(marker):
+        return
+    Path(marker).write_text(f"worker {rank} killed at step {step}\n")
+    os._exit(1)
+
+
+def train_loop(loop_config: Dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_config``: ``job`` (a DPOJobConfig as dict), ``rows_per_rank``,
+    ``pad_id``, ``metadata``, ``failure_marker``."""
+    import ray.train
+    from ray.experimental.tqdm_ray import tqdm
+
+    from trainers.engine import build_engine, gathered_state_dict
+    from trainers.export import build_policy, export_policy
+
+    cfg: DPOJobConfig = from_dict(DPOJobConfig, loop_config["job"])
+    t = cfg.train
+    torch.set_num_threads(t.cpus_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = t.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    torch.manual_seed(t.seed)
+
+    sched = schedule(loop_config["rows_per_rank"], t.micro_batch_size, t.grad_accum, t.epochs)
+    engine = build_engine(build_policy(cfg.model), t, sched["total_steps"], on_gpu)
+    done = _load_checkpoint(engine)
+    loss_fn = get_loss(t.loss)
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+
+    bar = tqdm(total=sched["total_steps"], desc=f"{t.loss} {cfg.objective}") if rank == 0 else None
+    step = math.ceil(done / t.grad_accum)
+    if bar is not None:
+        bar.update(step)
+    sums = torch.zeros(len(METRIC_KEYS) + 2, dtype=torch.float64)  # + pairs, tokens
+    tic = time.perf_counter()
+    micro = done
+    history: List[Dict[str, Any]] = []
+    metrics: Dict[str, Any] = {}
+    for epoch in range(done // sched["micro_per_epoch"], t.epochs):
+        skip = micro - epoch * sched["micro_per_epoch"]
+        for i, batch in enumerate(epoch_batches(shard, epoch, cfg, loop_config["pad_id"])):
+            if i < skip:
+                continue
+            boundary = (micro + 1) % t.grad_accum == 0 or micro + 1 == sched["total_micro"]
+            engine.set_gradient_accumulation_boundary(boundary)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            pc, pr = pair_logps(engine, batch)
+            losses, cr, rr = loss_fn(pc, pr, batch["ref_chosen_logps"].to(pc.dtype),
+                                     batch["ref_rejected_logps"].to(pc.dtype), t.beta)
+            engine.backward(losses.mean())
+            micro += 1
+            sums += torch.tensor([losses.detach().sum().item(), (cr - rr).sum().item(), (cr > rr).sum().item(),
+                                  cr.sum().item(), rr.sum().item(), float(len(cr)),
+                                  float(batch["attention_mask"].sum().item())], dtype=torch.float64)
+            if not boundary:
+                continue
+            engine.step()
+            step += 1
+            _maybe_fail(cfg, step, rank, world, loop_config.get("failure_marker", ""))
+            now = time.perf_counter()
+            metrics = _reduce_metrics(sums, now - tic, world, device)
+            metrics.update(step=step, epoch=epoch, lr=engine.get_lr()[0])
+            history.append(metrics)
+            sums.zero_()
+            tic = now
+            last = micro == sched["total_micro"]
+            save = not last and t.checkpoint_every > 0 and step % t.checkpoint_every == 0
+            if save or last or step % t.log_every == 0:
+                # one report per window: Ray Train's report is a barrier polled every few hundred ms
+                _report({**metrics, "history": history}, engine, rank, save,
+                        {"micro_batches_done": micro, "step": step, "epoch": epoch})
+                history = []
+            if bar is not None:
+                bar.set_description(f"{t.loss} {cfg.objective} loss={metrics['loss']:.4f} "
+                                    f"acc={metrics['accuracy']:.2f} {metrics['pairs_per_s']:.1f} pairs/s")
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    metrics["probe_logits"] = _probe_logits(engine, device)
+    state = gathered_state_dict(engine, rank)
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            export_policy(state, cfg.model, tmp, loop_config["metadata"])
+        ray.train.report({**metrics, "step": step, "exported": True},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+                         checkpoint_dir_name="final")
+
+
+def _reduce_metrics(sums: torch.Tensor, seconds: float, world: int, device: torch.device) -> Dict[str, float]:
+    """Sum the per-rank sums over all ranks; means per pair, throughput for the whole group."""
+    import torch.distributed as dist
+
+    total = sums.to(device)
+    if world > 1:
+        dist.all_reduce(total)
+    total = total.cpu()
+    pairs = max(total[-2].item(), 1.0)
+    out = {k: total[i].item() / pairs for i, k in enumerate(METRIC_KEYS)}
+    out["pairs_per_s"] = total[-2].item() / max(seconds, 1e-9)
+    out["tokens_per_s"] = total[-1].item() / max(seconds, 1e-9)
+    return out
+
+
+@torch.no_grad()
+def _probe_logits(engine, device: torch.device) -> List[float]:
+    """Last-position logits of the trained engine on fixed token ids (every rank runs it: under
+    ZeRO-3 the forward gathers parameters). Tests compare them with the exported checkpoint."""
+    ids = probe_input_ids(engine.module.config.vocab_size).to(device)
+    was_training = engine.module.training
+    engine.module.eval()
+    logits = engine.module(input_ids=ids, use_cache=False).logits[0, -1, :16].float().cpu()
+    engine.module.train(was_training)
+    return logits.tolist()
+
+
+def probe_input_ids(vocab: int) -> torch.Tensor:
+    return (torch.arange(1, 17) * 7919 % vocab).unsqueeze(0)

@@ -1,0 +1,64 @@
+"""Export a trained policy as a Hugging Face checkpoint (safetensors + tokenizer + metadata).
+
+The metadata file ``moray.json`` names the objective, the reference model, β, the loss and the
+data, so that mixers and the server can check that policies share a reference and a tokenizer.
+LoRA policies are merged into full weights on export (a plain HF checkpoint, no peft needed to
+load it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+METADATA_FILE = "moray.json"
+
+
+def build_policy(model_cfg, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The trainable module: the base causal LM, wrapped with LoRA adapters if configured."""
+    from trainers.models import load_causal_lm
+
+    model = load_causal_lm(model_cfg.name_or_path, model_cfg.trust_remote_code, dtype=dtype)
+    if model_cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
+            target_modules=list(model_cfg.lora_target_modules), task_type="CAUSAL_LM"))
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def export_policy(state_dict: Dict[str, torch.Tensor], model_cfg, out_dir: str,
+                  metadata: Dict[str, Any], dtype: Optional[torch.dtype] = None) -> str:
+    """Write ``state_dict`` (as gathered from the engine) as an HF checkpoint in ``out_dir``."""
+    from trainers.models import load_tokenizer
+
+    model = build_policy(model_cfg)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    params = {name for name, _ in model.named_parameters()}  # tied duplicates are not listed
+    missing = [k for k in missing if k in params]
+    if unexpected or missing:
+        raise RuntimeError(f"state dict does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if model_cfg.lora:
+        model = model.merge_and_unload()
+    if dtype is not None:
+        model = model.to(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code).save_pretrained(out)
+    (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    return str(out)
+
+
+def read_metadata(policy_dir: str) -> Dict[str, Any]:
+    path = Path(policy_dir) / METADATA_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{policy_dir} has no {METADATA_FILE}: not a Moray policy")
+    return json.loads(path.read_text())

@@ -1,0 +1,42 @@
+"""Reference log-probs, computed once per pair by the frozen reference model.
+
+A Ray Data pass (``map_batches`` on an actor pool: the model loads once per actor) adds
+``ref_chosen_logps`` and ``ref_rejected_logps`` to every tokenized pair, under ``no_grad``.
+Training then never runs the reference again -- not per step, not per epoch, not on resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from trainers.logps import length_buckets, pad_pairs, pair_logps
+
+
+class ReferenceLogps:
+    """``map_batches`` callable class: tokenized pairs -> the same rows plus reference log-probs."""
+
+    def __init__(self, model_path: str, pad_id: int, micro_batch_size: int = 8, threads: int = 1,
+                 trust_remote_code: bool = False, device: str = "cpu"):
+        from trainers.models import load_causal_lm
+
+        torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = load_causal_lm(model_path, trust_remote_code, dtype=dtype).to(self.device).eval()
+        self.pad_id = pad_id
+        self.micro_batch_size = micro_batch_size
+
+    @torch.no_grad()
+    def __call__(self, rows: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        n = len(rows["idx"])
+        chosen = np.zeros(n, dtype=np.float64)
+        rejected = np.zeros(n, dtype=np.float64)
+        for index in length_buckets(rows, self.micro_batch_size, seed=(0,), shuffle=False):
+            batch = {k: v.to(self.device) for k, v in pad_pairs(rows, self.pad_id, index).items()}
+            c, r = pair_logps(self.model, batch)
+            chosen[index] = c.double().cpu().numpy()
+            rejected[index] = r.double().cpu().numpy()
+        return {**rows, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
