@@ -122,6 +122,7 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
     micro = done
     history: List[Dict[str, Any]] = []
     metrics: Dict[str, Any] = {}
+    loop_start, pairs_trained = time.perf_counter(), 0
     for epoch in range(done // sched["micro_per_epoch"], t.epochs):
         skip = micro - epoch * sched["micro_per_epoch"]
         for i, batch in enumerate(epoch_batches(shard, epoch, cfg, loop_config["pad_id"])):
@@ -135,6 +136,7 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
                                      batch["ref_rejected_logps"].to(pc.dtype), t.beta)
             engine.backward(losses.mean())
             micro += 1
+            pairs_trained += len(cr)
             sums += torch.tensor([losses.detach().sum().item(), (cr - rr).sum().item(), (cr > rr).sum().item(),
                                   cr.sum().item(), rr.sum().item(), float(len(cr)),
                                   float(batch["attention_mask"].sum().item())], dtype=torch.float64)
@@ -163,6 +165,9 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
     if bar is not None:
         bar.close()
 
+    # this attempt's training-loop throughput (all ranks' pairs; rank 0's clock)
+    metrics["train_seconds"] = time.perf_counter() - loop_start
+    metrics["pairs_trained"] = pairs_trained * world
     metrics["probe_logits"] = _probe_logits(engine, device)
     state = gathered_state_dict(engine, rank)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,115 @@
+"""DPO throughput: Moray (Ray Train + DeepSpeed) against TRL's DPOTrainer, measured in one run.
+
+Same model (a small random-weight Llama built here), same pairs, same batch size, same
+thread count, same β and learning rate, one epoch each. Prints pairs/s of the training loop for
+both and their ratio, and the end-to-end wall time of each job (Moray's includes Ray start-up,
+its one reference pass and DeepSpeed set-up; TRL's includes its dataset tokenization).
+
+    pip install -c constraints-cpu.txt -e ".[bench]"
+    python bench/dpo_vs_trl.py [--pairs 256] [--batch-size 8] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reward_models.prompts import FILLERS, NEGATIVE, POSITIVE, tiny_corpus  # noqa: E402
+from trainers.models import build_tiny_model  # noqa: E402
+
+
+def make_pairs(n: int, seed: int = 0):
+    """Pairs whose responses vary in length (1-12 sentences), as real preference data does."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        def answer(words):
+            k = rng.randint(1, 12)
+            return " ".join(rng.choice(FILLERS + [f"It was {rng.choice(words)}."]) for _ in range(k))
+        rows.append({"prompt": f"Write a short review, number {i}.", "chosen": answer(POSITIVE),
+                     "rejected": answer(NEGATIVE)})
+    return rows
+
+
+def run_trl(model_dir: str, rows, args) -> dict:
+    import datasets
+    import torch
+    from trl import DPOConfig, DPOTrainer
+
+    from trainers.models import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tic = time.perf_counter()
+    tok = load_tokenizer(model_dir)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch_size, num_train_epochs=1,
+                        learning_rate=args.lr, beta=0.1, max_length=1024, use_cpu=True, report_to=[],
+                        logging_steps=10_000, save_strategy="no", seed=0, dataloader_num_workers=0,
+                        lr_scheduler_type="cosine", warmup_steps=0)
+        trainer = DPOTrainer(model=load_causal_lm(model_dir), args=cfg,
+                             train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+        result = trainer.train()
+    return {"train_seconds": result.metrics["train_runtime"], "end_to_end_seconds": time.perf_counter() - tic}
+
+
+def run_moray(model_dir: str, data: str, out: str, args) -> dict:
+    from trainers.config import DPOJobConfig, load_config
+    from trainers.launcher import run_dpo
+
+    tic = time.perf_counter()
+    job = load_config(DPOJobConfig, overrides={
+        "objective": "bench", "out": out, "model.name_or_path": model_dir, "data.path": data,
+        "data.max_prompt_length": 1024, "data.max_response_length": 1024,
+        "train.workers": 1, "train.cpus_per_worker": args.threads, "train.zero_stage": args.zero_stage,
+        "train.micro_batch_size": args.batch_size, "train.lr": args.lr, "train.epochs": 1,
+        "train.checkpoint_every": 0, "train.log_every": 10})
+    metrics = run_dpo(job)
+    return {"train_seconds": metrics["train_seconds"], "pairs": metrics["pairs_trained"],
+            "end_to_end_seconds": time.perf_counter() - tic}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="moray-bench-"))
+    model = build_tiny_model(str(work / "model"), tiny_corpus(2000, seed=0), vocab_size=2048,
+                             hidden=args.hidden, layers=args.layers, heads=4, max_positions=2048)
+    rows = make_pairs(args.pairs)
+    data = work / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    moray = run_moray(model, str(data), str(work / "policy"), args)
+    trl = run_trl(model, rows, args)
+    moray_rate = args.pairs / moray["train_seconds"]
+    trl_rate = args.pairs / trl["train_seconds"]
+    print(f"\nDPO, {args.pairs} pairs, batch {args.batch_size}, {args.threads} threads, "
+          f"Llama {args.layers}x{args.hidden}, one epoch")
+    print(f"{'':<8} {'train pairs/s':>14} {'end-to-end s':>13}")
+    print(f"{'moray':<8} {moray_rate:>14.1f} {moray['end_to_end_seconds']:>13.1f}")
+    print(f"{'trl':<8} {trl_rate:>14.1f} {trl['end_to_end_seconds']:>13.1f}")
+    print(f"ratio moray/trl, training pairs/s: {moray_rate / trl_rate:.2f}x; end-to-end time trl/moray: "
+          f"{trl['end_to_end_seconds'] / moray['end_to_end_seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
