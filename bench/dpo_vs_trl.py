@@ -6,7 +6,7 @@ both and their ratio, and the end-to-end wall time of each job (Moray's includes
 its one reference pass and DeepSpeed set-up; TRL's includes its dataset tokenization).
 
     pip install -c constraints-cpu.txt -e ".[bench]"
-    python bench/dpo_vs_trl.py [--pairs 256] [--batch-size 8] [--threads 2]
+    python bench/dpo_vs_trl.py [--pairs 1024] [--batch-size 8] [--threads 2] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -30,15 +30,22 @@ from trainers.models import build_tiny_model  # noqa: E402
 
 
 def make_pairs(n: int, seed: int = 0):
-    """Pairs whose responses vary in length (1-12 sentences), as real preference data does."""
+    """Pairs shaped like real preference data: a prompt with 0-8 sentences of context before the
+    request (a conversation so far, an instruction), responses of 1-12 sentences."""
     rng = random.Random(seed)
+
+    def sentences(k, words):
+        return " ".join(rng.choice(FILLERS + [f"It was {rng.choice(words)}."]) for _ in range(k))
+
     rows = []
     for i in range(n):
-        def answer(words):
-            k = rng.randint(1, 12)
-            return " ".join(rng.choice(FILLERS + [f"It was {rng.choice(words)}."]) for _ in range(k))
-        rows.append({"prompt": f"Write a short review, number {i}.", "chosen": answer(POSITIVE),
-                     "rejected": answer(NEGATIVE)})
+        context = sentences(rng.randint(0, 8), POSITIVE + NEGATIVE)
+        chosen = rejected = ""
+        while chosen == rejected:
+            chosen = sentences(rng.randint(1, 12), POSITIVE)
+            rejected = sentences(rng.randint(1, 12), NEGATIVE)
+        rows.append({"prompt": f"{context} Write a short review, number {i}.".strip(),
+                     "chosen": chosen, "rejected": rejected})
     return rows
 
 
@@ -82,11 +89,13 @@ def run_moray(model_dir: str, data: str, out: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=256)
+    p.add_argument("--pairs", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--zero-stage", type=int, default=0,
+                   help="one worker has nothing to partition; 2 or 3 measure ZeRO's own overhead")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each; the best counts")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     args = p.parse_args()
@@ -98,12 +107,19 @@ def main() -> None:
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    moray = run_moray(model, str(data), str(work / "policy"), args)
-    trl = run_trl(model, rows, args)
+    # alternate the two, best of --repeats each: this machine's timings drift between runs
+    moray_runs, trl_runs = [], []
+    for r in range(args.repeats):
+        moray_runs.append(run_moray(model, str(data), str(work / f"policy{r}"), args))
+        trl_runs.append(run_trl(model, rows, args))
+    moray = min(moray_runs, key=lambda m: m["train_seconds"])
+    trl = min(trl_runs, key=lambda m: m["train_seconds"])
+    print("runs (train seconds): moray", [round(m["train_seconds"], 1) for m in moray_runs],
+          "trl", [round(m["train_seconds"], 1) for m in trl_runs])
     moray_rate = args.pairs / moray["train_seconds"]
     trl_rate = args.pairs / trl["train_seconds"]
     print(f"\nDPO, {args.pairs} pairs, batch {args.batch_size}, {args.threads} threads, "
-          f"Llama {args.layers}x{args.hidden}, one epoch")
+          f"Llama {args.layers}x{args.hidden}, one epoch, Moray ZeRO-{args.zero_stage}, best of {args.repeats}")
     print(f"{'':<8} {'train pairs/s':>14} {'end-to-end s':>13}")
     print(f"{'moray':<8} {moray_rate:>14.1f} {moray['end_to_end_seconds']:>13.1f}")
     print(f"{'trl':<8} {trl_rate:>14.1f} {trl['end_to_end_seconds']:>13.1f}")

@@ -37,7 +37,7 @@ class DemoSettings:
 
 TINY = DemoSettings(train_prompts=96, eval_prompts=24, samples=6, eval_samples=4, max_new_tokens=40,
                     lr=1e-3, beta=0.1, epochs=3, micro_batch_size=8)
-FULL = DemoSettings(train_prompts=48, eval_prompts=16, samples=4, eval_samples=2, max_new_tokens=48,
+FULL = DemoSettings(train_prompts=48, eval_prompts=16, samples=4, eval_samples=2, max_new_tokens=64,
                     lr=2e-5, beta=0.1, epochs=2, micro_batch_size=4)
 
 

@@ -82,7 +82,7 @@ class TrainConfig:
     bf16: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | true | false.")
     seed: int = opt(0, "Seed for model init, shuffling and sampling.")
     shuffle: bool = opt(True, "Shuffle pairs each epoch (seeded, reproducible on resume).")
-    bucket_batches: int = opt(8, "Group this many batches' worth of pairs by length before cutting "
+    bucket_batches: int = opt(32, "Group this many batches' worth of pairs by length before cutting "
                               "batches, to cut padding (1 disables).")
     checkpoint_every: int = opt(50, "Report a resumable checkpoint every N optimizer steps (0: only "
                                 "at the end).")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -53,18 +54,50 @@ def epoch_batches(shard, epoch: int, cfg, pad_id: int):
         yield from batches
 
 
-def _load_checkpoint(engine) -> int:
-    """Restore engine state from Ray Train's latest checkpoint; return micro-batches done."""
+def _resume_position() -> int:
+    """Micro-batches done in the run Ray Train restores (0 on a fresh start)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return 0
     with ckpt.as_directory() as d:
-        # our own run's checkpoint in our storage path: DeepSpeed's torch.load of it is trusted
-        engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
-        state = json.loads((Path(d) / STATE_FILE).read_text())
-    return int(state["micro_batches_done"])
+        return int(json.loads((Path(d) / STATE_FILE).read_text())["micro_batches_done"])
+
+
+def _load_engine_state(engine) -> None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            # our own run's checkpoint in our storage path: DeepSpeed's torch.load of it is trusted
+            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
+
+
+class _Ahead:
+    """Pull a generator's first item on a background thread, so that Ray Data's start-up for the
+    shard overlaps with model loading and DeepSpeed set-up."""
+
+    def __init__(self, gen):
+        self.gen, self.first, self.error = gen, [], None
+        self.thread = threading.Thread(target=self._pull, daemon=True)
+        self.thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self.first.append(next(self.gen))
+        except StopIteration:
+            pass
+        except BaseException as e:  # re-raised on the training thread
+            self.error = e
+
+    def __iter__(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        yield from self.first
+        yield from self.gen
 
 
 def _report(metrics: Dict[str, Any], engine, rank: int, save: bool, state: Dict[str, Any]) -> None:
@@ -108,10 +141,13 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
     torch.manual_seed(t.seed)
 
     sched = schedule(loop_config["rows_per_rank"], t.micro_batch_size, t.grad_accum, t.epochs)
-    engine = build_engine(build_policy(cfg.model), t, sched["total_steps"], on_gpu)
-    done = _load_checkpoint(engine)
-    loss_fn = get_loss(t.loss)
+    done = _resume_position()
     shard = ray.train.get_dataset_shard(f"rank{rank}")
+    first_epoch = done // sched["micro_per_epoch"]
+    ahead = _Ahead(epoch_batches(shard, first_epoch, cfg, loop_config["pad_id"]))
+    engine = build_engine(build_policy(cfg.model), t, sched["total_steps"], on_gpu)
+    _load_engine_state(engine)
+    loss_fn = get_loss(t.loss)
 
     bar = tqdm(total=sched["total_steps"], desc=f"{t.loss} {cfg.objective}") if rank == 0 else None
     step = math.ceil(done / t.grad_accum)
@@ -123,9 +159,10 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
     history: List[Dict[str, Any]] = []
     metrics: Dict[str, Any] = {}
     loop_start, pairs_trained = time.perf_counter(), 0
-    for epoch in range(done // sched["micro_per_epoch"], t.epochs):
+    for epoch in range(first_epoch, t.epochs):
         skip = micro - epoch * sched["micro_per_epoch"]
-        for i, batch in enumerate(epoch_batches(shard, epoch, cfg, loop_config["pad_id"])):
+        batches = ahead if epoch == first_epoch else epoch_batches(shard, epoch, cfg, loop_config["pad_id"])
+        for i, batch in enumerate(batches):
             if i < skip:
                 continue
             boundary = (micro + 1) % t.grad_accum == 0 or micro + 1 == sched["total_micro"]

@@ -26,7 +26,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # the Train controller polls workers at this interval; each report waits for a poll
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     import ray
 
     if ray.is_initialized():
@@ -120,7 +120,9 @@ def run_dpo(job: DPOJobConfig, address: Optional[str] = None, run_name: Optional
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            # Ray Train's per-report INFO lines drown the progress bar; its warnings still show
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets={f"rank{r}": shard for r, shard in enumerate(prepared.shards)},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )

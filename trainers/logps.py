@@ -39,22 +39,36 @@ def pad_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Sum over response tokens of ``log p(token | prefix)``.
 
-    ``logits (N, T, V)`` from a causal LM on ``input_ids (N, T)``; ``response_mask (N, T)`` marks
-    response tokens. Position ``t``'s logits predict token ``t+1``. Returns ``(N,)`` in float32
-    (float64 if the logits are float64).
+    ``input_ids`` and ``response_mask`` are ``(N, T)``; ``logits (N, K, V)`` are a causal LM's
+    logits for the last ``K <= T`` positions (``K = T``: all of them). The logits at position
+    ``t`` predict token ``t+1``. Returns ``(N,)`` in float32 (float64 if the logits are float64).
     """
+    K = logits.shape[1]
     logits = logits[:, :-1]
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
-    labels = input_ids[:, 1:].unsqueeze(-1)
+    labels = input_ids[:, input_ids.shape[1] - K + 1:].unsqueeze(-1)
     token_logps = torch.gather(logits, 2, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    mask = response_mask[:, 1:].to(token_logps.dtype)
+    mask = response_mask[:, response_mask.shape[1] - K + 1:].to(token_logps.dtype)
     return (token_logps * mask).sum(-1)
 
 
+def logits_needed(response_mask: torch.Tensor) -> int:
+    """How many trailing positions' logits a batch needs: from the position before its earliest
+    response token to the end. The LM head then skips the shared prompt prefix."""
+    T = response_mask.shape[1]
+    first = int(response_mask.float().argmax(dim=1).min())  # earliest response token over rows
+    return min(T, T - first + 1)
+
+
 def pair_logps(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One forward over chosen+rejected; returns ``(chosen_logps (B,), rejected_logps (B,))``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    """One forward over chosen+rejected; returns ``(chosen_logps (B,), rejected_logps (B,))``.
+
+    Passes ``logits_to_keep`` (transformers causal LMs) so prompt positions never reach the LM head.
+    """
+    keep = logits_needed(batch["response_mask"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   logits_to_keep=keep).logits
     logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
     B = logps.shape[0] // 2
     return logps[:B], logps[B:]

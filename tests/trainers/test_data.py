@@ -154,3 +154,26 @@ def test_tokenize_map_batches_callable(tiny_model, pairs_file):
     assert len(out["chosen_ids"]) == table.num_rows
     assert all(out["chosen_start"] > 0)
     assert list(out["idx"]) == list(range(table.num_rows))
+
+
+def test_logits_to_keep_gives_the_same_logps(tiny_model):
+    from trainers.logps import logits_needed, pair_logps
+    from trainers.models import load_causal_lm
+
+    tok = load_tokenizer(tiny_model)
+    rows = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_start", "rejected_start")}
+    for p, c, r in [("Write about the coffee shop near the station, please.", "Great.", "Awful and sad."),
+                    ("Short?", "The movie was lovely and fun.", "Bad.")]:
+        t = tokenize_pair(tok, p, c, r, False, 64, 64)
+        for k in rows:
+            rows[k].append(t[k])
+    batch = pad_pairs(rows, tok.pad_token_id)
+    model = load_causal_lm(tiny_model, dtype=torch.float64).eval()
+    keep = logits_needed(batch["response_mask"])
+    assert keep == batch["input_ids"].shape[1] - min(rows["chosen_start"] + rows["rejected_start"]) + 1
+    assert keep < batch["input_ids"].shape[1]
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = sequence_logps(full, batch["input_ids"], batch["response_mask"])
+        c, r = pair_logps(model, batch)
+    torch.testing.assert_close(torch.cat([c, r]), expected, rtol=0, atol=1e-10)
