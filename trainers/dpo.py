@@ -114,6 +114,17 @@ def _report(metrics: Dict[str, Any], engine, rank: int, save: bool, state: Dict[
                          checkpoint_dir_name=f"step_{state['step']:07d}")
 
 
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report (with its whole metrics dict) at INFO under a logger named by
+    its file path, outside the 'ray.train' hierarchy that LoggingConfig sets; the progress bar
+    already says it."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _maybe_fail(cfg, step: int, rank: int, world: int, marker: str) -> None:
     """Fault injection for recovery tests: one worker process dies, once."""
     if cfg.train.fail_at_step != step or rank != min(1, world - 1) or not marker or os.path.exists(marker):
@@ -131,6 +142,7 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
     from trainers.engine import build_engine, gathered_state_dict
     from trainers.export import build_policy, export_policy
 
+    _quiet_report_logs()
     cfg: DPOJobConfig = from_dict(DPOJobConfig, loop_config["job"])
     t = cfg.train
     torch.set_num_threads(t.cpus_per_worker)

@@ -119,3 +119,18 @@ def test_zero3_two_workers_exports_gathered_weights(ray_local, tiny_model, train
     state = load_file(str(tmp_path / "z3" / "model.safetensors"))
     ref = load_file(str(Path(tiny_model) / "model.safetensors"))
     assert all(state[k].shape == ref[k].shape for k in ref)
+
+
+def test_lora_two_workers_merges_adapters_into_attention_only(ray_local, tiny_model, train_file, tmp_path):
+    job = _job(tiny_model, train_file, tmp_path / "lora", zero_stage=2, lr=5e-3)
+    job.model.lora, job.model.lora_r = True, 4
+    run_dpo(job)
+    out = tmp_path / "lora"
+    assert json.loads((out / "moray.json").read_text())["lora_merged"] is True
+    trained = load_file(str(out / "model.safetensors"))
+    base = load_file(str(Path(tiny_model) / "model.safetensors"))
+    assert trained.keys() == base.keys()  # merged: no lora_A / lora_B tensors left
+    changed = {k for k in base if not torch.equal(trained[k], base[k])}
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert changed and all(k.split(".")[-2] in targets for k in changed), sorted(changed)[:5]
+    assert _dpo_loss_on(str(out), tiny_model, train_file) < math.log(2) - 0.05
