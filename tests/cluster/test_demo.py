@@ -1,0 +1,27 @@
+"""`moray demo --tiny` end to end (slow): each DPO policy moves its own objective the right way."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_demo_moves_each_objective(tmp_path, capsys):
+    import ray
+
+    from cluster.demo import run_demo
+
+    try:
+        table = run_demo(tiny=True, out=str(tmp_path / "demo"))
+    finally:
+        ray.shutdown()
+    base, sent, conc = table["base"], table["dpo-sentiment"], table["dpo-conciseness"]
+    assert sent["mean_sentiment"] > base["mean_sentiment"] + 0.1
+    assert conc["mean_length_tokens"] < 0.8 * base["mean_length_tokens"]
+    assert json.loads((tmp_path / "demo" / "results.json").read_text()) == json.loads(json.dumps(table))
+    for objective in ("sentiment", "conciseness"):
+        meta = json.loads((tmp_path / "demo" / f"policy_{objective}" / "moray.json").read_text())
+        assert meta["objective"] == objective and meta["workers"] == 2
+    out = capsys.readouterr().out
+    assert "dpo-sentiment" in out and "mean sentiment" in out
