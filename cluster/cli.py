@@ -2,6 +2,8 @@
 
     moray train dpo --objective NAME --data PATH_OR_HUB_NAME --model NAME_OR_PATH --out DIR
                     [--config FILE.yaml] [--workers N] [--zero-stage S] [--lora] [--set KEY=VALUE ...]
+    moray pairs --model M --prompts FILE|demo:N --objectives a,b --samples-per-prompt n --out DIR
+    moray score --objectives a,b --data FILE --out FILE
     moray demo [--tiny] [--out DIR]
     moray config dpo            # print every option with its default and documentation
 
@@ -86,6 +88,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     train = sub.add_parser("train", help="train a policy").add_subparsers(dest="method", required=True)
     _add_dpo_args(train.add_parser("dpo", help="per-objective DPO/IPO on Ray Train + DeepSpeed"))
 
+    pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample, score, best vs worst")
+    pairs.add_argument("--model", required=True, help="policy to sample from (HF name or path)")
+    pairs.add_argument("--prompts", required=True, help="jsonl with a prompt column, a .txt file (one per "
+                       "line), or demo:N for N built-in review/opinion prompts")
+    pairs.add_argument("--objectives", required=True, help="comma-separated objective names")
+    pairs.add_argument("--samples-per-prompt", dest="n", type=int, default=4)
+    pairs.add_argument("--out", required=True, help="directory for pairs_<objective>.jsonl and candidates.jsonl")
+    pairs.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    pairs.add_argument("--temperature", type=float, default=1.0)
+    pairs.add_argument("--top-p", dest="top_p", type=float, default=1.0)
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--actors", type=int, default=1, help="Ray Data sampling actors")
+    pairs.add_argument("--address", help="Ray cluster address")
+
+    score = sub.add_parser("score", help="add one score column per objective to a prompt/response file")
+    score.add_argument("--objectives", required=True, help="comma-separated objective names")
+    score.add_argument("--data", required=True, help="jsonl or parquet with prompt and response columns")
+    score.add_argument("--out", required=True, help="output .jsonl or .parquet")
+    score.add_argument("--tokenizer", help="tokenizer for token counts (conciseness); default: words")
+    score.add_argument("--actors", type=int, default=1)
+    score.add_argument("--address", help="Ray cluster address")
+
     demo = sub.add_parser("demo", help="end-to-end demo on an embedded local Ray")
     demo.add_argument("--tiny", action="store_true", help="tiny model built here (about 3 minutes)")
     demo.add_argument("--out", default="moray_runs/demo", help="output directory")
@@ -104,6 +128,28 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             metrics = run_dpo(dpo_config_from_args(args), address=args.address)
             print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2, default=str))
+        elif args.command == "pairs":
+            from reward_models.pairs import make_pairs
+            from reward_models.prompts import load_prompts
+            from reward_models.rules import check_objectives
+            from trainers.launcher import init_ray
+
+            objectives = [o for o in args.objectives.split(",") if o]
+            check_objectives(objectives)
+            prompts = load_prompts(args.prompts)
+            init_ray(args.address)
+            made = make_pairs(args.model, prompts, objectives, args.n, args.out, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, actors=args.actors)
+            print(json.dumps(made, indent=2))
+        elif args.command == "score":
+            from reward_models.batch import score_file
+            from trainers.launcher import init_ray
+
+            init_ray(args.address)
+            n = score_file([o for o in args.objectives.split(",") if o], args.data, args.out,
+                           tokenizer_path=args.tokenizer, actors=args.actors)
+            print(f"scored {n} rows -> {args.out}")
         elif args.command == "demo":
             from cluster.demo import run_demo
 

@@ -55,9 +55,8 @@ def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional
              zero_stage: int = 2) -> Dict[str, Dict[str, float]]:
     import ray
 
-    from reward_models.pairs import best_vs_worst, mean_scores, sample_responses, write_jsonl
+    from reward_models.pairs import make_pairs, mean_scores, sample_responses
     from reward_models.prompts import demo_prompts
-    from reward_models.rules import score_all
     from trainers.config import DPOJobConfig, load_config
     from trainers.launcher import init_ray, run_dpo
     from trainers.models import load_tokenizer
@@ -76,18 +75,12 @@ def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional
     sampling = dict(max_new_tokens=s.max_new_tokens, actors=cpus, threads_per_actor=1, batch_size=8)
 
     log.info("sampling %d responses for each of %d prompts from the base model", s.samples, len(train_prompts))
-    responses = sample_responses(base, train_prompts, s.samples, seed=1, **sampling)
-    flat_p = [p for p, rs in zip(train_prompts, responses) for _ in rs]
-    flat_r = [r for rs in responses for r in rs]
-    scores = score_all(OBJECTIVES, flat_p, flat_r, tok)
+    made = make_pairs(base, train_prompts, OBJECTIVES, s.samples, str(root), seed=1, **sampling)
     policies = {}
     for objective in OBJECTIVES:
-        per_prompt = scores[objective].reshape(len(train_prompts), s.samples)
-        pairs = best_vs_worst(train_prompts, responses, list(per_prompt))
-        for p in pairs:
-            p["prompt"] = [{"role": "user", "content": p["prompt"]}]
-        data = write_jsonl(str(root / f"pairs_{objective}.jsonl"), pairs)
-        log.info("%s: %d pairs (best vs worst of %d samples; ties dropped)", objective, len(pairs), s.samples)
+        data = made["pairs"][objective]
+        log.info("%s: %d pairs (best vs worst of %d samples; ties dropped)", objective,
+                 made["counts"][objective], s.samples)
         job = load_config(DPOJobConfig, overrides={
             "objective": objective, "out": str(root / f"policy_{objective}"), "model.name_or_path": base,
             "data.path": data, "train.workers": workers, "train.zero_stage": zero_stage, "train.lr": s.lr,
@@ -100,8 +93,9 @@ def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional
     for name, path in [("base", base)] + [(f"dpo-{k}", v) for k, v in policies.items()]:
         answers = sample_responses(path, eval_prompts, s.eval_samples, seed=2, **sampling)
         means = mean_scores(OBJECTIVES, eval_prompts, answers, tok)
+        empty = sum(not a.strip() for rs in answers for a in rs) / sum(len(rs) for rs in answers)
         table[name] = {"mean_sentiment": means["sentiment"], "mean_length_tokens": -means["conciseness"],
-                       "example": answers[0][0]}
+                       "empty_fraction": empty, "example": answers[0][0]}
     (root / "results.json").write_text(json.dumps(table, indent=2))
     print(format_table(table, len(eval_prompts), s.eval_samples, time.perf_counter() - tic))
     return table
@@ -109,9 +103,10 @@ def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional
 
 def format_table(table: Dict[str, Dict[str, float]], prompts: int, samples: int, seconds: float) -> str:
     lines = [f"Held-out prompts: {prompts} x {samples} samples each ({seconds:.0f}s end to end)",
-             f"{'policy':<18} {'mean sentiment':>15} {'mean length (tokens)':>21}"]
+             f"{'policy':<18} {'mean sentiment':>15} {'mean length (tokens)':>21} {'empty answers':>14}"]
     for name, row in table.items():
-        lines.append(f"{name:<18} {row['mean_sentiment']:>15.3f} {row['mean_length_tokens']:>21.1f}")
+        lines.append(f"{name:<18} {row['mean_sentiment']:>15.3f} {row['mean_length_tokens']:>21.1f} "
+                     f"{row['empty_fraction']:>14.0%}")
     for name, row in table.items():
         lines.append(f"  {name}: {row['example'][:100]!r}")
     return "\n".join(lines)

@@ -71,20 +71,81 @@ def best_vs_worst(prompts: Sequence[str], responses: Sequence[Sequence[str]], sc
                   min_margin: float = 0.0) -> List[Dict[str, Any]]:
     """One pair per prompt: the best-scored response against the worst.
 
-    ``scores[i]`` holds the ``n`` scores of ``responses[i]``. Prompts whose best and worst tie
-    (margin <= ``min_margin``) or whose two texts are equal are dropped.
+    ``scores[i]`` holds the ``n`` scores of ``responses[i]`` (NaN for a response that could not be
+    scored, e.g. an empty one). Prompts whose best and worst tie (margin <= ``min_margin``), whose
+    two texts are equal, or with fewer than two scored responses are dropped.
     """
     pairs = []
     for prompt, resp, sc in zip(prompts, responses, scores):
         sc = np.asarray(sc, dtype=np.float64)
         if len(resp) != len(sc):
             raise ValueError(f"{len(resp)} responses but {len(sc)} scores for prompt {prompt!r}")
-        hi, lo = int(np.argmax(sc)), int(np.argmin(sc))
+        if np.isfinite(sc).sum() < 2:
+            continue
+        hi, lo = int(np.nanargmax(sc)), int(np.nanargmin(sc))
         margin = float(sc[hi] - sc[lo])
-        if margin <= min_margin or resp[hi] == resp[lo] or not resp[hi] or not resp[lo]:
+        if margin <= min_margin or resp[hi] == resp[lo]:
             continue
         pairs.append({"prompt": prompt, "chosen": resp[hi], "rejected": resp[lo], "margin": margin})
     return pairs
+
+
+def score_candidates(names: Sequence[str], prompts: Sequence[str], responses: Sequence[Sequence[str]],
+                     tokenizer: Optional[object] = None) -> Dict[str, np.ndarray]:
+    """Scores ``(prompts, n)`` per objective; empty samples get NaN instead of failing the batch."""
+    from reward_models.rules import score_all
+
+    n = max((len(r) for r in responses), default=0)
+    if any(len(r) != n for r in responses):
+        raise ValueError("every prompt needs the same number of samples")
+    flat = [(i, j, p, r) for i, (p, rs) in enumerate(zip(prompts, responses)) for j, r in enumerate(rs) if r.strip()]
+    out = {k: np.full((len(prompts), n), np.nan) for k in names}
+    if flat:
+        scored = score_all(names, [f[2] for f in flat], [f[3] for f in flat], tokenizer)
+        rows, cols = np.array([f[0] for f in flat]), np.array([f[1] for f in flat])
+        for k in names:
+            out[k][rows, cols] = scored[k]
+    return out
+
+
+def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str], n: int, out_dir: str,
+               seed: int = 0, **sampling: Any) -> Dict[str, Any]:
+    """Sample ``n`` responses per prompt, score them with every objective, and write
+
+    - ``pairs_<objective>.jsonl``: best vs worst per prompt (ties dropped, margin kept), prompts as
+      chat messages so training renders them exactly as sampling did;
+    - ``candidates.jsonl``: every prompt with all ``n`` responses and every objective's scores.
+
+    Returns ``{"pairs": {objective: path}, "counts": {objective: n_pairs}, "candidates": path}``.
+    """
+    from pathlib import Path
+
+    from trainers.models import load_tokenizer
+
+    from reward_models.rules import check_objectives
+
+    check_objectives(objectives)
+    if n < 2:
+        raise ValueError(f"samples per prompt must be >= 2 to make pairs, got {n}")
+    if not prompts:
+        raise ValueError("no prompts")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(model_path)
+    responses = sample_responses(model_path, prompts, n, seed=seed, **sampling)
+    scores = score_candidates(objectives, prompts, responses, tok)
+    result: Dict[str, Any] = {"pairs": {}, "counts": {}}
+    for k in objectives:
+        pairs = best_vs_worst(prompts, responses, list(scores[k]))
+        for p in pairs:
+            p["prompt"] = [{"role": "user", "content": p["prompt"]}]
+        result["pairs"][k] = write_jsonl(str(out / f"pairs_{k}.jsonl"), pairs)
+        result["counts"][k] = len(pairs)
+    candidates = [{"prompt": p, "responses": rs, "scores": {k: [None if np.isnan(v) else float(v) for v in scores[k][i]]
+                                                           for k in objectives}}
+                  for i, (p, rs) in enumerate(zip(prompts, responses))]
+    result["candidates"] = write_jsonl(str(out / "candidates.jsonl"), candidates)
+    return result
 
 
 def write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> str:
@@ -96,9 +157,5 @@ def write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> str:
 
 def mean_scores(names: Sequence[str], prompts: Sequence[str], responses: Sequence[Sequence[str]],
                 tokenizer: Optional[object] = None) -> Dict[str, float]:
-    """Mean of each objective's score over all samples of all prompts."""
-    from reward_models.rules import score_all
-
-    flat_p = [p for p, rs in zip(prompts, responses) for _ in rs]
-    flat_r = [r for rs in responses for r in rs]
-    return {k: float(v.mean()) for k, v in score_all(names, flat_p, flat_r, tokenizer).items()}
+    """Mean of each objective's score over all non-empty samples of all prompts."""
+    return {k: float(np.nanmean(v)) for k, v in score_candidates(names, prompts, responses, tokenizer).items()}

@@ -50,3 +50,27 @@ def tiny_dialogues(n: int, seed: int = 0) -> List[Tuple[str, str]]:
             answer += " " + rng.choice(FILLERS + [f"It felt {rng.choice(words)}.", f"Really {rng.choice(words)}."])
         out.append((rng.choice(ASKS).format(t=topic), answer))
     return out
+
+
+def load_prompts(spec: str) -> List[str]:
+    """Prompts from ``demo:N`` (built-in), a ``.txt`` file (one per line) or a jsonl file with a
+    ``prompt`` column. Empty prompts are an error naming the line."""
+    import json
+    from pathlib import Path
+
+    if spec.startswith("demo:"):
+        return demo_prompts(int(spec.split(":", 1)[1]))
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: no such file (or use demo:N)")
+    prompts: List[str] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        p = line if path.suffix == ".txt" else json.loads(line).get("prompt")
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{spec}: line {lineno} has no non-empty prompt")
+        prompts.append(p.strip())
+    if not prompts:
+        raise ValueError(f"{spec}: no prompts")
+    return prompts

@@ -1,10 +1,13 @@
-"""Rule scorers and best-vs-worst pair making."""
+"""Objective registry, checked scoring, best-vs-worst pairs, batch scoring and `moray pairs`."""
+
+import json
+import math
 
 import numpy as np
 import pytest
 
-from reward_models.pairs import best_vs_worst
-from reward_models.rules import get_scorer, score_all
+from reward_models.pairs import best_vs_worst, score_candidates
+from reward_models.rules import check_objectives, get_scorer, score_all, score_checked
 
 
 def test_sentiment_orders_positive_above_negative():
@@ -12,26 +15,107 @@ def test_sentiment_orders_positive_above_negative():
     assert s[0] > 0.5 and s[2] < -0.5 and abs(s[1]) < 0.1
 
 
-def test_conciseness_is_minus_token_count(tiny_model):
+def test_conciseness_is_minus_token_count_and_bounded_variant(tiny_model):
     from trainers.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     resp = ["The movie was great.", "The movie was great. It felt fine."]
     s = get_scorer("conciseness", tok).score(["p", "p"], resp)
-    assert list(s) == [-len(tok(r, add_special_tokens=False)["input_ids"]) for r in resp]
+    counts = [len(tok(r, add_special_tokens=False)["input_ids"]) for r in resp]
+    assert list(s) == [-c for c in counts]
     assert list(get_scorer("conciseness").score(["p"], ["one two three"])) == [-3.0]
+    b = get_scorer("conciseness_bounded", tok).score(["p", "p"], resp)
+    np.testing.assert_allclose(b, [math.exp(-c / 64) for c in counts], rtol=0, atol=1e-15)
 
 
-def test_unknown_objective_and_length_mismatch():
+def test_harmlessness_counts_profane_words():
+    s = get_scorer("harmlessness").score(["p"] * 3, ["have a nice day", "you stupid bastard", "shit"])
+    assert list(s) == [0.0, pytest.approx(-2 / 3), -1.0]  # "stupid" and "bastard" are both listed
+
+
+def test_relevance_prefers_an_on_topic_answer():
+    s = get_scorer("relevance").score(["What is the capital of France?"] * 2,
+                                      ["Paris is the capital of France.", "I like to eat bananas for breakfast."])
+    assert s[0] > s[1] + 0.2 and -1 <= s[1] <= 1 and s[0] <= 1 + 1e-9
+
+
+def lengths(prompts, responses):
+    return [len(r.split()) for r in responses]
+
+
+def bad_length(prompts, responses):
+    return [1.0]
+
+
+def with_nan(prompts, responses):
+    return [float("nan")] * len(responses)
+
+
+def test_user_scorer_and_every_bad_case():
+    assert list(score_all([f"{__name__}:lengths"], ["a"], ["b c"])[f"{__name__}:lengths"]) == [2.0]
     with pytest.raises(ValueError, match="unknown objective 'humor'"):
         get_scorer("humor")
+    with pytest.raises(ValueError, match="unknown objective 'humor'"):
+        check_objectives(["sentiment", "humor"])
+    with pytest.raises(ValueError, match="cannot load scorer 'no_such_module:f'"):
+        check_objectives(["no_such_module:f"])
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         score_all(["sentiment"], ["a", "b"], ["x"])
+    with pytest.raises(ValueError, match=r"sentiment: empty or non-string responses at rows \[1\]"):
+        score_all(["sentiment"], ["a", "b"], ["fine", "  "])
+    with pytest.raises(ValueError, match="returned 1 scores for 2 responses"):
+        score_checked("x", get_scorer(f"{__name__}:bad_length"), ["a", "b"], ["c", "d"])
+    with pytest.raises(ValueError, match=r"non-finite scores at rows \[0, 1\]"):
+        score_checked("x", get_scorer(f"{__name__}:with_nan"), ["a", "b"], ["c", "d"])
 
 
 def test_best_vs_worst_drops_ties_and_keeps_margin():
-    prompts = ["p1", "p2", "p3"]
-    responses = [["a", "b", "c"], ["x", "y"], ["same", "same"]]
-    scores = [np.array([0.1, 0.9, -0.5]), np.array([0.3, 0.3]), np.array([1.0, 0.0])]
+    prompts = ["p1", "p2", "p3", "p4"]
+    responses = [["a", "b", "c"], ["x", "y"], ["same", "same"], ["", "only"]]
+    scores = [np.array([0.1, 0.9, -0.5]), np.array([0.3, 0.3]), np.array([1.0, 0.0]), np.array([np.nan, 1.0])]
     pairs = best_vs_worst(prompts, responses, scores)
     assert pairs == [{"prompt": "p1", "chosen": "b", "rejected": "c", "margin": pytest.approx(1.4)}]
+
+
+def test_empty_samples_score_nan_not_fail():
+    s = score_candidates(["sentiment"], ["p", "q"], [["great!", ""], ["bad", "ok"]])
+    assert np.isnan(s["sentiment"][0, 1]) and np.isfinite(s["sentiment"][1]).all()
+
+
+@pytest.mark.slow
+def test_batch_scoring_equals_one_by_one_and_pairs_command(tmp_path, tiny_model):
+    import ray
+
+    from cluster.cli import main
+    from reward_models.batch import score_file
+    from trainers.launcher import init_ray
+
+    rows = [{"prompt": f"Tell me about the park {i}.", "response": r}
+            for i, r in enumerate(["Lovely and green.", "Awful, noisy and dirty.", "It is a park.",
+                                   "What a wonderful happy place to be!", "Bad.", "Fine I guess."] * 5)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    init_ray(num_cpus=2)
+    try:
+        n = score_file(["sentiment", "conciseness"], str(data), str(tmp_path / "scored.jsonl"), batch_size=7)
+        assert n == len(rows)
+        scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+        one = {k: [float(get_scorer(k).score([r["prompt"]], [r["response"]])[0]) for r in rows]
+               for k in ("sentiment", "conciseness")}
+        assert [r["response"] for r in scored] == [r["response"] for r in rows]
+        assert [r["score_sentiment"] for r in scored] == one["sentiment"]
+        assert [r["score_conciseness"] for r in scored] == one["conciseness"]
+
+        args = ["pairs", "--model", tiny_model, "--prompts", "demo:6", "--objectives", "sentiment,conciseness",
+                "--samples-per-prompt", "3", "--max-new-tokens", "12", "--seed", "5"]
+        assert main(args + ["--out", str(tmp_path / "a")]) == 0
+        assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    finally:
+        ray.shutdown()
+    for f in ("pairs_sentiment.jsonl", "pairs_conciseness.jsonl", "candidates.jsonl"):
+        assert (tmp_path / "a" / f).read_text() == (tmp_path / "b" / f).read_text()  # seeded
+    cands = [json.loads(line) for line in (tmp_path / "a" / "candidates.jsonl").read_text().splitlines()]
+    assert len(cands) == 6 and all(len(c["responses"]) == 3 for c in cands)
+    for line in (tmp_path / "a" / "pairs_sentiment.jsonl").read_text().splitlines():
+        pair = json.loads(line)
+        assert pair["chosen"] != pair["rejected"] and pair["margin"] > 0
