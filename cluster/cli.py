@@ -58,13 +58,14 @@ def _add_dpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
 
 
-def dpo_config_from_args(args: argparse.Namespace):
+def dpo_config_from_args(args: argparse.Namespace, cls: Optional[type] = None):
     from trainers.config import DPOJobConfig, load_config, parse_dotted
 
-    overrides: Dict[str, Any] = {key: getattr(args, flag) for flag, key in DPO_FLAGS.items()
+    flags = dict(DPO_FLAGS, eval_fraction="eval_fraction") if cls is not None else DPO_FLAGS
+    overrides: Dict[str, Any] = {key: getattr(args, flag) for flag, key in flags.items()
                                  if getattr(args, flag, None) is not None}
     overrides.update(parse_dotted(args.overrides))
-    return load_config(DPOJobConfig, args.config, overrides).validate()
+    return load_config(cls or DPOJobConfig, args.config, overrides).validate()
 
 
 def describe(cls: type, prefix: str = "") -> List[str]:
@@ -87,6 +88,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     train = sub.add_parser("train", help="train a policy").add_subparsers(dest="method", required=True)
     _add_dpo_args(train.add_parser("dpo", help="per-objective DPO/IPO on Ray Train + DeepSpeed"))
+    reward = train.add_parser("reward", help="Bradley-Terry reward model on Ray Train + DeepSpeed")
+    _add_dpo_args(reward)
+    reward.add_argument("--backbone", dest="model", help="HF name or path, or 'minilm' (offline, default)")
+    reward.add_argument("--eval-fraction", dest="eval_fraction", type=float, help="pairs held out for accuracy")
 
     pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample, score, best vs worst")
     pairs.add_argument("--model", required=True, help="policy to sample from (HF name or path)")
@@ -123,11 +128,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "train":
+        if args.command == "train" and args.method == "reward":
+            from reward_models.learned import DEFAULT_BACKBONE, RewardJobConfig, run_reward
+
+            args.model = args.model or DEFAULT_BACKBONE
+            metrics = run_reward(dpo_config_from_args(args, RewardJobConfig), address=args.address)
+            print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")}, indent=2))
+        elif args.command == "train":
             from trainers.launcher import run_dpo
 
             metrics = run_dpo(dpo_config_from_args(args), address=args.address)
-            print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2, default=str))
+            print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")},
+                             indent=2, default=str))
         elif args.command == "pairs":
             from reward_models.pairs import make_pairs
             from reward_models.prompts import load_prompts

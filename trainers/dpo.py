@@ -133,17 +133,52 @@ def _maybe_fail(cfg, step: int, rank: int, world: int, marker: str) -> None:
     os._exit(1)
 
 
+class DPOTask:
+    """What the loop needs to train a per-objective policy with a preference loss."""
+
+    job_class = DPOJobConfig
+
+    def __init__(self, cfg: DPOJobConfig):
+        self.cfg, self.loss_fn, self.name = cfg, get_loss(cfg.train.loss), cfg.train.loss
+
+    def build(self) -> torch.nn.Module:
+        from trainers.export import build_policy
+
+        return build_policy(self.cfg.model)
+
+    def losses(self, engine, batch: Dict[str, torch.Tensor]):
+        """``(losses (B,), chosen_rewards (B,), rejected_rewards (B,))`` for one micro-batch."""
+        pc, pr = pair_logps(engine, batch)
+        return self.loss_fn(pc, pr, batch["ref_chosen_logps"].to(pc.dtype),
+                            batch["ref_rejected_logps"].to(pc.dtype), self.cfg.train.beta)
+
+    def export(self, state: Dict[str, torch.Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
+        from trainers.export import export_policy
+
+        export_policy(state, self.cfg.model, out_dir, metadata)
+
+
+def load_task(name: str, job: Dict[str, Any]):
+    if name == "dpo":
+        return DPOTask(from_dict(DPOJobConfig, job))
+    if name == "reward":
+        from reward_models.learned import RewardTask, RewardJobConfig
+
+        return RewardTask(from_dict(RewardJobConfig, job))
+    raise ValueError(f"unknown training task {name!r}")
+
+
 def train_loop(loop_config: Dict[str, Any]) -> None:
-    """Ray Train entry point. ``loop_config``: ``job`` (a DPOJobConfig as dict), ``rows_per_rank``,
-    ``pad_id``, ``metadata``, ``failure_marker``."""
+    """Ray Train entry point. ``loop_config``: ``task`` (dpo | reward), ``job`` (its config as a
+    dict), ``rows_per_rank``, ``pad_id``, ``metadata``, ``failure_marker``."""
     import ray.train
     from ray.experimental.tqdm_ray import tqdm
 
     from trainers.engine import build_engine, gathered_state_dict
-    from trainers.export import build_policy, export_policy
 
     _quiet_report_logs()
-    cfg: DPOJobConfig = from_dict(DPOJobConfig, loop_config["job"])
+    task = load_task(loop_config.get("task", "dpo"), loop_config["job"])
+    cfg = task.cfg
     t = cfg.train
     torch.set_num_threads(t.cpus_per_worker)
     ctx = ray.train.get_context()
@@ -157,11 +192,10 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     first_epoch = done // sched["micro_per_epoch"]
     ahead = _Ahead(epoch_batches(shard, first_epoch, cfg, loop_config["pad_id"]))
-    engine = build_engine(build_policy(cfg.model), t, sched["total_steps"], on_gpu)
+    engine = build_engine(task.build(), t, sched["total_steps"], on_gpu)
     _load_engine_state(engine)
-    loss_fn = get_loss(t.loss)
 
-    bar = tqdm(total=sched["total_steps"], desc=f"{t.loss} {cfg.objective}") if rank == 0 else None
+    bar = tqdm(total=sched["total_steps"], desc=f"{task.name} {cfg.objective}") if rank == 0 else None
     step = math.ceil(done / t.grad_accum)
     if bar is not None:
         bar.update(step)
@@ -180,9 +214,7 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
             boundary = (micro + 1) % t.grad_accum == 0 or micro + 1 == sched["total_micro"]
             engine.set_gradient_accumulation_boundary(boundary)
             batch = {k: v.to(device) for k, v in batch.items()}
-            pc, pr = pair_logps(engine, batch)
-            losses, cr, rr = loss_fn(pc, pr, batch["ref_chosen_logps"].to(pc.dtype),
-                                     batch["ref_rejected_logps"].to(pc.dtype), t.beta)
+            losses, cr, rr = task.losses(engine, batch)
             engine.backward(losses.mean())
             micro += 1
             pairs_trained += len(cr)
@@ -208,7 +240,7 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
                         {"micro_batches_done": micro, "step": step, "epoch": epoch})
                 history = []
             if bar is not None:
-                bar.set_description(f"{t.loss} {cfg.objective} loss={metrics['loss']:.4f} "
+                bar.set_description(f"{task.name} {cfg.objective} loss={metrics['loss']:.4f} "
                                     f"acc={metrics['accuracy']:.2f} {metrics['pairs_per_s']:.1f} pairs/s")
                 bar.update(1)
     if bar is not None:
@@ -221,7 +253,7 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
     state = gathered_state_dict(engine, rank)
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
-            export_policy(state, cfg.model, tmp, loop_config["metadata"])
+            task.export(state, tmp, loop_config["metadata"])
         ray.train.report({**metrics, "step": step, "exported": True},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
                          checkpoint_dir_name="final")
@@ -249,7 +281,7 @@ def _probe_logits(engine, device: torch.device) -> List[float]:
     ids = probe_input_ids(engine.module.config.vocab_size).to(device)
     was_training = engine.module.training
     engine.module.eval()
-    logits = engine.module(input_ids=ids, use_cache=False).logits[0, -1, :16].float().cpu()
+    logits = engine.module(input_ids=ids).logits[0, -1].reshape(-1)[:16].float().cpu()
     engine.module.train(was_training)
     return logits.tolist()
 

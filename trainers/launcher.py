@@ -48,8 +48,11 @@ class PreparedPairs:
     pad_id: int
 
 
-def prepare_pairs(job: DPOJobConfig, table, report) -> PreparedPairs:
-    """Tokenize validated pairs and add reference log-probs on Ray Data; one shard per worker."""
+def prepare_pairs(job: DPOJobConfig, table, report, tokenize: Optional[type] = None,
+                  with_reference: bool = True) -> PreparedPairs:
+    """Tokenize validated pairs (``tokenize``: a map_batches class, default causal-LM
+    :class:`~trainers.data.Tokenize`) and, for preference losses, add reference log-probs -- on Ray
+    Data; one shard per worker."""
     import ray
     import ray.data
 
@@ -64,20 +67,23 @@ def prepare_pairs(job: DPOJobConfig, table, report) -> PreparedPairs:
     step = -(-table.num_rows // blocks)
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     # tokenizing is light: a quarter CPU leaves the cores to the reference model
-    ds = ds.map_batches(Tokenize, fn_constructor_args=(job.model.name_or_path, job.data.max_prompt_length,
-                                                       job.data.max_response_length, job.model.trust_remote_code),
+    ds = ds.map_batches(tokenize or Tokenize,
+                        fn_constructor_args=(job.model.name_or_path, job.data.max_prompt_length,
+                                             job.data.max_response_length, job.model.trust_remote_code),
                         batch_size=256, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
     ref_kwargs: Dict[str, Any] = {"num_gpus": 1} if t.use_gpu else {"num_cpus": t.cpus_per_worker}
-    ds = ds.map_batches(ReferenceLogps, fn_constructor_args=(job.model.name_or_path, tok.pad_token_id),
-                        fn_constructor_kwargs={"micro_batch_size": t.ref_batch_size, "threads": t.cpus_per_worker,
-                                               "trust_remote_code": job.model.trust_remote_code,
-                                               "device": "cuda" if t.use_gpu else "cpu"},
-                        batch_size=t.ref_batch_size * 4,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=t.workers), **ref_kwargs)
+    if with_reference:
+        ds = ds.map_batches(ReferenceLogps, fn_constructor_args=(job.model.name_or_path, tok.pad_token_id),
+                            fn_constructor_kwargs={"micro_batch_size": t.ref_batch_size,
+                                                   "threads": t.cpus_per_worker,
+                                                   "trust_remote_code": job.model.trust_remote_code,
+                                                   "device": "cuda" if t.use_gpu else "cpu"},
+                            batch_size=t.ref_batch_size * 4,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=t.workers), **ref_kwargs)
     tic = time.perf_counter()
     ds = ds.materialize()
-    log.info("tokenized %d pairs and computed their reference log-probs in %.1fs", report.kept,
-             time.perf_counter() - tic)
+    log.info("tokenized %d pairs%s in %.1fs", report.kept,
+             " and computed their reference log-probs" if with_reference else "", time.perf_counter() - tic)
     shards = ds.split(t.workers, equal=True) if t.workers > 1 else [ds]
     rows_per_rank = shards[0].count()
     dropped = report.kept - rows_per_rank * t.workers
@@ -93,32 +99,45 @@ def run_dpo(job: DPOJobConfig, address: Optional[str] = None, run_name: Optional
 
     job.validate()
     table, report = load_pairs(job.data, job.objective)  # fail fast: before Ray starts
-    if report.kept < job.train.workers:
-        raise ValueError(f"{report.kept} valid pairs cannot feed {job.train.workers} workers")
+    check_enough_pairs(report.kept, job.train.workers)
     init_ray(address)
+    prepared = prepare_pairs(job, table, report)
+    t = job.train
+    metadata = {
+        "kind": "policy", "objective": job.objective, "reference_model": job.model.name_or_path, "beta": t.beta,
+        "loss": t.loss, "data": job.data.path, "pairs": prepared.pairs, "epochs": t.epochs,
+        "lora_merged": job.model.lora, "zero_stage": t.zero_stage, "workers": t.workers, "seed": t.seed,
+    }
+    metrics = fit("dpo", job, prepared, metadata, run_name or f"{t.loss}-{job.objective}", failure_marker)
+    log.info("trained %s policy for %r on %d pairs in %.0fs; exported to %s", t.loss.upper(), job.objective,
+             prepared.pairs, metrics["seconds"], job.out)
+    return metrics
+
+
+def check_enough_pairs(kept: int, workers: int) -> None:
+    if kept < workers:
+        raise ValueError(f"{kept} valid pairs cannot feed {workers} workers")
+
+
+def fit(task: str, job, prepared: PreparedPairs, metadata: Dict[str, Any], name: str,
+        failure_marker: str = "") -> Dict[str, Any]:
+    """Run ``trainers.dpo.train_loop`` for ``task`` on a TorchTrainer; copy the export to ``job.out``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from trainers.dpo import train_loop
 
-    prepared = prepare_pairs(job, table, report)
     t = job.train
     out = Path(job.out).resolve()
     storage = Path(t.storage_path or out / "ray_storage").resolve()
-    name = run_name or f"{t.loss}-{job.objective}-{time.strftime('%Y%m%d-%H%M%S')}"
-    metadata = {
-        "objective": job.objective, "reference_model": job.model.name_or_path, "beta": t.beta,
-        "loss": t.loss, "data": job.data.path, "pairs": prepared.pairs, "epochs": t.epochs,
-        "lora_merged": job.model.lora, "zero_stage": t.zero_stage, "workers": t.workers, "seed": t.seed,
-    }
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": to_dict(job), "rows_per_rank": prepared.rows_per_rank, "pad_id": prepared.pad_id,
-                           "metadata": metadata, "failure_marker": failure_marker},
+        train_loop_config={"task": task, "job": to_dict(job), "rows_per_rank": prepared.rows_per_rank,
+                           "pad_id": prepared.pad_id, "metadata": metadata, "failure_marker": failure_marker},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             # Ray Train's per-report INFO lines drown the progress bar; its warnings still show
@@ -140,6 +159,4 @@ def run_dpo(job: DPOJobConfig, address: Optional[str] = None, run_name: Optional
     metrics = dict(result.metrics or {})
     metrics.update(seconds=time.perf_counter() - tic, pairs=prepared.pairs,
                    skipped_invalid=prepared.skipped_invalid, dropped_for_balance=prepared.dropped_for_balance)
-    log.info("trained %s policy for %r on %d pairs in %.0fs; exported to %s", t.loss.upper(), job.objective,
-             prepared.pairs, metrics["seconds"], out)
     return metrics
