@@ -95,8 +95,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample, score, best vs worst")
     pairs.add_argument("--model", required=True, help="policy to sample from (HF name or path)")
-    pairs.add_argument("--prompts", required=True, help="jsonl with a prompt column, a .txt file (one per "
-                       "line), or demo:N for N built-in review/opinion prompts")
+    pairs.add_argument("--prompts", required=True, help="a .txt file (one per line), a jsonl or parquet "
+                       "file, an HF dataset directory or hub name, or demo:N (built-in prompts)")
+    pairs.add_argument("--prompt-column", dest="prompt_column", default="prompt",
+                       help="column holding prompts (jsonl, parquet, HF datasets)")
+    pairs.add_argument("--split", default="train", help="split of an HF dataset")
     pairs.add_argument("--objectives", required=True, help="comma-separated objective names")
     pairs.add_argument("--samples-per-prompt", dest="n", type=int, default=4)
     pairs.add_argument("--out", required=True, help="directory for pairs_<objective>.jsonl and candidates.jsonl")
@@ -148,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             objectives = [o for o in args.objectives.split(",") if o]
             check_objectives(objectives)
-            prompts = load_prompts(args.prompts)
+            prompts = load_prompts(args.prompts, args.prompt_column, args.split)
             init_ray(args.address)
             made = make_pairs(args.model, prompts, objectives, args.n, args.out, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -156,10 +159,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(json.dumps(made, indent=2))
         elif args.command == "score":
             from reward_models.batch import score_file
+            from reward_models.rules import check_objectives
             from trainers.launcher import init_ray
 
+            objectives = [o for o in args.objectives.split(",") if o]
+            check_objectives(objectives)
             init_ray(args.address)
-            n = score_file([o for o in args.objectives.split(",") if o], args.data, args.out,
+            n = score_file(objectives, args.data, args.out,
                            tokenizer_path=args.tokenizer, actors=args.actors)
             print(f"scored {n} rows -> {args.out}")
         elif args.command == "demo":

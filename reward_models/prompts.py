@@ -52,25 +52,40 @@ def tiny_dialogues(n: int, seed: int = 0) -> List[Tuple[str, str]]:
     return out
 
 
-def load_prompts(spec: str) -> List[str]:
-    """Prompts from ``demo:N`` (built-in), a ``.txt`` file (one per line) or a jsonl file with a
-    ``prompt`` column. Empty prompts are an error naming the line."""
+def load_prompts(spec: str, column: str = "prompt", split: str = "train") -> List[str]:
+    """Prompts from ``demo:N`` (built-in), a ``.txt`` file (one per line), a jsonl or parquet file,
+    a ``datasets`` ``save_to_disk`` directory or a hub dataset name (``column`` of ``split``).
+    Empty prompts are an error naming the row."""
     import json
     from pathlib import Path
 
     if spec.startswith("demo:"):
         return demo_prompts(int(spec.split(":", 1)[1]))
     path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"{spec}: no such file (or use demo:N)")
-    prompts: List[str] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        p = line if path.suffix == ".txt" else json.loads(line).get("prompt")
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{spec}: line {lineno} has no non-empty prompt")
-        prompts.append(p.strip())
-    if not prompts:
+    if path.suffix == ".txt" and path.is_file():
+        values = [line for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".jsonl" and path.is_file():
+        values = [json.loads(line).get(column) for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".parquet" and path.is_file():
+        import pyarrow.parquet as pq
+
+        values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    else:
+        import datasets
+
+        if path.is_dir():
+            ds = datasets.load_from_disk(spec)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        elif "/" in spec and not path.exists():
+            ds = datasets.load_dataset(spec, split=split)
+        else:
+            raise FileNotFoundError(f"{spec}: no such file (or use demo:N, a dataset directory or a hub name)")
+        if column not in ds.column_names:
+            raise ValueError(f"{spec}: no column {column!r}; has {ds.column_names}")
+        values = ds[column]
+    bad = [i for i, p in enumerate(values) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ValueError(f"{spec}: rows {bad[:20]} have no non-empty {column!r}")
+    if not values:
         raise ValueError(f"{spec}: no prompts")
-    return prompts
+    return [p.strip() for p in values]

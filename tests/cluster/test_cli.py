@@ -34,3 +34,13 @@ def test_unknown_override_is_rejected(tmp_path, capsys):
     rc = main(["train", "dpo", "--objective", "s", "--data", "d", "--model", "m", "--out", "o",
                "--set", "train.lrr=1"])
     assert rc == 2 and "unknown config key 'train.lrr'" in capsys.readouterr().err
+
+
+def test_unknown_objective_fails_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    for cmd in (["score", "--objectives", "sentiment,humor", "--data", "x.jsonl", "--out", "y.jsonl"],
+                ["pairs", "--model", "m", "--prompts", "demo:3", "--objectives", "humor", "--out", str(tmp_path)]):
+        assert main(cmd) == 2
+        assert "unknown objective 'humor'" in capsys.readouterr().err
+    assert not ray.is_initialized()

@@ -99,6 +99,12 @@ def test_batch_scoring_equals_one_by_one_and_pairs_command(tmp_path, tiny_model)
     try:
         n = score_file(["sentiment", "conciseness"], str(data), str(tmp_path / "scored.jsonl"), batch_size=7)
         assert n == len(rows)
+        assert main(["score", "--objectives", "sentiment,conciseness", "--data", str(data),
+                     "--out", str(tmp_path / "scored.parquet")]) == 0
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(tmp_path / "scored.parquet").column("score_sentiment").to_pylist() == \
+            [json.loads(x)["score_sentiment"] for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
         scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
         one = {k: [float(get_scorer(k).score([r["prompt"]], [r["response"]])[0]) for r in rows]
                for k in ("sentiment", "conciseness")}
@@ -119,3 +125,26 @@ def test_batch_scoring_equals_one_by_one_and_pairs_command(tmp_path, tiny_model)
     for line in (tmp_path / "a" / "pairs_sentiment.jsonl").read_text().splitlines():
         pair = json.loads(line)
         assert pair["chosen"] != pair["rejected"] and pair["margin"] > 0
+
+
+def test_load_prompts_from_every_source(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reward_models.prompts import demo_prompts, load_prompts
+
+    want = ["How was the trip?", "Describe the cafe."]
+    (tmp_path / "p.txt").write_text("\n".join(want) + "\n\n")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"q": p}) + "\n" for p in want))
+    pq.write_table(pa.table({"q": want}), tmp_path / "p.parquet")
+    datasets.Dataset.from_dict({"q": want}).save_to_disk(str(tmp_path / "hf"))
+    assert load_prompts(str(tmp_path / "p.txt")) == want
+    for src in ("p.jsonl", "p.parquet", "hf"):
+        assert load_prompts(str(tmp_path / src), column="q") == want
+    assert load_prompts("demo:5") == demo_prompts(5)
+    with pytest.raises(ValueError, match="no column 'prompt'"):
+        load_prompts(str(tmp_path / "hf"))
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": " "}) + "\n")
+    with pytest.raises(ValueError, match=r"rows \[1\] have no non-empty 'prompt'"):
+        load_prompts(str(tmp_path / "bad.jsonl"))
