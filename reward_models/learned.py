@@ -102,7 +102,6 @@ class TokenizeReward:
 class RewardTask:
     """What the shared training loop needs to train a reward model."""
 
-    job_class = RewardJobConfig
     name = "bt"
 
     def __init__(self, cfg: RewardJobConfig):

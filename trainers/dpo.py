@@ -1,4 +1,6 @@
-"""The per-worker DPO/IPO training loop (runs inside a Ray Train worker).
+"""The per-worker training loop (runs inside a Ray Train worker) for preference losses (DPO/IPO,
+:class:`DPOTask`) and Bradley–Terry reward models (``reward_models.learned.RewardTask``): a task
+builds the model, turns a micro-batch of pairs into per-pair losses and scores, and exports.
 
 Each worker reads its own shard (``get_dataset_shard(f"rank{r}")``, split deterministically on
 the driver) with ``iter_torch_batches``; a window of ``bucket_batches`` batches is grouped by
@@ -135,8 +137,6 @@ def _maybe_fail(cfg, step: int, rank: int, world: int, marker: str) -> None:
 
 class DPOTask:
     """What the loop needs to train a per-objective policy with a preference loss."""
-
-    job_class = DPOJobConfig
 
     def __init__(self, cfg: DPOJobConfig):
         self.cfg, self.loss_fn, self.name = cfg, get_loss(cfg.train.loss), cfg.train.loss
