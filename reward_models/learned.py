@@ -117,15 +117,11 @@ class RewardTask:
         return bt_loss(c, r), c.detach(), r.detach()
 
     def export(self, state: Dict[str, torch.Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
+        from trainers.export import load_matching_state, save_hf
+
         model, tok = load_reward_model(resolve_backbone(self.cfg.model.name_or_path), self.cfg.model.trust_remote_code)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        params = {n for n, _ in model.named_parameters()}
-        if unexpected or [k for k in missing if k in params]:
-            raise RuntimeError(f"reward state dict does not match: missing={missing[:5]} unexpected={unexpected[:5]}")
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        tok.save_pretrained(out_dir)
-        (Path(out_dir) / "moray.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        load_matching_state(model, state)
+        save_hf(model, tok, out_dir, metadata)
 
 
 class LearnedScorer:

@@ -40,19 +40,29 @@ def export_policy(state_dict: Dict[str, torch.Tensor], model_cfg, out_dir: str,
     from trainers.models import load_tokenizer
 
     model = build_policy(model_cfg)
+    load_matching_state(model, state_dict)
+    if model_cfg.lora:
+        model = model.merge_and_unload()
+    if dtype is not None:
+        model = model.to(dtype)
+    return save_hf(model, load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code), out_dir, metadata)
+
+
+def load_matching_state(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Load a gathered state dict; every parameter must be there (tied duplicates may be absent)."""
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     params = {name for name, _ in model.named_parameters()}  # tied duplicates are not listed
     missing = [k for k in missing if k in params]
     if unexpected or missing:
         raise RuntimeError(f"state dict does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
-    if model_cfg.lora:
-        model = model.merge_and_unload()
-    if dtype is not None:
-        model = model.to(dtype)
+
+
+def save_hf(model: torch.nn.Module, tokenizer, out_dir: str, metadata: Dict[str, Any]) -> str:
+    """safetensors weights, the tokenizer and ``moray.json`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     return str(out)
 
