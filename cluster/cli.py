@@ -4,8 +4,11 @@
                     [--config FILE.yaml] [--workers N] [--zero-stage S] [--lora] [--set KEY=VALUE ...]
     moray pairs --model M --prompts FILE|demo:N --objectives a,b --samples-per-prompt n --out DIR
     moray score --objectives a,b --data FILE --out FILE
+    moray mix mpo --policies a=DIR,b=DIR --ref DIR --prompts P --out weights.json
+    moray mix soup --policies a=DIR,b=DIR --weights 0.3,0.7 --out DIR [--lora]
+    moray serve --config serve.yaml | --policies a=DIR,b=DIR [--mpo-weights F] [--write-config F]
     moray demo [--tiny] [--out DIR]
-    moray config dpo            # print every option with its default and documentation
+    moray config dpo|serve      # print every option with its default and documentation
 
 Values come from the dataclass defaults, then ``--config``, then the flags; ``--set`` takes any
 dotted key (``--set train.lr=1e-5 --set data.skip_invalid=true``).
@@ -118,6 +121,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     score.add_argument("--actors", type=int, default=1)
     score.add_argument("--address", help="Ray cluster address")
 
+    mix = sub.add_parser("mix", help="post-hoc mixing of per-objective policies").add_subparsers(dest="method", required=True)
+    mpo = mix.add_parser("mpo", help="MPO max-min weights by batch stochastic mirror descent (§3b)")
+    mpo.add_argument("--policies", required=True, help="NAME=DIR,NAME=DIR: one policy per objective")
+    mpo.add_argument("--ref", required=True, help="the reference model the policies were trained from")
+    mpo.add_argument("--prompts", required=True, help="prompt file, HF dataset, or demo:N (as for `moray pairs`)")
+    mpo.add_argument("--prompt-column", dest="prompt_column", default="prompt")
+    mpo.add_argument("--split", default="train")
+    mpo.add_argument("--samples-per-prompt", dest="m", type=int, default=8, help="responses sampled from --ref per prompt")
+    mpo.add_argument("--prompt-batch", dest="prompt_batch", type=int, default=8, help="prompts per mirror-descent step")
+    mpo.add_argument("--steps", type=int, default=None, help="mirror-descent steps (default: 10 passes, at least 50)")
+    mpo.add_argument("--step-scale", dest="c", type=float, default=1.0, help="c in the step size c/sqrt(T)")
+    mpo.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=48)
+    mpo.add_argument("--temperature", type=float, default=1.0)
+    mpo.add_argument("--seed", type=int, default=0)
+    mpo.add_argument("--actors", type=int, default=1, help="Ray Data actors per stage")
+    mpo.add_argument("--out", required=True, help="weights.json")
+    mpo.add_argument("--force", action="store_true", help="mix even if reference, beta or tokenizer differ")
+    mpo.add_argument("--address", help="Ray cluster address")
+    soup = mix.add_parser("soup", help="Personalized Soups: weighted merge into one HF checkpoint (§6)")
+    soup.add_argument("--policies", required=True, help="NAME=DIR,NAME=DIR")
+    soup.add_argument("--weights", required=True, help="0.3,0.7 (policy order) or NAME=W,NAME=W; normalised to sum 1")
+    soup.add_argument("--out", required=True, help="output directory (HF checkpoint)")
+    soup.add_argument("--lora", action="store_true", help="merge the policies' LoRA adapters (B·A products) on the base")
+    soup.add_argument("--force", action="store_true")
+
+    srv = sub.add_parser("serve", help="serve any objective-weight vector (Ray Serve, OpenAI-compatible)")
+    srv.add_argument("--config", help="a Ray Serve config file whose app is serving.app:build_app")
+    srv.add_argument("--policies", help="NAME=DIR,NAME=DIR (instead of --config)")
+    srv.add_argument("--mpo-weights", dest="mpo_weights", help="weights.json from `moray mix mpo` (default weights)")
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP host (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="any serve option, e.g. max_replicas=4 (see `moray config serve`)")
+    srv.add_argument("--write-config", dest="write_config", help="write the Serve config file and exit")
+    srv.add_argument("--address", help="Ray cluster address")
+
     demo = sub.add_parser("demo", help="end-to-end demo on an embedded local Ray")
     demo.add_argument("--tiny", action="store_true", help="tiny model built here (about 3 minutes)")
     demo.add_argument("--out", default="moray_runs/demo", help="output directory")
@@ -125,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--zero-stage", dest="zero_stage", type=int, default=2, choices=[0, 1, 2, 3])
 
     cfg = sub.add_parser("config", help="print every option of a job with its default and meaning")
-    cfg.add_argument("job", choices=["dpo"])
+    cfg.add_argument("job", choices=["dpo", "serve"])
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -168,18 +207,79 @@ def main(argv: Optional[List[str]] = None) -> int:
             n = score_file(objectives, args.data, args.out,
                            tokenizer_path=args.tokenizer, actors=args.actors)
             print(f"scored {n} rows -> {args.out}")
+        elif args.command == "mix" and args.method == "mpo":
+            from reward_models.prompts import load_prompts
+            from serving.mpo import compute_mpo_weights
+            from serving.policies import check_compatible, parse_policies
+            from trainers.launcher import init_ray
+
+            policies = parse_policies(args.policies)
+            check_compatible(policies, args.ref, force=args.force)  # before Ray starts
+            prompts = load_prompts(args.prompts, args.prompt_column, args.split)
+            init_ray(args.address)
+            result = compute_mpo_weights(policies, args.ref, prompts, args.out, samples_per_prompt=args.m,
+                                         prompt_batch=args.prompt_batch, steps=args.steps, c=args.c,
+                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         seed=args.seed, actors=args.actors, force=args.force)
+            print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+        elif args.command == "mix":
+            from serving.policies import parse_policies
+            from serving.soup import soup_policies
+
+            policies = parse_policies(args.policies)
+            weights: Any = ({k: float(v) for k, v in parse_policies(args.weights).items()} if "=" in args.weights
+                            else [float(w) for w in args.weights.split(",") if w.strip()])
+            print(soup_policies(policies, weights, args.out, lora=args.lora, force=args.force))
+        elif args.command == "serve":
+            run_serve(args)
         elif args.command == "demo":
             from cluster.demo import run_demo
 
             run_demo(tiny=args.tiny, out=args.out, workers=args.workers, zero_stage=args.zero_stage)
         elif args.command == "config":
+            from serving.config import ServeConfig
             from trainers.config import DPOJobConfig
 
-            print("\n".join(describe(DPOJobConfig)))
+            print("\n".join(describe(DPOJobConfig if args.job == "dpo" else ServeConfig)))
     except (ValueError, FileNotFoundError) as e:
         print(f"moray: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """``moray serve``: a Serve config file, or one built from the flags; runs until interrupted."""
+    import time
+
+    from serving.config import ServeConfig
+    from serving.launch import load_serve_file, run_serve_file, serve_file, write_serve_file
+    from serving.policies import parse_policies
+    from trainers.config import load_config, parse_dotted
+
+    if args.config:
+        if args.policies or args.overrides:
+            raise ValueError("give either --config or --policies/--set, not both")
+        doc = load_serve_file(args.config)
+    else:
+        if not args.policies:
+            raise ValueError("moray serve needs --config FILE or --policies NAME=DIR,...")
+        overrides: Dict[str, Any] = {"policies": parse_policies(args.policies)}
+        if args.mpo_weights:
+            overrides["mpo_weights"] = args.mpo_weights
+        overrides.update(parse_dotted(args.overrides))
+        doc = serve_file(load_config(ServeConfig, overrides=overrides), args.host, args.port)
+    if args.write_config:
+        print(write_serve_file(doc, args.write_config))
+        return
+    from ray import serve
+
+    url = run_serve_file(doc, args.address)
+    print(f"serving at {url}/v1 (objectives: GET {url}/v1/objectives); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
 
 
 if __name__ == "__main__":

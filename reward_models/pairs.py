@@ -23,10 +23,15 @@ def render_prompt(tokenizer, prompt: str) -> str:
 
 
 class Generate:
-    """``map_batches`` callable class: ``prompt`` rows -> ``responses`` (a JSON list of ``n`` samples)."""
+    """``map_batches`` callable class: ``prompt`` rows -> ``responses`` (a JSON list of ``n`` samples).
+
+    ``keep_ids``: also ``prompt_ids`` (the rendered prompt's tokens) and ``response_ids`` (each
+    sample's tokens up to and including its EOS), as JSON, for teacher-forced scoring of exactly
+    the sampled tokens.
+    """
 
     def __init__(self, model_path: str, n: int, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, threads: int = 1, trust_remote_code: bool = False):
+                 seed: int, threads: int = 1, trust_remote_code: bool = False, keep_ids: bool = False):
         from trainers.models import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(threads)
@@ -35,6 +40,7 @@ class Generate:
         self.model = load_causal_lm(model_path, trust_remote_code).eval()
         self.n, self.max_new_tokens = n, max_new_tokens
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.keep_ids = keep_ids
 
     @torch.no_grad()
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
@@ -49,7 +55,19 @@ class Generate:
         gen = out[:, enc["input_ids"].shape[1]:]
         decoded = self.tok.batch_decode(gen, skip_special_tokens=True)
         responses = [json.dumps([d.strip() for d in decoded[i * self.n:(i + 1) * self.n]]) for i in range(len(prompts))]
-        return {"row": batch["row"], "prompt": np.array(prompts, dtype=object), "responses": np.array(responses, dtype=object)}
+        out = {"row": batch["row"], "prompt": np.array(prompts, dtype=object), "responses": np.array(responses, dtype=object)}
+        if self.keep_ids:
+            eos = self.tok.eos_token_id
+            ids = [_until_eos(g, eos) for g in gen.tolist()]
+            mask = enc["attention_mask"].bool()
+            out["prompt_ids"] = np.array([json.dumps(enc["input_ids"][i][mask[i]].tolist()) for i in range(len(prompts))], dtype=object)
+            out["response_ids"] = np.array([json.dumps(ids[i * self.n:(i + 1) * self.n]) for i in range(len(prompts))], dtype=object)
+        return out
+
+
+def _until_eos(tokens: List[int], eos: Optional[int]) -> List[int]:
+    """A generated row cut after its first EOS (generate pads finished rows)."""
+    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
 
 
 def sample_responses(model_path: str, prompts: Sequence[str], n: int, max_new_tokens: int = 48,

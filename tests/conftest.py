@@ -16,6 +16,36 @@ from reward_models.prompts import tiny_corpus  # noqa: E402
 from trainers.models import build_tiny_model  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """An embedded 2-CPU Ray on loopback for the tests of one module."""
+    import ray
+
+    from trainers.launcher import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def make_policy(src: str, out, seed: int, noise: float = 0.05, **meta) -> str:
+    """A Moray policy directory: ``src`` with every weight nudged by seeded noise (``noise`` times
+    a standard normal; 0 keeps ``src``), and metadata saying it was trained from ``src`` with
+    β = 0.1 (overridable through ``meta``)."""
+    import torch
+
+    from trainers.export import save_hf
+    from trainers.models import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(src)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    return save_hf(model, load_tokenizer(src), str(out),
+                   dict({"kind": "policy", "reference_model": src, "beta": 0.1}, **meta))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), tiny_corpus(400, seed=0))

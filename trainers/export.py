@@ -3,7 +3,7 @@
 The metadata file ``moray.json`` names the objective, the reference model, β, the loss and the
 data, so that mixers and the server can check that policies share a reference and a tokenizer.
 LoRA policies are merged into full weights on export (a plain HF checkpoint, no peft needed to
-load it).
+load it); the adapter itself is kept in ``adapter/`` for LoRA soups (§6: merge ``B·A`` products).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def export_policy(state_dict: Dict[str, torch.Tensor], model_cfg, out_dir: str,
     model = build_policy(model_cfg)
     load_matching_state(model, state_dict)
     if model_cfg.lora:
+        model.save_pretrained(Path(out_dir) / "adapter", safe_serialization=True)
         model = model.merge_and_unload()
     if dtype is not None:
         model = model.to(dtype)

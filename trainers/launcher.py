@@ -156,6 +156,8 @@ def fit(task: str, job, prepared: PreparedPairs, metadata: Dict[str, Any], name:
         for f in Path(d).iterdir():
             if f.is_file():
                 shutil.copy2(f, out / f.name)
+            elif f.is_dir():  # a LoRA policy's adapter/
+                shutil.copytree(f, out / f.name, dirs_exist_ok=True)
     metrics = dict(result.metrics or {})
     metrics.update(seconds=time.perf_counter() - tic, pairs=prepared.pairs,
                    skipped_invalid=prepared.skipped_invalid, dropped_for_balance=prepared.dropped_for_balance)

@@ -14,11 +14,9 @@ import numpy as np
 import torch
 
 
-def pad_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] | None = None) -> Dict[str, torch.Tensor]:
-    """Right-pad the pairs ``rows[...][index]`` into one ``(2B, T)`` batch (T = longest row)."""
-    index = range(len(rows["chosen_ids"])) if index is None else index
-    seqs = [rows["chosen_ids"][i] for i in index] + [rows["rejected_ids"][i] for i in index]
-    starts = [int(rows["chosen_start"][i]) for i in index] + [int(rows["rejected_start"][i]) for i in index]
+def pad_sequences(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad token sequences into ``input_ids``, ``attention_mask`` ``(N, T)`` (T = longest) and a
+    ``response_mask`` that is true from each row's ``starts[i]`` (its first response token) on."""
     lengths = torch.tensor([len(s) for s in seqs])
     T = int(lengths.max())
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -26,8 +24,16 @@ def pad_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] 
         input_ids[r, : len(s)] = torch.tensor(np.asarray(s, dtype=np.int64))
     pos = torch.arange(T)[None, :]
     attention_mask = pos < lengths[:, None]
-    response_mask = attention_mask & (pos >= torch.tensor(starts)[:, None])
-    out = {"input_ids": input_ids, "attention_mask": attention_mask.long(), "response_mask": response_mask}
+    response_mask = attention_mask & (pos >= torch.tensor([int(s) for s in starts])[:, None])
+    return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "response_mask": response_mask}
+
+
+def pad_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] | None = None) -> Dict[str, torch.Tensor]:
+    """Right-pad the pairs ``rows[...][index]`` into one ``(2B, T)`` batch (T = longest row)."""
+    index = range(len(rows["chosen_ids"])) if index is None else index
+    seqs = [rows["chosen_ids"][i] for i in index] + [rows["rejected_ids"][i] for i in index]
+    starts = [rows["chosen_start"][i] for i in index] + [rows["rejected_start"][i] for i in index]
+    out = pad_sequences(seqs, starts, pad_id)
     if "idx" in rows:
         out["idx"] = torch.as_tensor(np.asarray([rows["idx"][i] for i in index], dtype=np.int64))
     for k in ("ref_chosen_logps", "ref_rejected_logps"):

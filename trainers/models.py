@@ -121,30 +121,28 @@ def warm_start(model_dir: str, dialogues: Sequence[Tuple[str, str]], steps: int 
     Makes the random-weight tiny model write words and end its turn, so that on-policy samples
     differ in tone and length the way a real model's do. Loss on answer tokens only.
     """
-    from trainers.logps import pad_pairs, sequence_logps
+    from trainers.logps import pad_sequences, sequence_logps
 
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
     torch.manual_seed(seed)
-    rows = {"chosen_ids": [], "chosen_start": []}
+    seqs, starts = [], []
     for prompt, answer in dialogues:
         msgs = [{"role": "user", "content": prompt}]
         p = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)
         p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        rows["chosen_ids"].append(tok(full, add_special_tokens=False)["input_ids"])
-        rows["chosen_start"].append(len(p_ids))
-    rows["rejected_ids"], rows["rejected_start"] = rows["chosen_ids"], rows["chosen_start"]
+        seqs.append(tok(full, add_special_tokens=False)["input_ids"])
+        starts.append(len(p_ids))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
         index = torch.randint(len(dialogues), (batch_size,), generator=g).tolist()
-        batch = pad_pairs(rows, tok.pad_token_id, index)
-        n = len(index)
-        logits = model(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n]).logits
-        logps = sequence_logps(logits, batch["input_ids"][:n], batch["response_mask"][:n])
-        loss = -logps.sum() / batch["response_mask"][:n].sum()
+        batch = pad_sequences([seqs[i] for i in index], [starts[i] for i in index], tok.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+        loss = -logps.sum() / batch["response_mask"].sum()
         opt.zero_grad()
         loss.backward()
         opt.step()

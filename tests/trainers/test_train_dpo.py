@@ -31,16 +31,6 @@ N_PAIRS, EPOCHS = 24, 2
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    from trainers.launcher import init_ray
-    import ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def train_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("train") / "pairs.jsonl", synthetic_pairs(N_PAIRS, seed=3))
 

@@ -1,0 +1,165 @@
+"""The OpenAI-compatible request and response bodies, as pure functions.
+
+:func:`parse_request` turns a ``/v1/completions`` or ``/v1/chat/completions`` JSON body into a
+:class:`Parsed` request or raises :class:`RequestError` (the app answers 400 with its message).
+Moray's extra fields: ``objective_weights: {name: weight}`` and ``mixing: "logits" | "soup"``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from serving.decode import Sampling
+from serving.mixing import WeightError, check_weights
+
+ROLES = ("system", "user", "assistant")
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param, "code": None}}
+
+
+@dataclass
+class Parsed:
+    prompt_ids: List[int]
+    weights: Tuple[float, ...]
+    mixing: str
+    sampling: Sampling
+    stop: List[str]
+    stream: bool
+    chat: bool
+
+
+@dataclass
+class Limits:
+    names: Sequence[str]
+    default_weights: Tuple[float, ...]
+    default_mixing: str
+    default_max_tokens: int
+    max_tokens_limit: int
+    max_context: int
+
+
+def _number(body: Mapping[str, Any], key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise RequestError(f"{key} must be a finite number, got {v!r}", key)
+    if v > hi or v < lo or (lo_open and v == lo):
+        raise RequestError(f"{key} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", key)
+    return float(v)
+
+
+def _integer(body: Mapping[str, Any], key: str, default: Optional[int]) -> Optional[int]:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RequestError(f"{key} must be an integer, got {v!r}", key)
+    return v
+
+
+def render_chat(tokenizer, messages: Any) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {role, content}", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise RequestError(f"messages[{i}] must be {{role: one of {list(ROLES)}, content: string}}", "messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("this model has no chat template; use /v1/completions", "messages")
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
+
+
+def parse_request(body: Any, chat: bool, tokenizer, limits: Limits) -> Parsed:
+    """Validate an OpenAI-style body; every refusal names the field and what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    if chat:
+        text = render_chat(tokenizer, body.get("messages"))
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise RequestError("prompt must be a string (one prompt per request)", "prompt")
+        if not prompt:
+            raise RequestError("prompt is empty", "prompt")
+        prompt_ids = tokenizer(prompt)["input_ids"]
+    n = _integer(body, "n", 1)
+    if n != 1:
+        raise RequestError(f"n must be 1 (one choice per request), got {n}", "n")
+    max_tokens = _integer(body, "max_tokens", None)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_completion_tokens", limits.default_max_tokens)
+    if not 1 <= max_tokens <= limits.max_tokens_limit:
+        raise RequestError(f"max_tokens must be in [1, {limits.max_tokens_limit}], got {max_tokens}", "max_tokens")
+    if len(prompt_ids) + max_tokens > limits.max_context:
+        raise RequestError(f"the prompt is {len(prompt_ids)} tokens; with max_tokens {max_tokens} it exceeds "
+                           f"the context limit of {limits.max_context} tokens", "messages" if chat else "prompt")
+    sampling = Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed=_integer(body, "seed", None))
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop must be a non-empty string or a list of at most 4 of them", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("stream must be true or false", "stream")
+    mixing = body.get("mixing") or limits.default_mixing
+    if mixing not in ("logits", "soup"):
+        raise RequestError(f"mixing must be 'logits' or 'soup', got {mixing!r}", "mixing")
+    raw = body.get("objective_weights")
+    if raw is None:
+        weights = limits.default_weights
+    else:
+        if not isinstance(raw, (dict, list)):
+            raise RequestError("objective_weights must be an object {objective: weight}", "objective_weights")
+        try:
+            weights = check_weights(raw, limits.names)
+        except WeightError as e:
+            raise RequestError(str(e), "objective_weights") from None
+    return Parsed(prompt_ids, weights, mixing, sampling, stop, stream, chat)
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def completion_body(rid: str, p: Parsed, model: str, names: Sequence[str], text: str, finish: str,
+                    completion_tokens: int, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """An OpenAI completion (or chat completion) body; Moray's own fields sit under ``moray``."""
+    choice: Dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if p.chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {"id": rid, "object": "chat.completion" if p.chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice],
+            "usage": {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens,
+                      "total_tokens": len(p.prompt_ids) + completion_tokens},
+            "moray": dict({"objective_weights": dict(zip(names, p.weights)), "mixing": p.mixing}, **(extra or {}))}
+
+
+def chunk_body(rid: str, p: Parsed, model: str, text: Optional[str], finish: Optional[str],
+               first: bool = False) -> Dict[str, Any]:
+    if p.chat:
+        delta: Dict[str, Any] = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        choice: Dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+    return {"id": rid, "object": "chat.completion.chunk" if p.chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice]}

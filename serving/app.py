@@ -1,0 +1,173 @@
+"""The Ray Serve app: one deployment serving any objective-weight vector, OpenAI-compatible.
+
+Routes (FastAPI ingress):
+
+- ``POST /v1/completions``, ``POST /v1/chat/completions``: OpenAI bodies plus
+  ``objective_weights: {name: weight}`` and ``mixing: "logits" | "soup"``; ``stream: true`` sends
+  server-sent events ending with ``data: [DONE]``.
+- ``GET /v1/objectives``: names, default weights, mixing modes; ``GET /v1/models``; ``GET /healthz``.
+
+Bad input answers 400 with ``{"error": {"message", "param", ...}}`` and the replica keeps serving.
+
+Build it with :func:`build_app` -- the ``import_path`` of a Serve config file
+(``serving.app:build_app``), whose ``args`` are a :class:`~serving.config.ServeConfig`.
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+from typing import Any, AsyncIterator, Dict, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from serving.api import Limits, RequestError, chunk_body, completion_body, new_id, parse_request
+from serving.config import ServeConfig, load_serve_config
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(title="Moray mixed policy", description="Any objective-weight vector, one endpoint.")
+
+
+def _error(status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+@serve.deployment(name="MixedPolicy")
+@serve.ingress(api)
+class MixedPolicyServer:
+    def __init__(self, config: Dict[str, Any]):
+        from serving.engine import MixEngine
+
+        self.cfg: ServeConfig = load_serve_config(config)
+        self.engine = MixEngine(self.cfg)
+        self.names = self.engine.names
+        self.limits = Limits(self.names, self.cfg.default_weight_vector(), self.cfg.default_mixing,
+                             self.cfg.default_max_tokens, self.cfg.max_tokens_limit, self.engine.max_context)
+        self.api_key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
+        if self.cfg.api_key_env and not self.api_key:
+            raise ValueError(f"api_key_env names {self.cfg.api_key_env}, which is not set on this replica")
+        log.info("serving %s (%s on %s), default weights %s", self.names, self.cfg.dtype, self.engine.device,
+                 dict(zip(self.names, self.limits.default_weights)))
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+    def _unauthorized(self, request: Request) -> Optional[JSONResponse]:
+        if not self.api_key:
+            return None
+        given = request.headers.get("authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            return None
+        return _error(401, "missing or wrong API key (Authorization: Bearer <key>)", kind="authentication_error")
+
+    @api.get("/healthz")
+    def healthz(self) -> Dict[str, Any]:
+        return {"status": "ok", "engine_alive": self.engine.thread.is_alive()}
+
+    @api.get("/v1/objectives")
+    def objectives(self, request: Request):
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        return {"objectives": self.names, "default_weights": dict(zip(self.names, self.limits.default_weights)),
+                "default_source": "config" if self.cfg.default_weights else "mpo" if self.cfg.mpo_weights else "uniform",
+                "mixing": ["logits", "soup"], "default_mixing": self.cfg.default_mixing,
+                "max_context": self.engine.max_context, "max_tokens_limit": self.cfg.max_tokens_limit,
+                "soup_cache": {"size": self.cfg.soup_cache_size, "hits": self.engine.soups.hits,
+                               "misses": self.engine.soups.misses}}
+
+    @api.get("/v1/models")
+    def models(self, request: Request):
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "owned_by": "moray"}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._generate(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, chat: bool):
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return _error(400, f"the request body is not valid JSON: {e}")
+        try:
+            parsed = parse_request(body, chat, self.engine.tokenizer, self.limits)
+        except RequestError as e:
+            return JSONResponse(e.body(), status_code=400)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        try:
+            job = self.engine.submit(parsed, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        except RuntimeError as e:
+            return _error(503, str(e), kind="server_error")
+        rid = new_id(chat)
+        if parsed.stream:
+            return StreamingResponse(self._sse(rid, parsed, job, events), media_type="text/event-stream")
+        text = []
+        try:
+            while True:
+                ev = await events.get()
+                if ev["type"] == "delta":
+                    text.append(ev["text"])
+                elif ev["type"] == "error":
+                    return _error(500, ev["message"], kind="server_error")
+                else:
+                    return completion_body(rid, parsed, self.cfg.model_name, self.names, "".join(text),
+                                           ev["finish"], ev["tokens"],
+                                           {"batch_size": ev["batch"], "soup_cache_hit": ev["soup_cache_hit"]})
+        except asyncio.CancelledError:  # the client went away: stop decoding its row
+            job.cancelled = True
+            raise
+
+    async def _sse(self, rid, parsed, job, events) -> AsyncIterator[str]:
+        model = self.cfg.model_name
+        first = True
+        try:
+            while True:
+                ev = await events.get()
+                if ev["type"] == "delta":
+                    yield f"data: {json.dumps(chunk_body(rid, parsed, model, ev['text'], None, first))}\n\n"
+                    first = False
+                elif ev["type"] == "error":
+                    yield f"data: {json.dumps({'error': {'message': ev['message'], 'type': 'server_error'}})}\n\n"
+                    break
+                else:
+                    yield f"data: {json.dumps(chunk_body(rid, parsed, model, None, ev['finish'], first))}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True  # harmless once done; stops decoding if the client left early
+
+
+def build_app(args: Dict[str, Any]):
+    """Serve application builder (``import_path: serving.app:build_app``); ``args`` is a ServeConfig."""
+    return bind_app(args)
+
+
+def bind_app(args: Dict[str, Any], deployment_overrides: Optional[Dict[str, Any]] = None):
+    """The bound deployment for ServeConfig ``args``. Checks the policies (directories, one
+    tokenizer, one reference and β unless ``force``) here, before any replica starts; the config's
+    autoscaling and resource options apply, then ``deployment_overrides`` (a Serve file's entry)."""
+    from serving.policies import check_compatible
+    from trainers.config import to_dict
+
+    cfg = load_serve_config(args)
+    check_compatible(cfg.policies, force=cfg.force)
+    options = dict(cfg.deployment_options(), **(deployment_overrides or {}))
+    return MixedPolicyServer.options(**options).bind(to_dict(cfg))

@@ -1,0 +1,100 @@
+"""Configuration of the mixed-policy server: the ``args`` of the Serve application.
+
+The same dict is the ``args:`` of an application in a Ray Serve config file (``serve run
+serve.yaml`` / ``serve deploy``) and what ``moray serve`` builds from its flags.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Tuple
+
+from trainers.config import from_dict, opt
+
+
+@dataclass
+class ServeConfig:
+    """The mixed-policy app: which policies, how to mix by default, limits and scaling."""
+
+    policies: Dict[str, str] = opt({}, "Objective name -> directory of that objective's Moray policy "
+                                   "(all trained from one reference with one β and one tokenizer).")
+    default_weights: Dict[str, float] = opt({}, "Weights used when a request gives none. Empty: the MPO "
+                                            "max-min weights from `mpo_weights`, else equal weights.")
+    mpo_weights: str = opt("", "weights.json written by `moray mix mpo` (served as the default weights).")
+    default_mixing: str = opt("logits", "Mixing when a request gives none: 'logits' (MPO per-token "
+                              "log-linear mixture, K models in lock-step) or 'soup' (merged weights).")
+    max_batch_size: int = opt(8, "Logits mode: most concurrent requests decoded in one batch.")
+    batch_wait_ms: float = opt(5.0, "Logits mode: how long the first request waits for others to batch with.")
+    soup_cache_size: int = opt(4, "Soup mode: merged models kept, least recently used evicted.")
+    soup_decimals: int = opt(3, "Soup mode: weights are rounded to this many decimals before merging "
+                             "(and as the cache key).")
+    max_context: int = opt(0, "Prompt + max_tokens limit in tokens; 0: the model's max_position_embeddings.")
+    max_tokens_limit: int = opt(512, "Largest max_tokens a request may ask for.")
+    default_max_tokens: int = opt(64, "max_tokens when a request gives none.")
+    threads: int = opt(1, "torch threads per replica.")
+    num_cpus: float = opt(1.0, "CPUs reserved per replica.")
+    num_gpus: float = opt(0.0, "GPUs per replica (models run on cuda when > 0).")
+    dtype: str = opt("float32", "Model dtype: float32 or bfloat16 (bfloat16 on GPU).")
+    min_replicas: int = opt(1, "Autoscaling: fewest replicas.")
+    max_replicas: int = opt(1, "Autoscaling: most replicas.")
+    target_ongoing_requests: float = opt(4.0, "Autoscaling: requests in flight per replica it aims for.")
+    max_ongoing_requests: int = opt(32, "Requests a replica accepts at once; more wait in the proxy.")
+    graceful_shutdown_timeout_s: float = opt(20.0, "On scale-down or shutdown, how long in-flight requests may finish.")
+    model_name: str = opt("moray-mix", "Name reported in responses and /v1/models.")
+    api_key_env: str = opt("", "Name of an environment variable holding an API key; when set, requests "
+                           "need 'Authorization: Bearer <key>' (401 otherwise). The key never sits in the file.")
+    force: bool = opt(False, "Serve policies even if their reference, β or tokenizer differ (MPO is then undefined).")
+    trust_remote_code: bool = opt(False, "Allow model code shipped with a checkpoint to run.")
+
+    def validate(self) -> "ServeConfig":
+        if not self.policies:
+            raise ValueError("no policies to serve (policies: {objective: DIR})")
+        for name, path in self.policies.items():
+            if not Path(path).is_dir():
+                raise ValueError(f"policy {name!r}: {path} is not a directory")
+        if self.default_mixing not in ("logits", "soup"):
+            raise ValueError(f"default_mixing must be 'logits' or 'soup', got {self.default_mixing!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
+        for key in ("max_batch_size", "soup_cache_size", "max_tokens_limit", "default_max_tokens", "threads",
+                    "max_ongoing_requests"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})")
+        self.default_weight_vector()  # raises on bad default weights
+        return self
+
+    def default_weight_vector(self) -> Tuple[float, ...]:
+        from serving.mixing import check_weights
+
+        names = list(self.policies)
+        if self.default_weights:
+            return check_weights(self.default_weights, names)
+        if self.mpo_weights:
+            data = json.loads(Path(self.mpo_weights).read_text())
+            return check_weights(data["weights"], names)
+        return tuple(1.0 / len(names) for _ in names)
+
+    def deployment_options(self) -> Dict[str, Any]:
+        """Ray Serve deployment options (a Serve config file's ``deployments:`` entry overrides them)."""
+        actor: Dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor["num_gpus"] = self.num_gpus
+        return {
+            "autoscaling_config": {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                                   "target_ongoing_requests": self.target_ongoing_requests,
+                                   "upscale_delay_s": 5, "downscale_delay_s": 60},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "ray_actor_options": actor,
+        }
+
+
+def load_serve_config(values: Mapping[str, Any]) -> ServeConfig:
+    return from_dict(ServeConfig, values).validate()
+

@@ -1,0 +1,226 @@
+"""The generation engine inside one Serve replica: K policies, a soup cache and a batching thread.
+
+Requests arrive from the async HTTP handlers through :meth:`MixEngine.submit` and are decoded on
+one background thread (torch work never blocks the event loop, and two requests never fight for
+the replica's cores). The thread groups waiting requests: all logits-mode requests batch together
+(each row keeps its own weights), soup-mode requests batch with others asking for the same
+(rounded) weights. Text goes back as events through the ``emit`` callback the handler gave.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from serving.api import Parsed
+from serving.config import ServeConfig
+from serving.decode import LockstepDecoder, Row
+from serving.mixing import soup_state_dicts
+
+log = logging.getLogger(__name__)
+
+
+class TextStream:
+    """Incremental detokenisation: the new text after each token, cut at the first stop string.
+
+    Text that might be the beginning of a stop string, or an incomplete UTF-8 character, is held
+    back until the next token decides it.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tok, self.stop = tokenizer, list(stop)
+        self.ids: List[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def _text(self) -> str:
+        return self.tok.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self._text()
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._advance(text[: min(hits)])
+        if text.endswith("\ufffd"):
+            return ""
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._advance(text[: len(text) - hold])
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._advance(self._text())
+
+    def _advance(self, upto: str) -> str:
+        if not upto.startswith(self.emitted) or len(upto) <= len(self.emitted):
+            return ""
+        delta, self.emitted = upto[len(self.emitted):], upto
+        return delta
+
+
+@dataclass
+class Job:
+    """One request inside the engine."""
+
+    parsed: Parsed
+    emit: Callable[[Dict[str, Any]], None]  # thread-safe; called from the engine thread
+    key: Tuple = ()
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class SoupCache:
+    """Merged models by rounded weight vector, least recently used evicted."""
+
+    def __init__(self, models: Sequence[torch.nn.Module], size: int):
+        self.models, self.size = models, size
+        self.cache: "collections.OrderedDict[Tuple[float, ...], torch.nn.Module]" = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, weights: Tuple[float, ...]) -> Tuple[torch.nn.Module, bool]:
+        if weights in self.cache:
+            self.cache.move_to_end(weights)
+            self.hits += 1
+            return self.cache[weights], True
+        self.misses += 1
+        nonzero = [k for k, w in enumerate(weights) if w]
+        if len(nonzero) == 1:
+            model = self.models[nonzero[0]]  # e_k: the policy itself, no copy
+        else:
+            merged = soup_state_dicts([self.models[k].state_dict() for k in nonzero], [weights[k] for k in nonzero])
+            model = copy.deepcopy(self.models[0])
+            model.load_state_dict(merged)
+        self.cache[weights] = model
+        while len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        return model, False
+
+
+def round_weights(weights: Sequence[float], decimals: int) -> Tuple[float, ...]:
+    """Weights rounded for the soup cache key, renormalised onto the simplex."""
+    r = [round(w, decimals) for w in weights]
+    if sum(r) == 0:
+        r = [1.0 if w == max(weights) else 0.0 for w in weights]
+    s = sum(r)
+    return tuple(x / s for x in r)
+
+
+class MixEngine:
+    def __init__(self, cfg: ServeConfig):
+        from trainers.models import load_causal_lm, load_tokenizer
+
+        torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.names = list(cfg.policies)
+        use_cuda = cfg.num_gpus > 0 and torch.cuda.is_available()
+        self.device = "cuda" if use_cuda else "cpu"
+        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        first = cfg.policies[self.names[0]]
+        self.tokenizer = load_tokenizer(first, cfg.trust_remote_code)
+        self.models = [load_causal_lm(cfg.policies[n], cfg.trust_remote_code, dtype=dtype).to(self.device).eval()
+                       for n in self.names]
+        self.max_context = cfg.max_context or int(getattr(self.models[0].config, "max_position_embeddings", 2048))
+        eos = self.tokenizer.eos_token_id
+        eos_ids = set([eos] if eos is not None else [])
+        gen_eos = getattr(self.models[0].generation_config, "eos_token_id", None)
+        eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.eos_ids = sorted(eos_ids)
+        self.soups = SoupCache(self.models, cfg.soup_cache_size)
+        self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.pending: Deque[Job] = collections.deque()
+        self.running = True
+        self.stats = collections.Counter()
+        self.thread = threading.Thread(target=self._loop, name="moray-engine", daemon=True)
+        self.thread.start()
+
+    # -- submission ------------------------------------------------------------------------
+    def submit(self, parsed: Parsed, emit: Callable[[Dict[str, Any]], None]) -> Job:
+        if not self.running:
+            raise RuntimeError("the engine is shutting down")
+        key: Tuple = ("logits",) if parsed.mixing == "logits" else ("soup", round_weights(parsed.weights, self.cfg.soup_decimals))
+        job = Job(parsed, emit, key)
+        self.queue.put(job)
+        return job
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the requests already queued, then stop the thread."""
+        self.running = False
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+    # -- the engine thread -------------------------------------------------------------------
+    def _next_batch(self) -> Optional[List[Job]]:
+        while not self.pending:
+            job = self.queue.get()
+            if job is None:
+                return None
+            self.pending.append(job)
+        deadline = time.perf_counter() + self.cfg.batch_wait_ms / 1000
+        key = self.pending[0].key
+        while sum(j.key == key for j in self.pending) < self.cfg.max_batch_size:
+            left = deadline - time.perf_counter()
+            try:
+                job = self.queue.get(timeout=max(left, 0)) if left > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.queue.put(None)  # see it again once the pending work is done
+                break
+            self.pending.append(job)
+        batch = [j for j in self.pending if j.key == key][: self.cfg.max_batch_size]
+        for j in batch:
+            self.pending.remove(j)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                if self.pending:
+                    continue
+                return
+            try:
+                self._run(batch)
+            except Exception as e:  # a failed batch answers its requests; the engine keeps going
+                log.exception("generation failed")
+                for j in batch:
+                    j.emit({"type": "error", "message": f"generation failed: {e}"})
+
+    def _run(self, batch: List[Job]) -> None:
+        mode = batch[0].key[0]
+        cache_hit = None
+        if mode == "soup":
+            model, cache_hit = self.soups.get(batch[0].key[1])
+            decoder = LockstepDecoder([model], self.tokenizer.pad_token_id, self.eos_ids, self.device)
+            rows = [Row(j.parsed.prompt_ids, (1.0,), j.parsed.sampling) for j in batch]
+        else:
+            decoder = LockstepDecoder(self.models, self.tokenizer.pad_token_id, self.eos_ids, self.device)
+            rows = [Row(j.parsed.prompt_ids, j.parsed.weights, j.parsed.sampling) for j in batch]
+        streams = [TextStream(self.tokenizer, j.parsed.stop) for j in batch]
+
+        def on_token(i: int, token: int) -> bool:
+            delta = streams[i].push(token)
+            if delta:
+                batch[i].emit({"type": "delta", "text": delta})
+            return streams[i].stopped or batch[i].cancelled
+
+        tic = time.perf_counter()
+        out = decoder.generate(rows, on_token)
+        seconds = time.perf_counter() - tic
+        for j, s, toks in zip(batch, streams, out):
+            tail = s.flush()
+            if tail:
+                j.emit({"type": "delta", "text": tail})
+            finish = "stop" if (s.stopped or (toks and toks[-1] in self.eos_ids)) else "length"
+            j.emit({"type": "done", "finish": finish, "tokens": len(toks), "batch": len(batch),
+                    "seconds": seconds, "soup_cache_hit": cache_hit})
+        self.stats[f"{mode}_batches"] += 1
+        self.stats[f"{mode}_requests"] += len(batch)

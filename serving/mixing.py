@@ -1,0 +1,127 @@
+"""Post-hoc mixing of per-objective policies as pure functions (ALGORITHMS.md §3a and §6).
+
+- :func:`check_weights`: a request's ``{objective: weight}`` -> a weight vector, or a clear error.
+- :func:`mix_logits`: MPO's per-token log-linear mixture
+  ``Σ_k w_k · logits_k + (1 − Σw) · logits_ref``; shapes ``(K, B, V)`` -> ``(B, V)``.
+- :func:`soup_state_dicts`: Personalized Soups on full weights, ``θ = Σ_k w_k θ_k``.
+- :func:`merge_lora`: Soups on LoRA adapters, ``W = W_base + Σ_k w_k s_k B_k A_k`` (products, never
+  the factors), every other tensor bitwise the base's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+
+class WeightError(ValueError):
+    """Invalid objective weights (the server answers 400 with this message)."""
+
+
+def check_weights(weights: Mapping[str, float] | Sequence[float], names: Sequence[str],
+                  normalize: bool = True) -> Tuple[float, ...]:
+    """Weights in the order of ``names``; a mapping may leave objectives out (weight 0).
+
+    Refuses unknown names, a wrong length, non-numbers, non-finite or negative weights and an
+    all-zero vector. ``normalize``: scale onto the simplex (Σw = 1; π_ref then cancels).
+    """
+    if isinstance(weights, Mapping):
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise WeightError(f"unknown objective(s) {unknown}; this server mixes {list(names)}")
+        values = [weights.get(n, 0.0) for n in names]
+    else:
+        values = list(weights)
+        if len(values) != len(names):
+            raise WeightError(f"{len(values)} weights for {len(names)} objectives {list(names)}")
+    out = []
+    for name, v in zip(names, values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise WeightError(f"weight of {name!r} must be a number, got {v!r}")
+        if not math.isfinite(v):
+            raise WeightError(f"weight of {name!r} is not finite: {v}")
+        if v < 0:
+            raise WeightError(f"weight of {name!r} is negative: {v}")
+        out.append(float(v))
+    total = sum(out)
+    if total <= 0:
+        raise WeightError(f"objective weights are all zero; give at least one of {list(names)} a positive weight")
+    return tuple(v / total for v in out) if normalize else tuple(out)
+
+
+def mix_logits(logits: torch.Tensor, weights: torch.Tensor, ref_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MPO per-token mixture (§3a): ``Σ_k w_k logits_k + (1 − Σ_k w_k) logits_ref``.
+
+    ``logits (K, B, V)``; ``weights (K,)`` shared by the batch or ``(B, K)`` one vector per row;
+    ``ref_logits (B, V)`` (needed only when the weights of a row do not sum to 1). Returns the
+    mixed logits ``(B, V)``; ``softmax`` of them is the per-token product of the K distributions.
+    """
+    w = weights.to(logits.dtype)
+    w = w.T[:, :, None] if w.dim() == 2 else w[:, None, None]  # (K, B|1, 1)
+    mixed = (w * logits).sum(0)
+    rest = 1 - w.sum(0)  # (B|1, 1)
+    if bool((rest.abs() > 1e-6).any()):  # float32 weights normalised to 1 are off by ~1e-7
+        if ref_logits is None:
+            raise ValueError("weights do not sum to 1: the reference policy's logits are needed")
+        mixed = mixed + rest * ref_logits.to(logits.dtype)
+    return mixed
+
+
+def soup_state_dicts(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """Personalized Soups on full weights (§6): ``Σ_k w_k θ_k`` per floating-point tensor.
+
+    A weight of exactly 1 on one model returns that model's tensors bitwise (1·a + 0·b = a). Integer
+    tensors (buffers) must agree and are copied. Every state must have the same keys and shapes.
+    """
+    if len(states) != len(weights) or not states:
+        raise ValueError(f"{len(states)} models but {len(weights)} weights")
+    keys = list(states[0])
+    for i, s in enumerate(states[1:], 1):
+        if set(s) != set(keys):
+            diff = sorted(set(s) ^ set(keys))[:5]
+            raise ValueError(f"model {i} has different tensors from model 0 (e.g. {diff}): not one architecture")
+    out = {}
+    for key in keys:
+        tensors = [s[key] for s in states]
+        if any(t.shape != tensors[0].shape for t in tensors):
+            raise ValueError(f"tensor {key} has different shapes across models: {[tuple(t.shape) for t in tensors]}")
+        if not tensors[0].is_floating_point():
+            if any(not torch.equal(t, tensors[0]) for t in tensors):
+                raise ValueError(f"non-float tensor {key} differs across models")
+            out[key] = tensors[0].clone()
+            continue
+        # float64 sum: the order of the models does not show in the rounded result
+        acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
+        for w, t in zip(weights, tensors):
+            acc += t.double() * w
+        out[key] = acc.to(tensors[0].dtype)
+    return out
+
+
+LoraFactors = Mapping[str, Tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraFactors], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """Personalized Soups on LoRA (§6): ``W = W_base + Σ_k w_k · s_k · B_k A_k``.
+
+    ``adapters[k]`` maps a base weight name (e.g. ``model.layers.0.self_attn.q_proj.weight``) to
+    ``(A (r, in), B (out, r), scaling s)``. The products are merged, never A and B separately
+    (Σ w B · Σ w A ≠ Σ w BA). Tensors no adapter touches are returned as the base's own tensors.
+    """
+    if len(adapters) != len(weights) or not adapters:
+        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+    out = dict(base)
+    targets = sorted(set().union(*[set(a) for a in adapters]))
+    for name in targets:
+        if name not in base:
+            raise ValueError(f"adapter targets {name}, which the base model does not have")
+        w0 = base[name]
+        delta = torch.zeros(w0.shape, dtype=torch.float64)
+        for w, adapter in zip(weights, adapters):
+            if name in adapter and w != 0:
+                A, B, s = adapter[name]
+                delta += w * s * (B.double() @ A.double())
+        out[name] = (w0.double() + delta).to(w0.dtype)
+    return out

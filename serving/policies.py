@@ -1,0 +1,94 @@
+"""Sets of per-objective policies: parsing ``name=DIR`` lists and checking that they can be mixed.
+
+MPO (§3) needs policies trained from the same reference with the same β; both mixers need one
+tokenizer and one architecture. :func:`check_compatible` reads each policy's ``moray.json``,
+tokenizer and config and refuses otherwise (``force=True`` downgrades the refusals to warnings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+log = logging.getLogger(__name__)
+
+
+def parse_policies(spec: str) -> Dict[str, str]:
+    """``"sentiment=DIR,conciseness=DIR"`` -> ``{"sentiment": DIR, ...}`` (order kept)."""
+    out: Dict[str, str] = {}
+    for item in [s for s in spec.split(",") if s.strip()]:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"policy {item!r} is not NAME=DIR")
+        if name.strip() in out:
+            raise ValueError(f"objective {name.strip()!r} is given twice")
+        out[name.strip()] = path.strip()
+    if not out:
+        raise ValueError("no policies given (NAME=DIR,NAME=DIR)")
+    return out
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two references to one model: equal strings, or local paths to the same directory."""
+    if a == b:
+        return True
+    return os.path.exists(a) and os.path.exists(b) and Path(a).resolve() == Path(b).resolve()
+
+
+def _vocab_signature(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return sorted(tok.get_vocab().items()), tok.eos_token_id
+
+
+def _config_signature(path: str) -> Any:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return {k: cfg.get(k) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                                    "num_attention_heads", "intermediate_size")}
+
+
+def check_compatible(policies: Dict[str, str], ref: Optional[str] = None, force: bool = False,
+                     same_reference: bool = True) -> Dict[str, Dict[str, Any]]:
+    """Read every policy's metadata and refuse mixes that are not defined.
+
+    Checks: each directory is a Moray policy; one tokenizer (same vocabulary and EOS) and one
+    architecture for all (and ``ref``); with ``same_reference``, one reference model and one β, and
+    ``ref`` (if given) is that reference. Returns the metadata by objective name.
+    """
+    from trainers.export import read_metadata
+
+    meta = {name: read_metadata(path) for name, path in policies.items()}
+    problems = []
+    for name, m in meta.items():
+        if m.get("kind") not in ("policy", "soup"):
+            problems.append(f"{name}: {policies[name]} is a {m.get('kind')!r}, not a policy")
+    paths = dict(policies, **({"reference": ref} if ref else {}))
+    names = list(paths)
+    vocab = {n: _vocab_signature(p) for n, p in paths.items()}
+    config = {n: _config_signature(p) for n, p in paths.items() if (Path(p) / "config.json").exists()}
+    for n in names[1:]:
+        if vocab[n] != vocab[names[0]]:
+            problems.append(f"{n} and {names[0]} have different tokenizers")
+        if n in config and names[0] in config and config[n] != config[names[0]]:
+            problems.append(f"{n} and {names[0]} have different architectures: {config[n]} vs {config[names[0]]}")
+    if same_reference:
+        refs = {n: m.get("reference_model", "") for n, m in meta.items()}
+        first = names[0]
+        for n, r in refs.items():
+            if not _same_model(r, refs[first]):
+                problems.append(f"{n} was trained from {r!r} but {first} from {refs[first]!r}")
+        betas = {n: m.get("beta") for n, m in meta.items()}
+        if len(set(betas.values())) > 1:
+            problems.append(f"policies were trained with different beta: {betas}")
+        if ref and not _same_model(ref, refs[first]):
+            problems.append(f"reference {ref!r} is not the model the policies were trained from ({refs[first]!r})")
+    if problems:
+        message = "policies cannot be mixed: " + "; ".join(problems)
+        if not force:
+            raise ValueError(message + " (--force mixes them anyway)")
+        log.warning("%s -- mixing anyway (--force)", message)
+    return meta

@@ -1,0 +1,124 @@
+"""Lock-step decoding (KV caches, left padding, per-row weights), sampling, streamed text, requests."""
+
+import math
+
+import pytest
+import torch
+
+from serving.api import Limits, RequestError, parse_request
+from serving.decode import LockstepDecoder, Row, Sampling, sample_next
+from serving.engine import TextStream, round_weights
+from serving.mixing import mix_logits
+from trainers.models import load_causal_lm, load_tokenizer
+
+PROMPTS = ["Write about the coffee.", "Hi", "Tell me a long story about a park and a song."]
+
+
+@pytest.fixture(scope="module")
+def loaded(two_policies):
+    tok = load_tokenizer(two_policies["sentiment"])
+    models = [load_causal_lm(p).eval() for p in two_policies.values()]
+    return tok, models
+
+
+def _hf_greedy(model, ids, n, eos):
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, pad_token_id=0)[0, len(ids):].tolist()
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
+def test_unit_weights_reproduce_each_policy_greedy_in_a_padded_batch(loaded):
+    tok, models = loaded
+    dec = LockstepDecoder(models, tok.pad_token_id, [tok.eos_token_id])
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    for k, model in enumerate(models):
+        w = [float(j == k) for j in range(2)]
+        got = dec.generate([Row(i, w, Sampling(max_tokens=24, temperature=0)) for i in ids])
+        assert got == [_hf_greedy(model, i, 24, tok.eos_token_id) for i in ids]
+
+
+def test_mixed_step_equals_the_mixture_of_full_forwards(loaded):
+    """KV-cached lock-step decoding gives, at every step, the argmax of Σ w_k logits_k recomputed
+    from scratch over the whole prefix (no state leaks between models or rows)."""
+    tok, models = loaded
+    dec = LockstepDecoder(models, tok.pad_token_id, [tok.eos_token_id])
+    ids = tok(PROMPTS[0])["input_ids"]
+    w = torch.tensor([0.3, 0.7])
+    (got,) = dec.generate([Row(ids, w.tolist(), Sampling(max_tokens=12, temperature=0))])
+    seq = list(ids)
+    with torch.no_grad():
+        for tok_id in got:
+            logits = torch.stack([m(input_ids=torch.tensor([seq])).logits[:, -1] for m in models])
+            assert int(mix_logits(logits, w).argmax()) == tok_id
+            seq.append(tok_id)
+
+
+def test_seeded_sampling_repeats_and_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    s = Sampling(temperature=1.0, top_p=0.7)
+    draws = [sample_next(logits, s, torch.Generator().manual_seed(i)) for i in range(300)]
+    assert set(draws) == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is never drawn
+    assert [sample_next(logits, s, torch.Generator().manual_seed(5)) for _ in range(3)] == [draws[5]] * 3
+    assert sample_next(logits, Sampling(temperature=0), torch.Generator()) == 0
+
+
+def test_text_stream_cuts_at_stop_strings_and_holds_back_partial_matches(loaded):
+    tok, _ = loaded
+    ids = tok("the park is lovely. The song", add_special_tokens=False)["input_ids"]
+    s = TextStream(tok, ["lovely."])
+    deltas = []
+    for t in ids:
+        deltas.append(s.push(t))
+        if s.stopped:
+            break
+    assert s.stopped and "".join(deltas) == "the park is "
+    assert all("lov" not in d for d in deltas)
+    plain = TextStream(tok, [])
+    text = "".join(plain.push(t) for t in ids) + plain.flush()
+    assert text == tok.decode(ids)
+
+
+def test_round_weights_for_the_soup_cache():
+    assert round_weights((1 / 3, 1 / 3, 1 / 3), 3) == (1 / 3, 1 / 3, 1 / 3)
+    assert round_weights((0.12344, 0.87656), 3) == pytest.approx((0.123, 0.877))
+    assert round_weights((1.0, 0.0), 3) == (1.0, 0.0)
+
+
+LIMITS = Limits(("sentiment", "conciseness"), (0.5, 0.5), "logits", 16, 64, 128)
+
+
+def test_parse_request_defaults_and_extras(loaded):
+    tok, _ = loaded
+    p = parse_request({"prompt": "Hi"}, False, tok, LIMITS)
+    assert p.weights == (0.5, 0.5) and p.mixing == "logits" and p.sampling.max_tokens == 16 and not p.stream
+    p = parse_request({"messages": [{"role": "user", "content": "Hi"}], "objective_weights": {"conciseness": 3},
+                       "mixing": "soup", "stop": "x", "temperature": 0, "seed": 4, "stream": True}, True, tok, LIMITS)
+    assert p.weights == (0.0, 1.0) and p.mixing == "soup" and p.stop == ["x"] and p.sampling.seed == 4 and p.stream
+    assert tok.decode(p.prompt_ids).endswith("<|assistant|>")
+
+
+@pytest.mark.parametrize("body, chat, param", [
+    ({"prompt": "Hi", "objective_weights": {"helpful": 1}}, False, "objective_weights"),
+    ({"prompt": "Hi", "objective_weights": {"sentiment": -1}}, False, "objective_weights"),
+    ({"prompt": "Hi", "objective_weights": {"sentiment": math.nan}}, False, "objective_weights"),
+    ({"prompt": "Hi", "objective_weights": {"sentiment": 0}}, False, "objective_weights"),
+    ({"prompt": "Hi", "objective_weights": [1, 2, 3]}, False, "objective_weights"),
+    ({"prompt": "Hi", "objective_weights": "sentiment"}, False, "objective_weights"),
+    ({"prompt": "Hi", "temperature": 2.5}, False, "temperature"),
+    ({"prompt": "Hi", "top_p": 0}, False, "top_p"),
+    ({"prompt": "Hi", "max_tokens": 0}, False, "max_tokens"),
+    ({"prompt": "Hi", "max_tokens": 65}, False, "max_tokens"),
+    ({"prompt": "word " * 200}, False, "prompt"),
+    ({"prompt": "Hi", "n": 2}, False, "n"),
+    ({"prompt": "Hi", "mixing": "average"}, False, "mixing"),
+    ({"prompt": "Hi", "stop": ["a", ""]}, False, "stop"),
+    ({"prompt": "Hi", "seed": 1.5}, False, "seed"),
+    ({"prompt": ["a", "b"]}, False, "prompt"),
+    ({}, False, "prompt"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, True, "messages"),
+    ({"messages": []}, True, "messages"),
+])
+def test_parse_request_refuses_each_bad_field(loaded, body, chat, param):
+    tok, _ = loaded
+    with pytest.raises(RequestError) as e:
+        parse_request(body, chat, tok, LIMITS)
+    assert e.value.param == param and str(e.value)
