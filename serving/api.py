@@ -2,7 +2,8 @@
 
 :func:`parse_request` turns a ``/v1/completions`` or ``/v1/chat/completions`` JSON body into a
 :class:`Parsed` request or raises :class:`RequestError` (the app answers 400 with its message).
-Moray's extra fields: ``objective_weights: {name: weight}`` and ``mixing: "logits" | "soup"``.
+Moray's extra fields: ``objective_weights: {name: weight}`` and ``mixing: "logits" | "soup"``;
+``ignore_eos`` (as in vLLM) decodes ``max_tokens`` tokens past any EOS.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def _integer(body: Mapping[str, Any], key: str, default: Optional[int]) -> Optio
     return v
 
 
+def _flag(body: Mapping[str, Any], key: str) -> bool:
+    v = body.get(key, False)
+    if not isinstance(v, bool):
+        raise RequestError(f"{key} must be true or false, got {v!r}", key)
+    return v
+
+
 def render_chat(tokenizer, messages: Any) -> str:
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content}", "messages")
@@ -109,14 +117,13 @@ def parse_request(body: Any, chat: bool, tokenizer, limits: Limits) -> Parsed:
         raise RequestError(f"the prompt is {len(prompt_ids)} tokens; with max_tokens {max_tokens} it exceeds "
                            f"the context limit of {limits.max_context} tokens", "messages" if chat else "prompt")
     sampling = Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed=_integer(body, "seed", None))
+                        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed=_integer(body, "seed", None),
+                        ignore_eos=_flag(body, "ignore_eos"))
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("stop must be a non-empty string or a list of at most 4 of them", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("stream must be true or false", "stream")
+    stream = _flag(body, "stream")
     mixing = body.get("mixing") or limits.default_mixing
     if mixing not in ("logits", "soup"):
         raise RequestError(f"mixing must be 'logits' or 'soup', got {mixing!r}", "mixing")

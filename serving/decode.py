@@ -27,6 +27,7 @@ class Sampling:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     seed: Optional[int] = None
+    ignore_eos: bool = False  # decode max_tokens tokens whatever comes (benchmarks; vLLM has the same flag)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class LockstepDecoder:
                 nxt[i] = tok
                 out[i].append(tok)
                 stop = on_token(i, tok) if on_token else False
-                if stop or tok in self.eos or len(out[i]) >= r.sampling.max_tokens:
+                if stop or (tok in self.eos and not r.sampling.ignore_eos) or len(out[i]) >= r.sampling.max_tokens:
                     done[i] = True
             if all(done):
                 break

@@ -219,7 +219,8 @@ class MixEngine:
             tail = s.flush()
             if tail:
                 j.emit({"type": "delta", "text": tail})
-            finish = "stop" if (s.stopped or (toks and toks[-1] in self.eos_ids)) else "length"
+            ended = toks and toks[-1] in self.eos_ids and not j.parsed.sampling.ignore_eos
+            finish = "stop" if (s.stopped or ended) else "length"
             j.emit({"type": "done", "finish": finish, "tokens": len(toks), "batch": len(batch),
                     "seconds": seconds, "soup_cache_hit": cache_hit})
         self.stats[f"{mode}_batches"] += 1

@@ -29,21 +29,10 @@ def ray_local():
 
 
 def make_policy(src: str, out, seed: int, noise: float = 0.05, **meta) -> str:
-    """A Moray policy directory: ``src`` with every weight nudged by seeded noise (``noise`` times
-    a standard normal; 0 keeps ``src``), and metadata saying it was trained from ``src`` with
-    β = 0.1 (overridable through ``meta``)."""
-    import torch
+    """A Moray policy directory: ``src`` nudged by seeded noise (see ``nudged_copy``)."""
+    from trainers.models import nudged_copy
 
-    from trainers.export import save_hf
-    from trainers.models import load_causal_lm, load_tokenizer
-
-    model = load_causal_lm(src)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(noise * torch.randn_like(p))
-    return save_hf(model, load_tokenizer(src), str(out),
-                   dict({"kind": "policy", "reference_model": src, "beta": 0.1}, **meta))
+    return nudged_copy(src, str(out), seed, noise, meta)
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,22 @@ def build_tiny_model(out_dir: str, texts: Iterable[str], vocab_size: int = 512, 
     return str(out)
 
 
+def nudged_copy(src: str, out: str, seed: int, noise: float = 0.05, metadata: Optional[dict] = None) -> str:
+    """A policy-shaped directory without training, for tests and benchmarks: ``src`` with every
+    weight plus ``noise`` times seeded standard-normal noise (0 keeps ``src``), saved with its
+    tokenizer and ``moray.json`` saying it was trained from ``src`` with β = 0.1 unless
+    ``metadata`` says otherwise."""
+    from trainers.export import save_hf
+
+    model = load_causal_lm(src)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    meta = dict({"kind": "policy", "reference_model": src, "beta": 0.1}, **(metadata or {}))
+    return save_hf(model, load_tokenizer(src), out, meta)
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -52,6 +52,14 @@ def test_mixed_step_equals_the_mixture_of_full_forwards(loaded):
             seq.append(tok_id)
 
 
+def test_ignore_eos_decodes_max_tokens(loaded):
+    tok, models = loaded
+    eos_everywhere = LockstepDecoder(models[:1], tok.pad_token_id, range(len(tok)))  # every token ends a row
+    ids = tok(PROMPTS[0])["input_ids"]
+    assert len(eos_everywhere.generate([Row(ids, (1.0,), Sampling(max_tokens=5, temperature=0))])[0]) == 1
+    assert len(eos_everywhere.generate([Row(ids, (1.0,), Sampling(max_tokens=5, temperature=0, ignore_eos=True))])[0]) == 5
+
+
 def test_seeded_sampling_repeats_and_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     s = Sampling(temperature=1.0, top_p=0.7)
@@ -112,6 +120,8 @@ def test_parse_request_defaults_and_extras(loaded):
     ({"prompt": "Hi", "mixing": "average"}, False, "mixing"),
     ({"prompt": "Hi", "stop": ["a", ""]}, False, "stop"),
     ({"prompt": "Hi", "seed": 1.5}, False, "seed"),
+    ({"prompt": "Hi", "ignore_eos": "yes"}, False, "ignore_eos"),
+    ({"prompt": "Hi", "stream": 1}, False, "stream"),
     ({"prompt": ["a", "b"]}, False, "prompt"),
     ({}, False, "prompt"),
     ({"messages": [{"role": "robot", "content": "x"}]}, True, "messages"),
