@@ -1,4 +1,5 @@
-"""`moray demo --tiny` end to end (slow): each DPO policy moves its own objective the right way."""
+"""`moray demo --tiny` end to end (slow): each DPO policy moves its own objective the right way;
+the served mixes at unit weights move them too, and answer identically in both mixing modes."""
 
 import json
 
@@ -24,4 +25,10 @@ def test_tiny_demo_moves_each_objective(tmp_path, capsys):
         meta = json.loads((tmp_path / "demo" / f"policy_{objective}" / "moray.json").read_text())
         assert meta["objective"] == objective and meta["workers"] == 2
     out = capsys.readouterr().out
-    assert "dpo-sentiment" in out and "mean sentiment" in out
+    assert "dpo-sentiment" in out and "mean sentiment" in out and "MPO max-min weights" in out
+    assert table["logits sentiment=1"]["mean_sentiment"] > base["mean_sentiment"] + 0.1
+    assert table["logits conciseness=1"]["mean_length_tokens"] < 0.8 * base["mean_length_tokens"]
+    for label in ("sentiment=1", "conciseness=1"):  # e_k is policy k itself in both modes: same seeded answers
+        assert table[f"soup {label}"] == table[f"logits {label}"]
+    mpo = json.loads((tmp_path / "demo" / "mpo_weights.json").read_text())
+    assert sum(mpo["weights"].values()) == pytest.approx(1.0) and table["logits mpo-maxmin"]["weights"] == mpo["weights"]

@@ -91,6 +91,15 @@ def test_mixed_weights_in_both_modes_streaming_and_not(server):
     assert requests.get(f"{server}/v1/objectives", timeout=30).json()["soup_cache"]["hits"] >= 1
 
 
+def test_stop_string_cuts_the_answer(server):
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    full = _post(server, body).json()["choices"][0]["text"]
+    stop = full[6:9]
+    assert len(stop) == 3
+    cut = _post(server, dict(body, stop=[stop, "never-there"])).json()["choices"][0]
+    assert cut["text"] == full[: full.find(stop)] and cut["finish_reason"] == "stop"
+
+
 def test_chat_completion_streams_role_then_content(server):
     messages = [{"role": "user", "content": "Tell me about the park."}]
     whole = _post(server, {"messages": messages, "max_tokens": 12, "temperature": 0}, chat=True).json()
