@@ -210,17 +210,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "mix" and args.method == "mpo":
             from reward_models.prompts import load_prompts
             from serving.mpo import compute_mpo_weights
-            from serving.policies import check_compatible, parse_policies
-            from trainers.launcher import init_ray
+            from serving.policies import parse_policies
 
-            policies = parse_policies(args.policies)
-            check_compatible(policies, args.ref, force=args.force)  # before Ray starts
-            prompts = load_prompts(args.prompts, args.prompt_column, args.split)
-            init_ray(args.address)
-            result = compute_mpo_weights(policies, args.ref, prompts, args.out, samples_per_prompt=args.m,
-                                         prompt_batch=args.prompt_batch, steps=args.steps, c=args.c,
-                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                         seed=args.seed, actors=args.actors, force=args.force)
+            result = compute_mpo_weights(parse_policies(args.policies), args.ref,
+                                         load_prompts(args.prompts, args.prompt_column, args.split), args.out,
+                                         samples_per_prompt=args.m, prompt_batch=args.prompt_batch, steps=args.steps,
+                                         c=args.c, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         seed=args.seed, actors=args.actors, force=args.force, address=args.address)
             print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
         elif args.command == "mix":
             from serving.policies import parse_policies

@@ -62,13 +62,15 @@ def run_serve_file(doc: Dict[str, Any], address: Optional[str] = None) -> str:
 
     http = dict(doc.get("http_options") or {})
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
-    init_ray(address)
-    serve.start(http_options={"host": host, "port": port})
+    apps = []  # bound (policies checked) before Ray starts
     for app in doc["applications"]:
         overrides = {k: v for d in app.get("deployments") or [] if d.get("name") == DEPLOYMENT
                      for k, v in d.items() if k != "name"}
-        serve.run(bind_app(app.get("args") or {}, overrides), name=app.get("name", APP_NAME),
-                  route_prefix=app.get("route_prefix", "/"))
+        apps.append((bind_app(app.get("args") or {}, overrides), app.get("name", APP_NAME), app.get("route_prefix", "/")))
+    init_ray(address)
+    serve.start(http_options={"host": host, "port": port})
+    for bound, name, prefix in apps:
+        serve.run(bound, name=name, route_prefix=prefix)
     url = f"http://{host}:{port}"
     log.info("serving %s at %s (OpenAI API under /v1)", [a.get("name") for a in doc["applications"]], url)
     return url

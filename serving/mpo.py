@@ -166,17 +166,20 @@ def sample_log_ratios(policies: Dict[str, str], ref: str, prompts: Sequence[str]
 def compute_mpo_weights(policies: Dict[str, str], ref: str, prompts: Sequence[str], out: Optional[str] = None,
                         samples_per_prompt: int = 8, prompt_batch: int = 8, steps: Optional[int] = None,
                         c: float = 1.0, max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
-                        actors: int = 1, force: bool = False) -> Dict[str, Any]:
+                        actors: int = 1, force: bool = False, address: Optional[str] = None) -> Dict[str, Any]:
     """Max-min MPO weights for ``policies`` (name -> dir) around reference ``ref``; writes ``out``
     (JSON) if given. Returns the weights, F̂ at them, each objective's expected log-ratio under the
-    mixture and the mean effective sample size."""
+    mixture and the mean effective sample size. Checks the inputs before Ray starts (or joins
+    ``address``)."""
     from serving.policies import check_compatible
+    from trainers.launcher import init_ray
 
     check_compatible(policies, ref, force=force)
     if samples_per_prompt < 2:
         raise ValueError("samples per prompt must be >= 2")
     if not prompts:
         raise ValueError("no prompts")
+    init_ray(address)
     names = list(policies)
     ell = sample_log_ratios(policies, ref, prompts, samples_per_prompt, max_new_tokens, temperature, seed, actors)
     batches = [ell[i:i + prompt_batch] for i in range(0, len(prompts), prompt_batch)]

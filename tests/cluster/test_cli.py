@@ -44,3 +44,38 @@ def test_unknown_objective_fails_before_ray_starts(tmp_path, capsys):
         assert main(cmd) == 2
         assert "unknown objective 'humor'" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_mix_and_serve_refuse_mismatched_policies_before_ray_starts(tmp_path, capsys, tiny_model):
+    import ray
+
+    from tests.conftest import make_policy
+
+    a = make_policy(tiny_model, tmp_path / "a", 1, objective="a")
+    b = make_policy(tiny_model, tmp_path / "b", 2, objective="b", beta=0.5)
+    for cmd in (["serve", "--policies", f"a={a},b={b}"],
+                ["mix", "mpo", "--policies", f"a={a},b={b}", "--ref", tiny_model, "--prompts", "demo:2",
+                 "--out", str(tmp_path / "w.json")],
+                ["mix", "soup", "--policies", f"a={a},b={b}", "--weights", "1,1", "--out", str(tmp_path / "s")]):
+        assert main(cmd) == 2
+        assert "different beta" in capsys.readouterr().err
+    assert main(["serve", "--policies", f"a={a}", "--set", "default_mixing=average"]) == 2
+    assert "default_mixing must be 'logits' or 'soup'" in capsys.readouterr().err
+    assert main(["mix", "soup", "--policies", f"a={a}", "--weights", "a=-1", "--out", str(tmp_path / "s")]) == 2
+    assert "negative" in capsys.readouterr().err
+    assert main(["serve"]) == 2 and "--config FILE or --policies" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "s").exists()
+
+
+def test_serve_writes_a_config_file_that_moray_reads_back(tmp_path, tiny_model):
+    from serving.launch import load_serve_file
+    from tests.conftest import make_policy
+
+    a = make_policy(tiny_model, tmp_path / "a", 1, objective="a")
+    out = tmp_path / "serve.yaml"
+    assert main(["serve", "--policies", f"a={a}", "--port", "8111", "--set", "max_replicas=3",
+                 "--write-config", str(out)]) == 0
+    doc = load_serve_file(str(out))
+    assert doc["http_options"] == {"host": "127.0.0.1", "port": 8111}
+    assert doc["applications"][0]["args"]["policies"] == {"a": a}
+    assert doc["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 3
