@@ -5,6 +5,7 @@ log-probs, prompt and padding masked out -- and returns per-pair tensors; the ca
 batch mean. Shapes: all inputs ``(B,)``; outputs ``(B,)``.
 
 The registry ``LOSSES`` maps a name (``dpo``, ``ipo``) to its function so configs can pick one.
+:func:`wrpo_loss` (§7) takes a third response (the source models' chosen one) and α.
 """
 
 from __future__ import annotations
@@ -57,6 +58,43 @@ def ipo_loss(
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     losses = (chosen_logratios - rejected_logratios - 1.0 / (2.0 * beta)) ** 2
     return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
+
+
+def wrpo_loss(
+    policy_source_chosen_logps: Tensor,
+    policy_target_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_source_chosen_logps: Tensor,
+    ref_target_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    alpha: float,
+) -> LossOutput:
+    """WRPO (§7): ``-log σ(α r(x,y_ws) + (1-α) r(x,y_wt) - r(x,y_l))``, ``r = β (log π_θ - log π_ref)``.
+
+    ``y_ws`` is the chosen response from the source models, ``y_wt`` the target's own chosen
+    sample, ``y_l`` its rejected sample; six ``(B,)`` tensors, ``alpha`` in [0, 1] (see
+    :func:`wrpo_alpha`). Returns ``(losses, chosen_rewards, rejected_rewards)`` with the chosen
+    reward the α-weighted one (detached).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    r_ws = beta * (policy_source_chosen_logps - ref_source_chosen_logps)
+    r_wt = beta * (policy_target_chosen_logps - ref_target_chosen_logps)
+    r_l = beta * (policy_rejected_logps - ref_rejected_logps)
+    chosen = alpha * r_ws + (1.0 - alpha) * r_wt
+    return -F.logsigmoid(chosen - r_l), chosen.detach(), r_l.detach()
+
+
+def wrpo_alpha(step: int, total_steps: int, alpha_max: float = 0.1) -> float:
+    """The WRPO schedule ``α_t = α_max · min(1, t/T)`` over optimizer steps ``t`` of ``T``."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    if not 0.0 <= alpha_max <= 1.0:
+        raise ValueError(f"alpha_max must be in [0, 1], got {alpha_max}")
+    return alpha_max * min(1.0, max(step, 0) / total_steps)
 
 
 LOSSES: Dict[str, Callable[..., LossOutput]] = {"dpo": dpo_loss, "ipo": ipo_loss}

@@ -70,3 +70,41 @@ def test_registry_and_bad_beta():
     x = torch.zeros(2, dtype=D)
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(x, x, x, x, 0.0)
+
+
+def _six(seed=3, n=5):
+    g = torch.Generator().manual_seed(seed)
+    return [(-40 * torch.rand(n, generator=g, dtype=D) - 1) for _ in range(6)]
+
+
+def test_wrpo_alpha_zero_and_one_are_dpo_on_the_matching_pair():
+    from trainers.losses import wrpo_loss
+
+    ws, wt, l, rws, rwt, rl = _six()
+    zero, _, _ = wrpo_loss(ws, wt, l, rws, rwt, rl, 0.1, 0.0)
+    one, _, _ = wrpo_loss(ws, wt, l, rws, rwt, rl, 0.1, 1.0)
+    torch.testing.assert_close(zero, dpo_loss(wt, l, rwt, rl, 0.1)[0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(one, dpo_loss(ws, l, rws, rl, 0.1)[0], rtol=0, atol=1e-15)
+
+
+def test_wrpo_same_chosen_is_alpha_free_and_log2_at_the_reference():
+    from trainers.losses import wrpo_loss
+
+    ws, _, l, rws, _, rl = _six(4)
+    a = wrpo_loss(ws, ws, l, rws, rws, rl, 0.2, 0.1)[0]
+    b = wrpo_loss(ws, ws, l, rws, rws, rl, 0.2, 0.9)[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    at_ref = wrpo_loss(ws, ws, l, ws.clone(), ws.clone(), l.clone(), 0.2, 0.5)[0]
+    torch.testing.assert_close(at_ref, torch.full_like(at_ref, math.log(2)), rtol=0, atol=1e-15)
+
+
+def test_wrpo_worked_value_and_schedule():
+    from trainers.losses import wrpo_alpha, wrpo_loss
+
+    t = lambda v: torch.tensor([v], dtype=D)  # noqa: E731
+    loss, _, _ = wrpo_loss(t(-50), t(-40), t(-45), t(-52), t(-41), t(-44), 0.1, 0.5)
+    assert abs(float(loss) - 0.575939) < 1e-6
+    assert [wrpo_alpha(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.05, 0.1, 0.1]
+    assert wrpo_alpha(3, 4, alpha_max=1.0) == 0.75
+    with pytest.raises(ValueError):
+        wrpo_alpha(1, 0)

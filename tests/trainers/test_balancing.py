@@ -1,0 +1,86 @@
+"""§5 GAPO / P-GAPO balancing oracles in float64."""
+
+import pytest
+import torch
+
+from trainers.balancing import gapo_coefficients, min_norm_weights, pgapo_coefficients
+
+D = torch.float64
+G = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=D)
+
+
+def _direction(grads, b, p):
+    scale = (b.norms + 1e-12) ** p
+    return (b.alpha[:, None] * grads / scale[:, None]).sum(0)
+
+
+@pytest.mark.parametrize("p, gamma, d", [(0, 0.8, (0.8, 0.4)), (1, 0.5, None), (2, 0.2, (0.2, 0.4))])
+def test_worked_cases(p, gamma, d):
+    b = gapo_coefficients(G, p=p)
+    assert abs(float(b.alpha[0]) - gamma) < 1e-12 and abs(float(b.alpha.sum()) - 1) < 1e-15
+    if d is not None:
+        torch.testing.assert_close(_direction(G, b, p), torch.tensor(d, dtype=D), rtol=0, atol=1e-12)
+    # c_i = α_i / ‖g_i‖^p
+    torch.testing.assert_close(b.coefficients, b.alpha / torch.tensor([1.0, 2.0], dtype=D) ** p, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("K, seed", [(2, 0), (3, 1), (4, 2), (6, 3)])
+def test_kkt_certificate(K, seed):
+    g = torch.randn(K, 10, generator=torch.Generator().manual_seed(seed), dtype=D)
+    for p in (0, 1, 2):
+        b = gapo_coefficients(g, p=p)
+        tilde = g / ((b.norms + 1e-12) ** p)[:, None]
+        d = (b.alpha[:, None] * tilde).sum(0)
+        dots = tilde @ d
+        dd = float(d @ d)
+        assert bool((dots >= dd - 1e-6).all())
+        active = b.alpha > 1e-6
+        assert torch.allclose(dots[active], torch.full_like(dots[active], dd), atol=1e-6)
+
+
+def test_frank_wolfe_reproduces_the_closed_form():
+    for seed in range(5):
+        g = torch.randn(2, 7, generator=torch.Generator().manual_seed(seed), dtype=D)
+        gram = g @ g.T
+        torch.testing.assert_close(min_norm_weights(gram, frank_wolfe=True), min_norm_weights(gram), rtol=0, atol=1e-9)
+
+
+def test_opposed_gradients_give_no_step_and_no_nan():
+    g = torch.tensor([[1.0, 2.0], [-2.0, -4.0]], dtype=D)
+    b = gapo_coefficients(g, p=1)
+    assert torch.isfinite(b.coefficients).all() and b.direction_norm < 1e-12
+    torch.testing.assert_close(b.alpha, torch.tensor([0.5, 0.5], dtype=D))
+    same = gapo_coefficients(torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=D), p=0)
+    torch.testing.assert_close(same.alpha, torch.tensor([0.5, 0.5], dtype=D))
+
+
+def test_p1_is_invariant_to_scaling_a_loss():
+    g = torch.randn(3, 6, generator=torch.Generator().manual_seed(7), dtype=D)
+    scaled = g.clone()
+    scaled[1] *= 37.0
+    a, b = gapo_coefficients(g, p=1), gapo_coefficients(scaled, p=1)
+    torch.testing.assert_close(a.alpha, b.alpha, rtol=0, atol=1e-9)
+    # the update Σ c_i g_i is the same direction and size
+    torch.testing.assert_close((a.coefficients[:, None] * g).sum(0), (b.coefficients[:, None] * scaled).sum(0),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_pgapo_coefficients_and_validation():
+    b = pgapo_coefficients(G, [0.25, 0.75])
+    torch.testing.assert_close(b.coefficients, torch.tensor([0.25, 0.375], dtype=D), rtol=1e-10, atol=0)
+    assert b.log(["a", "b"])["grad_cosine"] == 0.0
+    for bad in ([0.5, 0.6], [-0.1, 1.1], [1.0]):
+        with pytest.raises(ValueError, match="preference"):
+            pgapo_coefficients(G, bad)
+
+
+def test_two_quadratics_move_to_the_pareto_segment():
+    """L_i(θ) = ½‖θ − a_i‖²: the Pareto set is the segment [a_1, a_2]; GAPO steps end on it."""
+    a1, a2 = torch.tensor([1.0, 0.0], dtype=D), torch.tensor([0.0, 1.0], dtype=D)
+    theta = torch.tensor([2.0, 2.5], dtype=D)
+    for _ in range(400):
+        grads = torch.stack([theta - a1, theta - a2])
+        c = gapo_coefficients(grads, p=1).coefficients
+        theta = theta - 0.05 * (c[:, None] * grads).sum(0)
+    # on the segment: θ = t a1 + (1−t) a2 with t in [0, 1]
+    assert abs(float(theta.sum()) - 1.0) < 1e-3 and bool((theta >= -1e-3).all())

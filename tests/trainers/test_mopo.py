@@ -1,0 +1,114 @@
+"""§4 MOPO oracles on a discrete bandit, in float64: the dual step's λ against a direct constrained
+solve (scipy SLSQP), slack constraints, weighted behaviour cloning, infeasible thresholds."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from trainers.mopo import (check_feasible, check_multipliers, constraint_values, dual_step, mopo_policy_loss,
+                           mopo_ratios, win_rates)
+
+D = torch.float64
+
+
+def _bandit(n=8, seed=0):
+    """One prompt, n candidates (the whole support of a uniform π_ref); a primary and a secondary
+    objective that conflict (the secondary's scores are the primary's reversed plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    s_p = torch.randn(1, n, generator=g, dtype=D) * 2
+    s_q = -s_p + 0.5 * torch.randn(1, n, generator=g, dtype=D)
+    return win_rates(s_p), win_rates(s_q)[:, :, None]
+
+
+def _dual(p_bar, q_bar, b, tau, steps=20000, eta=2.0):
+    lam = torch.zeros(q_bar.shape[2], dtype=D)
+    for _ in range(steps):
+        rho = mopo_ratios(p_bar, q_bar, lam, tau)
+        lam = dual_step(lam, b, constraint_values(rho, q_bar), eta)
+    return lam, mopo_ratios(p_bar, q_bar, lam, tau)
+
+
+def _slsqp(p, q, b, tau):
+    """max_π Σ π p − τ Σ π log(π n) s.t. Σ π q ≥ b over the simplex (π_ref = 1/n)."""
+    n = len(p)
+    f = lambda x: -(x @ p - tau * np.sum(x * np.log(np.clip(x, 1e-300, None) * n)))  # noqa: E731
+    grad = lambda x: -(p - tau * (np.log(np.clip(x, 1e-300, None) * n) + 1))  # noqa: E731
+    res = minimize(f, np.full(n, 1 / n), jac=grad, method="SLSQP", bounds=[(1e-12, 1)] * n,
+                   constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1, "jac": lambda x: np.ones(n)},
+                                {"type": "ineq", "fun": lambda x: x @ q - b, "jac": lambda x: q}],
+                   options={"ftol": 1e-16, "maxiter": 1000})
+    return res.x
+
+
+def test_win_rates_from_scores_and_labels():
+    w = win_rates(torch.tensor([[0.0, 0.0]], dtype=D))
+    assert torch.equal(w, torch.tensor([[0.5, 0.5]], dtype=D))
+    s = torch.tensor([[1.0, -1.0, 0.5]], dtype=D)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert abs(float(win_rates(s)[0, 0]) - (0.5 + sig(2.0) + sig(0.5)) / 3) < 1e-15
+    labels = torch.tensor([[[9.0, 1.0], [0.0, 9.0]]], dtype=D)  # the diagonal is ignored
+    assert torch.equal(win_rates(preferences=labels), torch.tensor([[0.75, 0.25]], dtype=D))
+    with pytest.raises(ValueError, match="non-finite"):
+        win_rates(torch.tensor([[float("nan"), 0.0]]))
+
+
+def test_binding_constraint_matches_a_direct_constrained_solve():
+    p_bar, q_bar = _bandit()
+    tau = 0.1
+    unconstrained = constraint_values(mopo_ratios(p_bar, q_bar, torch.zeros(1, dtype=D), tau), q_bar)
+    b = torch.tensor([float(unconstrained) + 0.1], dtype=D)  # above what the primary alone gives: binds
+    lam, rho = _dual(p_bar, q_bar, b, tau)
+    pi_star = _slsqp(p_bar[0].numpy(), q_bar[0, :, 0].numpy(), float(b), tau)
+    assert float(lam) > 0.1
+    np.testing.assert_allclose(rho[0].numpy() / 8, pi_star, atol=1e-6)
+    # λ* from the solver's π*: log π*_i − log π*_k = ((p̄_i − p̄_k) + λ (q̄_i − q̄_k)) / τ
+    i, k = int(np.argmax(q_bar[0, :, 0])), int(np.argmin(q_bar[0, :, 0]))
+    lam_star = (tau * np.log(pi_star[i] / pi_star[k]) - (p_bar[0, i] - p_bar[0, k]).item()) / (q_bar[0, i, 0] - q_bar[0, k, 0]).item()
+    assert abs(float(lam) - lam_star) < 1e-4 * max(1.0, abs(lam_star))
+    # the binding constraint holds with equality
+    assert abs(float(constraint_values(rho, q_bar)) - float(b)) < 1e-8
+
+
+def test_slack_constraint_keeps_lambda_zero_and_the_tilted_reference():
+    p_bar, q_bar = _bandit(seed=1)
+    tau = 0.2
+    b = torch.tensor([float(q_bar.min())], dtype=D)  # always met
+    lam, rho = _dual(p_bar, q_bar, b, tau, steps=200)
+    assert float(lam) == 0.0
+    tilted = torch.softmax(p_bar[0] / tau, 0)  # π_ref · exp(p̄/τ) / Z with π_ref uniform
+    torch.testing.assert_close(rho[0] / 8, tilted, rtol=0, atol=1e-15)
+
+
+def test_weighted_behaviour_cloning_converges_to_the_ratio():
+    p_bar, q_bar = _bandit(seed=2)
+    rho = mopo_ratios(p_bar, q_bar, torch.tensor([0.7], dtype=D), 0.3)
+    theta = torch.zeros(1, 8, dtype=D, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=5.0)
+    for _ in range(2000):
+        loss = mopo_policy_loss(torch.log_softmax(theta, 1), rho)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.testing.assert_close(torch.softmax(theta, 1).detach(), rho / rho.mean(1, keepdim=True) / 8, rtol=0, atol=1e-8)
+
+
+def test_rho_is_normalised_per_prompt():
+    g = torch.Generator().manual_seed(3)
+    p_bar, q_bar = torch.rand(4, 5, generator=g, dtype=D), torch.rand(4, 5, 2, generator=g, dtype=D)
+    rho = mopo_ratios(p_bar, q_bar, torch.tensor([0.3, 2.0], dtype=D), 0.05)
+    torch.testing.assert_close(rho.sum(1), torch.full((4,), 5.0, dtype=D), rtol=0, atol=1e-12)
+
+
+def test_infeasible_thresholds_and_runaway_multipliers_are_named():
+    p_bar, q_bar = _bandit()
+    best = float(q_bar.max())
+    check_feasible(q_bar, torch.tensor([best], dtype=D), ["sentiment"])
+    with pytest.raises(ValueError, match="sentiment: threshold"):
+        check_feasible(q_bar, torch.tensor([best + 0.01], dtype=D), ["sentiment"])
+    lam, _ = _dual(p_bar, q_bar, torch.tensor([best + 0.05], dtype=D), 0.1, steps=300)
+    assert float(lam) > 10  # grows without bound
+    with pytest.raises(RuntimeError, match="sentiment"):
+        check_multipliers(lam, 10.0, ["sentiment"], torch.tensor([0.5]), torch.tensor([best + 0.05]))

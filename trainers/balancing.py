@@ -1,0 +1,117 @@
+"""Gradient balancing across objectives (ALGORITHMS.md §5: GAPO and P-GAPO) as pure functions.
+
+Inputs are the per-objective gradients on the balancing parameter set, flattened: ``grads (K, D)``
+(under data parallelism: already averaged across workers -- the Gram matrix of the averaged
+gradients, not the average of per-rank Gram matrices). Outputs are detached coefficients ``c (K,)``
+for one backward of ``Σ_i c_i L_i``.
+
+- :func:`min_norm_weights`: ``α* = argmin_{α∈Δ} ‖Σ α_i u_i‖²`` from the Gram matrix ``U Uᵀ``
+  (closed form for K = 2, Frank–Wolfe for K > 2).
+- :func:`gapo_coefficients`: ``g̃_i = g_i/(‖g_i‖+ε)^p``, ``α*`` on them, ``c_i = α*_i/(‖g_i‖+ε)^p``.
+- :func:`pgapo_coefficients`: ``c_i = λ_i/(‖g_i‖+ε)`` for a user preference ``λ ∈ Δ``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def min_norm_weights(gram: Tensor, iters: int = 2000, tol: float = 1e-14, frank_wolfe: bool = False) -> Tensor:
+    """The min-norm point of the convex hull of vectors with Gram matrix ``gram (K, K)``: ``α (K,)``.
+
+    K = 2: ``γ = clip(⟨u2−u1, u2⟩ / ‖u1−u2‖², 0, 1)``, ``α = (γ, 1−γ)``, ``γ = ½`` when ``u1 = u2``.
+    K > 2 (or ``frank_wolfe=True``): Frank–Wolfe with away steps and exact line search on the Gram
+    matrix from the uniform point, stopped when the Frank–Wolfe gap is below ``tol``.
+    """
+    K = gram.shape[0]
+    gram = gram.double()
+    if K == 1:
+        return torch.ones(1, dtype=torch.float64)
+    if K == 2 and not frank_wolfe:
+        denom = gram[0, 0] + gram[1, 1] - 2 * gram[0, 1]
+        if float(denom) <= 1e-30:
+            return torch.tensor([0.5, 0.5], dtype=torch.float64)
+        gamma = float(((gram[1, 1] - gram[0, 1]) / denom).clamp(0.0, 1.0))
+        return torch.tensor([gamma, 1.0 - gamma], dtype=torch.float64)
+    alpha = torch.full((K,), 1.0 / K, dtype=torch.float64)
+    for _ in range(iters):
+        grad = gram @ alpha  # ∂(½ αᵀGα)/∂α
+        value = alpha @ grad
+        t = int(torch.argmin(grad))
+        support = alpha > 0
+        a = int(torch.where(support, grad, torch.full_like(grad, -torch.inf)).argmax())
+        fw_gap, away_gap = float(value - grad[t]), float(grad[a] - value)
+        if fw_gap <= tol:  # the Frank–Wolfe gap bounds the distance to the optimum's value
+            break
+        direction = -alpha.clone()
+        if fw_gap >= away_gap:  # toward the best vertex
+            direction[t] += 1.0
+            max_step = 1.0
+        else:  # away from the worst vertex in the support (linear convergence on faces)
+            direction = alpha.clone()
+            direction[a] -= 1.0
+            max_step = float(alpha[a] / (1 - alpha[a])) if float(alpha[a]) < 1 else 1.0
+        curvature = float(direction @ gram @ direction)
+        if curvature <= 1e-30:
+            break
+        step = min(max(-float(direction @ grad) / curvature, 0.0), max_step)
+        alpha = (alpha + step * direction).clamp_min(0.0)
+        alpha = alpha / alpha.sum()
+    return alpha
+
+
+@dataclass
+class Balance:
+    coefficients: Tensor  # c (K,), detached
+    alpha: Tensor  # α* (K,)
+    norms: Tensor  # ‖g_i‖ (K,)
+    direction_norm: float  # ‖Σ α_i g̃_i‖
+    cosine: Tensor  # (K, K) cosines between the objectives' gradients
+
+    def log(self, names: Sequence[str]) -> Dict[str, float]:
+        out = {f"alpha/{n}": float(a) for n, a in zip(names, self.alpha)}
+        out.update({f"grad_norm/{n}": float(g) for n, g in zip(names, self.norms)})
+        if len(names) == 2:
+            out["grad_cosine"] = float(self.cosine[0, 1])
+        return out
+
+
+def _cosine(gram: Tensor, norms: Tensor) -> Tensor:
+    return gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+
+
+def gapo_coefficients(grads: Tensor, p: float = 1.0, eps: float = 1e-12) -> Balance:
+    """GAPO (§5): MGDA on the per-objective gradients scaled by ``1/(‖g_i‖+ε)^p``.
+
+    ``grads (K, D)``. With p = 1 every objective is normalised (scaling a loss by a constant
+    changes nothing); p = 0 is plain MGDA. Exactly opposed normalised gradients give direction 0
+    (no step) without NaN.
+    """
+    if p < 0:
+        raise ValueError(f"p must be >= 0, got {p}")
+    g = grads.double()
+    gram = g @ g.T
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    scale = (norms + eps) ** p
+    tilde_gram = gram / (scale[:, None] * scale[None, :])
+    alpha = min_norm_weights(tilde_gram)
+    direction_sq = float(alpha @ tilde_gram @ alpha)
+    return Balance((alpha / scale).detach(), alpha, norms, max(direction_sq, 0.0) ** 0.5, _cosine(gram, norms))
+
+
+def pgapo_coefficients(grads: Tensor, preference: Sequence[float], eps: float = 1e-12) -> Balance:
+    """P-GAPO (§5): ``c_i = λ_i / (‖g_i‖+ε)`` for a preference ``λ`` on the simplex."""
+    lam = torch.as_tensor(list(preference), dtype=torch.float64)
+    if lam.shape[0] != grads.shape[0] or bool((lam < 0).any()) or abs(float(lam.sum()) - 1) > 1e-9:
+        raise ValueError(f"preference must be {grads.shape[0]} non-negative weights summing to 1, got {list(preference)}")
+    g = grads.double()
+    gram = g @ g.T
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    c = lam / (norms + eps)
+    direction = (c[:, None] * g).sum(0)
+    return Balance(c.detach(), lam, norms, float(direction.norm()), _cosine(gram, norms))
