@@ -2,6 +2,7 @@
 
     moray train dpo --objective NAME --data PATH_OR_HUB_NAME --model NAME_OR_PATH --out DIR
                     [--config FILE.yaml] [--workers N] [--zero-stage S] [--lora] [--set KEY=VALUE ...]
+    moray train gapo --objectives a,b --data pairs_multi.jsonl --model M --out DIR [--preference a=0.7,b=0.3]
     moray pairs --model M --prompts FILE|demo:N --objectives a,b --samples-per-prompt n --out DIR
     moray score --objectives a,b --data FILE --out FILE
     moray mix mpo --policies a=DIR,b=DIR --ref DIR --prompts P --out weights.json
@@ -38,6 +39,9 @@ DPO_FLAGS = {
 }
 
 
+GAPO_FLAGS = {"objectives": "objectives", "p": "p", "preference": "preference", "balance_params": "balance_params"}
+
+
 def _add_dpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with model:, data:, train: sections")
     p.add_argument("--objective", help="objective this policy is aligned to, e.g. sentiment")
@@ -61,10 +65,11 @@ def _add_dpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
 
 
-def dpo_config_from_args(args: argparse.Namespace, cls: Optional[type] = None):
+def dpo_config_from_args(args: argparse.Namespace, cls: Optional[type] = None, extra: Optional[Dict[str, str]] = None):
+    """A job config from the shared training flags plus ``extra`` (flag -> config key) of a job kind."""
     from trainers.config import DPOJobConfig, load_config, parse_dotted
 
-    flags = dict(DPO_FLAGS, eval_fraction="eval_fraction") if cls is not None else DPO_FLAGS
+    flags = dict(DPO_FLAGS, **(extra or {}))
     overrides: Dict[str, Any] = {key: getattr(args, flag) for flag, key in flags.items()
                                  if getattr(args, flag, None) is not None}
     overrides.update(parse_dotted(args.overrides))
@@ -95,6 +100,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_dpo_args(reward)
     reward.add_argument("--backbone", dest="model", help="HF name or path, or 'minilm' (offline, default)")
     reward.add_argument("--eval-fraction", dest="eval_fraction", type=float, help="pairs held out for accuracy")
+
+    gapo = train.add_parser("gapo", help="GAPO / P-GAPO: balance per-objective DPO gradients (MGDA)")
+    _add_dpo_args(gapo)
+    gapo.add_argument("--objectives", help="comma-separated objectives, each labelled in the pair file")
+    gapo.add_argument("--p", type=float, help="gradient-norm exponent (default 1)")
+    gapo.add_argument("--preference", help="P-GAPO preference, e.g. sentiment=0.7,conciseness=0.3")
+    gapo.add_argument("--balance-params", dest="balance_params", choices=["head", "all"])
 
     pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample, score, best vs worst")
     pairs.add_argument("--model", required=True, help="policy to sample from (HF name or path)")
@@ -174,8 +186,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             from reward_models.learned import DEFAULT_BACKBONE, RewardJobConfig, run_reward
 
             args.model = args.model or DEFAULT_BACKBONE
-            metrics = run_reward(dpo_config_from_args(args, RewardJobConfig), address=args.address)
+            metrics = run_reward(dpo_config_from_args(args, RewardJobConfig, {"eval_fraction": "eval_fraction"}),
+                                 address=args.address)
             print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")}, indent=2))
+        elif args.command == "train" and args.method == "gapo":
+            from trainers.gapo import GAPOJobConfig, run_gapo
+
+            if args.preference:
+                from serving.policies import parse_policies
+
+                args.preference = {k: float(v) for k, v in parse_policies(args.preference).items()}
+            metrics = run_gapo(dpo_config_from_args(args, GAPOJobConfig, GAPO_FLAGS), address=args.address)
+            print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")},
+                             indent=2, default=str))
         elif args.command == "train":
             from trainers.launcher import run_dpo
 

@@ -4,7 +4,8 @@
    ``--tiny`` a tiny Llama built and warm-started here.
 2. On-policy pairs: sample several responses per prompt from the base (Ray Data actors), score
    each with VADER sentiment and with conciseness (minus the token count), keep best vs worst.
-3. One DPO policy per objective on Ray Train workers running DeepSpeed ZeRO.
+3. One DPO policy per objective on Ray Train workers running DeepSpeed ZeRO, and one GAPO policy
+   balancing both objectives' gradients on pairs labelled by both.
 4. Post-hoc mixing: MPO max-min weights by BSMD (``moray mix mpo``), then the Ray Serve app on
    loopback answers the held-out prompts at several weight vectors in both mixing modes (logits
    and soup), through its OpenAI-compatible chat endpoint.
@@ -93,8 +94,20 @@ def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional
         run_dpo(job)
         policies[objective] = job.out
 
+    from trainers.gapo import GAPOJobConfig, run_gapo
+
+    log.info("GAPO: one policy balancing both objectives' DPO gradients on %d pairs labelled by both",
+             made["counts"]["multi"])
+    gapo = load_config(GAPOJobConfig, overrides={
+        "objectives": list(OBJECTIVES), "out": str(root / "policy_gapo"), "model.name_or_path": base,
+        "data.path": made["pairs_multi"], "train.workers": workers, "train.zero_stage": min(zero_stage, 2),
+        "train.lr": s.lr, "train.beta": s.beta, "train.epochs": s.epochs,
+        "train.micro_batch_size": s.micro_batch_size, "train.warmup_steps": 2, "train.checkpoint_every": 0})
+    run_gapo(gapo)
+
     table: Dict[str, Dict[str, float]] = {}
-    for name, path in [("base", base)] + [(f"dpo-{k}", v) for k, v in policies.items()]:
+    trained = [("base", base)] + [(f"dpo-{k}", v) for k, v in policies.items()] + [("gapo", gapo.out)]
+    for name, path in trained:
         answers = sample_responses(path, eval_prompts, s.eval_samples, seed=2, **sampling)
         table[name] = table_row(answers, eval_prompts, tok)
 

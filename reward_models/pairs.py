@@ -132,9 +132,12 @@ def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str
 
     - ``pairs_<objective>.jsonl``: best vs worst per prompt (ties dropped, margin kept), prompts as
       chat messages so training renders them exactly as sampling did;
-    - ``candidates.jsonl``: every prompt with all ``n`` responses and every objective's scores.
+    - ``candidates.jsonl``: every prompt with all ``n`` responses and every objective's scores;
+    - with several objectives, ``pairs_multi.jsonl``: pairs labelled by every objective (GAPO's
+      input; see :func:`labelled_pairs`).
 
-    Returns ``{"pairs": {objective: path}, "counts": {objective: n_pairs}, "candidates": path}``.
+    Returns ``{"pairs": {objective: path}, "counts": {objective: n_pairs, "multi": n}, "candidates": path,
+    "pairs_multi": path}`` (the ``multi`` entries only with several objectives).
     """
     from pathlib import Path
 
@@ -159,11 +162,45 @@ def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str
             p["prompt"] = [{"role": "user", "content": p["prompt"]}]
         result["pairs"][k] = write_jsonl(str(out / f"pairs_{k}.jsonl"), pairs)
         result["counts"][k] = len(pairs)
+    if len(objectives) > 1:
+        multi = labelled_pairs(prompts, responses, scores, objectives)
+        result["pairs_multi"] = write_jsonl(str(out / "pairs_multi.jsonl"), multi)
+        result["counts"]["multi"] = len(multi)
     candidates = [{"prompt": p, "responses": rs, "scores": {k: [None if np.isnan(v) else float(v) for v in scores[k][i]]
                                                            for k in objectives}}
                   for i, (p, rs) in enumerate(zip(prompts, responses))]
     result["candidates"] = write_jsonl(str(out / "candidates.jsonl"), candidates)
     return result
+
+
+def labelled_pairs(prompts: Sequence[str], responses: Sequence[Sequence[str]], scores: Dict[str, np.ndarray],
+                   objectives: Sequence[str]) -> List[Dict[str, Any]]:
+    """Pairs labelled by every objective: for each prompt, each objective's best vs worst sample,
+    as ``response_0``/``response_1`` with ``better_<objective>`` = the index (0/1) of the response
+    that objective scores higher. Pairs on which some objective ties (or cannot score) are dropped;
+    a pair two objectives both pick is kept once. Read it with ``data.response_columns:
+    [response_0, response_1]`` and ``data.objective_labels: {k: better_k}``."""
+    rows = []
+    for i, (prompt, resp) in enumerate(zip(prompts, responses)):
+        seen = set()
+        for k in objectives:
+            sc = np.asarray(scores[k][i], dtype=np.float64)
+            if np.isfinite(sc).sum() < 2:
+                continue
+            hi, lo = int(np.nanargmax(sc)), int(np.nanargmin(sc))
+            if (hi, lo) in seen or resp[hi] == resp[lo]:
+                continue
+            seen.add((hi, lo))
+            labels = {}
+            for j in objectives:
+                a, b = scores[j][i][hi], scores[j][i][lo]
+                if not (np.isfinite(a) and np.isfinite(b)) or a == b:
+                    break
+                labels[f"better_{j}"] = 0 if a > b else 1
+            else:
+                rows.append({"prompt": [{"role": "user", "content": prompt}], "response_0": resp[hi],
+                             "response_1": resp[lo], **labels})
+    return rows
 
 
 def write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> str:

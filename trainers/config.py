@@ -138,12 +138,22 @@ class DPOJobConfig:
             errors.append("data.max_prompt_length and data.max_response_length must be >= 1")
         if d.objective_labels and len(d.response_columns) != 2:
             errors.append("data.objective_labels needs data.response_columns with exactly two names")
-        if d.objective_labels and self.objective and self.objective not in d.objective_labels:
-            errors.append(f"objective {self.objective!r} has no label column; data.objective_labels "
-                          f"names {sorted(d.objective_labels)}")
+        for k in self.labelled_objectives():
+            if d.objective_labels and k and k not in d.objective_labels:
+                errors.append(f"objective {k!r} has no label column; data.objective_labels "
+                              f"names {sorted(d.objective_labels)}")
+        errors += self.extra_errors()
         if errors:
             raise ValueError("invalid config: " + "; ".join(errors))
         return self
+
+    def labelled_objectives(self) -> List[str]:
+        """Objectives that need a label column in a multi-objective pair file."""
+        return [self.objective]
+
+    def extra_errors(self) -> List[str]:
+        """Checks of a job kind built on this config (none for DPO)."""
+        return []
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -133,19 +133,27 @@ def _field_problem(v: Any) -> Optional[str]:
     return f"not a string ({type(v).__name__})"
 
 
-def map_row(row: Dict[str, Any], cfg: DataConfig, objective: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """One source row -> ``{prompt, chosen, rejected}`` or a reason it is invalid."""
+def map_row(row: Dict[str, Any], cfg: DataConfig, objective: str,
+            also: Sequence[str] = ()) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """One source row -> ``{prompt, chosen, rejected}`` or a reason it is invalid.
+
+    ``also`` (multi-objective files): objectives whose preference is read too, as
+    ``sign_<objective>``: +1 when it prefers the same response as ``objective``, -1 otherwise.
+    """
     if "__not_an_object__" in row:
         return None, "not a JSON object"
     get = lambda name: row.get(cfg.columns.get(name, name))  # noqa: E731
     if cfg.objective_labels:
-        label_col = cfg.objective_labels[objective]
-        label = row.get(label_col)
-        if isinstance(label, bool) or label not in (0, 1):
-            return None, f"{label_col} must be 0 or 1"
+        labels = {}
+        for k in [objective, *also]:
+            label_col = cfg.objective_labels[k]
+            labels[k] = row.get(label_col)
+            if isinstance(labels[k], bool) or labels[k] not in (0, 1):
+                return None, f"{label_col} must be 0 or 1"
         a, b = (row.get(c) for c in cfg.response_columns)
-        chosen, rejected = (a, b) if label == 0 else (b, a)
-        out = {"prompt": get("prompt"), "chosen": chosen, "rejected": rejected}
+        chosen, rejected = (a, b) if labels[objective] == 0 else (b, a)
+        out = {"prompt": get("prompt"), "chosen": chosen, "rejected": rejected,
+               **{f"sign_{k}": 1.0 if labels[k] == labels[objective] else -1.0 for k in also}}
     else:
         out = {k: get(k) for k in FIELDS}
         if out["prompt"] is None and _is_messages(out["chosen"]) and _is_messages(out["rejected"]):
@@ -165,22 +173,28 @@ def _ranges(rows: Sequence[int]) -> str:
     return shown + (f", … ({len(rows)} rows)" if len(rows) > 20 else "")
 
 
-def load_pairs(cfg: DataConfig, objective: str) -> Tuple[pa.Table, LoadReport]:
+def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = ()) -> Tuple[pa.Table, LoadReport]:
     """Read, map and validate; return a table of ``idx, prompt, chosen, rejected``.
 
     Chat message lists are stored as JSON strings (``is_chat`` column) so the table has one
     schema; :class:`Tokenize` renders them with the chat template. Raises
-    :class:`PreferenceDataError` listing every bad row unless ``cfg.skip_invalid``.
+    :class:`PreferenceDataError` listing every bad row unless ``cfg.skip_invalid``. ``also``: other
+    objectives' labels of the same pairs as ``sign_<objective>`` columns (see :func:`map_row`).
     """
-    if cfg.objective_labels and objective not in cfg.objective_labels:
-        raise PreferenceDataError(f"objective {objective!r} is not in data.objective_labels "
-                                  f"({sorted(cfg.objective_labels)})")
+    for k in [objective, *also]:
+        if cfg.objective_labels and k not in cfg.objective_labels:
+            raise PreferenceDataError(f"objective {k!r} is not in data.objective_labels "
+                                      f"({sorted(cfg.objective_labels)})")
+    if also and not cfg.objective_labels:
+        raise PreferenceDataError("several objectives on the same pairs need data.response_columns "
+                                  "and data.objective_labels")
     report = LoadReport()
-    kept: Dict[str, List[Any]] = {"prompt": [], "chosen": [], "rejected": [], "is_chat": []}
+    kept: Dict[str, List[Any]] = {"prompt": [], "chosen": [], "rejected": [], "is_chat": [],
+                                  **{f"sign_{k}": [] for k in also}}
     for src in read_source(cfg.path, cfg.format, cfg.split):
         for i, row in enumerate(src.rows):
             report.total += 1
-            mapped, problem = map_row(row, cfg, objective)
+            mapped, problem = map_row(row, cfg, objective, also)
             if problem:
                 report.problems.setdefault(f"{src.name}: {problem}", []).append(i)
                 continue
@@ -191,6 +205,8 @@ def load_pairs(cfg: DataConfig, objective: str) -> Tuple[pa.Table, LoadReport]:
                     v = [{"role": "user" if k == "prompt" else "assistant", "content": v}]
                 kept[k].append(json.dumps(v) if is_chat else v)
             kept["is_chat"].append(is_chat)
+            for k in also:
+                kept[f"sign_{k}"].append(mapped[f"sign_{k}"])
     if report.total == 0:
         raise PreferenceDataError(f"{cfg.path}: no rows")
     bad = sum(len(v) for v in report.problems.values())
@@ -260,6 +276,7 @@ class Tokenize:
                 cols[k].append(t[k])
         n = len(batch["idx"])
         return {
+            **{k: v for k, v in batch.items() if k.startswith("sign_")},  # multi-objective labels ride along
             "idx": batch["idx"],
             "chosen_ids": _ragged(cols["chosen_ids"]),
             "rejected_ids": _ragged(cols["rejected_ids"]),

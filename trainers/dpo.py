@@ -1,5 +1,6 @@
 """The per-worker training loop (runs inside a Ray Train worker) for preference losses (DPO/IPO,
-:class:`DPOTask`) and Bradley–Terry reward models (``reward_models.learned.RewardTask``): a task
+:class:`DPOTask`; GAPO, ``trainers.gapo.GAPOTask``) and Bradley–Terry reward models
+(``reward_models.learned.RewardTask``): a task
 builds the model, turns a micro-batch of pairs into per-pair losses and scores, and exports.
 
 Each worker reads its own shard (``get_dataset_shard(f"rank{r}")``, split deterministically on
@@ -161,6 +162,10 @@ class DPOTask:
 def load_task(name: str, job: Dict[str, Any]):
     if name == "dpo":
         return DPOTask(from_dict(DPOJobConfig, job))
+    if name == "gapo":
+        from trainers.gapo import GAPOJobConfig, GAPOTask
+
+        return GAPOTask(from_dict(GAPOJobConfig, job))
     if name == "reward":
         from reward_models.learned import RewardTask, RewardJobConfig
 
@@ -169,7 +174,7 @@ def load_task(name: str, job: Dict[str, Any]):
 
 
 def train_loop(loop_config: Dict[str, Any]) -> None:
-    """Ray Train entry point. ``loop_config``: ``task`` (dpo | reward), ``job`` (its config as a
+    """Ray Train entry point. ``loop_config``: ``task`` (dpo | gapo | reward), ``job`` (its config as a
     dict), ``rows_per_rank``, ``pad_id``, ``metadata``, ``failure_marker``."""
     import ray.train
     from ray.experimental.tqdm_ray import tqdm
@@ -229,6 +234,8 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
             now = time.perf_counter()
             metrics = _reduce_metrics(sums, now - tic, world, device)
             metrics.update(step=step, epoch=epoch, lr=engine.get_lr()[0])
+            if hasattr(task, "step_metrics"):  # e.g. GAPO's α and gradient norms
+                metrics.update(task.step_metrics())
             history.append(metrics)
             sums.zero_()
             tic = now

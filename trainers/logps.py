@@ -36,8 +36,8 @@ def pad_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] 
     out = pad_sequences(seqs, starts, pad_id)
     if "idx" in rows:
         out["idx"] = torch.as_tensor(np.asarray([rows["idx"][i] for i in index], dtype=np.int64))
-    for k in ("ref_chosen_logps", "ref_rejected_logps"):
-        if k in rows:
+    for k in rows:
+        if k in ("ref_chosen_logps", "ref_rejected_logps") or k.startswith("sign_"):
             out[k] = torch.as_tensor(np.asarray([rows[k][i] for i in index], dtype=np.float64))
     return out
 

@@ -79,3 +79,17 @@ def test_serve_writes_a_config_file_that_moray_reads_back(tmp_path, tiny_model):
     assert doc["http_options"] == {"host": "127.0.0.1", "port": 8111}
     assert doc["applications"][0]["args"]["policies"] == {"a": a}
     assert doc["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 3
+
+
+def test_gapo_refuses_pairs_without_every_label_before_ray_starts(tmp_path, capsys, tiny_model):
+    import ray
+
+    rows = [{"prompt": "p", "response_0": "a", "response_1": "b", "better_sentiment": 0}]
+    data = write_jsonl(tmp_path / "multi.jsonl", rows)
+    rc = main(["train", "gapo", "--objectives", "sentiment,conciseness", "--data", data, "--model", tiny_model,
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "better_conciseness must be 0 or 1 (row 0)" in capsys.readouterr().err
+    assert main(["train", "gapo", "--objectives", "sentiment,conciseness", "--data", data, "--model", tiny_model,
+                 "--out", str(tmp_path / "o"), "--lora"]) == 2
+    assert "set balance_params=all" in capsys.readouterr().err
+    assert not ray.is_initialized()

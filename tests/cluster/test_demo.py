@@ -30,5 +30,7 @@ def test_tiny_demo_moves_each_objective(tmp_path, capsys):
     assert table["logits conciseness=1"]["mean_length_tokens"] < 0.8 * base["mean_length_tokens"]
     for label in ("sentiment=1", "conciseness=1"):  # e_k is policy k itself in both modes: same seeded answers
         assert table[f"soup {label}"] == table[f"logits {label}"]
+    gapo = json.loads((tmp_path / "demo" / "policy_gapo" / "moray.json").read_text())
+    assert gapo["method"] == "gapo" and gapo["objectives"] == ["sentiment", "conciseness"] and "gapo" in table
     mpo = json.loads((tmp_path / "demo" / "mpo_weights.json").read_text())
     assert sum(mpo["weights"].values()) == pytest.approx(1.0) and table["logits mpo-maxmin"]["weights"] == mpo["weights"]

@@ -148,3 +148,18 @@ def test_load_prompts_from_every_source(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": " "}) + "\n")
     with pytest.raises(ValueError, match=r"rows \[1\] have no non-empty 'prompt'"):
         load_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_labelled_pairs_carry_every_objectives_preference():
+    from reward_models.pairs import labelled_pairs
+
+    responses = [["a", "bb", "ccc"], ["x", "y"], ["p", "q"]]
+    scores = {"sentiment": [np.array([0.9, 0.1, 0.5]), np.array([0.2, 0.2]), np.array([0.3, 0.1])],
+              "conciseness": [np.array([-1.0, -2.0, -3.0]), np.array([-1.0, -2.0]), np.array([-1.0, np.nan])]}
+    rows = labelled_pairs(["P0", "P1", "P2"], responses, scores, ["sentiment", "conciseness"])
+    # prompt 0: sentiment picks (a, bb), conciseness picks (a, ccc); prompt 1 ties on sentiment;
+    # prompt 2 cannot be scored for conciseness
+    assert [(r["response_0"], r["response_1"]) for r in rows] == [("a", "bb"), ("a", "ccc")]
+    assert rows[0]["better_sentiment"] == 0 and rows[0]["better_conciseness"] == 0
+    assert rows[1]["better_sentiment"] == 0 and rows[1]["better_conciseness"] == 0
+    assert rows[0]["prompt"] == [{"role": "user", "content": "P0"}]

@@ -84,3 +84,29 @@ def test_two_quadratics_move_to_the_pareto_segment():
         theta = theta - 0.05 * (c[:, None] * grads).sum(0)
     # on the segment: θ = t a1 + (1−t) a2 with t in [0, 1]
     assert abs(float(theta.sum()) - 1.0) < 1e-3 and bool((theta >= -1e-3).all())
+
+
+def test_averaged_worker_gradients_pick_the_union_batch_alpha():
+    """Two workers with different halves of a batch: averaging each objective's gradient across
+    workers before the Gram matrix gives the α of one worker on the whole batch; averaging the
+    per-worker Gram matrices (or α's) does not."""
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(16, 5, generator=g, dtype=D)
+    targets = [torch.randn(16, generator=g, dtype=D), torch.randn(16, generator=g, dtype=D) * 3]
+    w = torch.randn(5, generator=g, dtype=D, requires_grad=True)
+
+    def grads(rows):
+        out = []
+        for y in targets:
+            loss = ((X[rows] @ w - y[rows]) ** 2).mean()
+            out.append(torch.autograd.grad(loss, w)[0])
+        return torch.stack(out)
+
+    g0, g1 = grads(slice(0, 8)), grads(slice(8, 16))
+    for p in (0, 1):  # (with K = 2 and p = 1, α is always ½: the coefficients carry the difference)
+        union = gapo_coefficients(grads(slice(0, 16)), p=p)
+        averaged = gapo_coefficients((g0 + g1) / 2, p=p)
+        torch.testing.assert_close(averaged.alpha, union.alpha, rtol=0, atol=1e-12)
+        torch.testing.assert_close(averaged.coefficients, union.coefficients, rtol=1e-12, atol=0)
+        per_rank = (gapo_coefficients(g0, p=p).coefficients + gapo_coefficients(g1, p=p).coefficients) / 2
+        assert (per_rank - union.coefficients).abs().max() > 1e-3

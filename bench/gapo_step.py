@@ -1,0 +1,109 @@
+"""GAPO (K = 2) step time against a DPO step on the same model and the same batches, one process.
+
+The model is the DPO benchmark's small Llama (4 layers x 256, vocabulary 2,048); batches of
+``--batch-size`` pairs shaped like real preference data, each with a second objective's label
+(random orientation). A step is forward + loss + backward + AdamW step; GAPO adds its per-objective
+head gradients (``balance_params=head``), or a second forward with ``--balance all``. The
+DeepSpeed engine is replaced by the bare module (``tests``' stand-in): the figure is the
+algorithm's own overhead. Alternating, best of ``--repeats``.
+
+    python bench/gapo_step.py [--batch-size 8] [--steps 20] [--threads 2] [--balance head|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.dpo_vs_trl import make_pairs  # noqa: E402
+from reward_models.prompts import tiny_corpus  # noqa: E402
+from trainers.models import build_tiny_model, load_causal_lm, load_tokenizer  # noqa: E402
+
+
+class Bare(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kw):
+        return self.module(**kw)
+
+
+def batches(tok, ref, n_batches, batch_size):
+    from trainers.data import tokenize_pair
+    from trainers.logps import pad_pairs, pair_logps
+
+    rows = make_pairs(n_batches * batch_size, seed=1)
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for b in range(n_batches):
+        cols = {"chosen_ids": [], "rejected_ids": [], "chosen_start": [], "rejected_start": []}
+        for r in rows[b * batch_size:(b + 1) * batch_size]:
+            t = tokenize_pair(tok, r["prompt"], r["chosen"], r["rejected"], False, 256, 256)
+            for k in cols:
+                cols[k].append(t[k])
+        batch = pad_pairs(cols, tok.pad_token_id)
+        with torch.no_grad():
+            rc, rr = pair_logps(ref, batch)
+        batch.update(ref_chosen_logps=rc.double(), ref_rejected_logps=rr.double(),
+                     sign_conciseness=torch.randint(0, 2, (batch_size,), generator=g).double() * 2 - 1)
+        out.append(batch)
+    return out
+
+
+def timed(task, model, data, lr=1e-5) -> float:
+    engine = Bare(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    tic = time.perf_counter()
+    for batch in data:
+        losses, _, _ = task.losses(engine, batch)
+        opt.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        opt.step()
+    return (time.perf_counter() - tic) / len(data)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--balance", choices=["head", "all"], default="head")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from trainers.config import DPOJobConfig
+    from trainers.dpo import DPOTask
+    from trainers.gapo import GAPOJobConfig, GAPOTask
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_tiny_model(str(Path(tmp) / "model"), tiny_corpus(2000, seed=0), vocab_size=2048,
+                                hidden=256, layers=4, heads=4, max_positions=1024)
+        tok = load_tokenizer(path)
+        data = batches(tok, load_causal_lm(path).eval(), args.steps, args.batch_size)
+        dpo = DPOTask(DPOJobConfig())
+        gapo = GAPOTask(GAPOJobConfig(objectives=["sentiment", "conciseness"], balance_params=args.balance))
+        best = {"dpo": float("inf"), "gapo": float("inf")}
+        for _ in range(args.repeats):
+            for name, task in (("dpo", dpo), ("gapo", gapo)):
+                torch.manual_seed(0)
+                best[name] = min(best[name], timed(task, load_causal_lm(path), data))
+    print(f"model 4x256 Llama, batch {args.batch_size} pairs, {args.steps} steps, {args.threads} threads, "
+          f"best of {args.repeats}")
+    print(f"DPO step  {best['dpo'] * 1000:8.1f} ms")
+    print(f"GAPO step {best['gapo'] * 1000:8.1f} ms  (K=2, balance_params={args.balance})")
+    print(f"GAPO / DPO step time: {best['gapo'] / best['dpo']:.3f}x (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""GAPO / P-GAPO jobs (ALGORITHMS.md §5) on the spine's Ray Train + DeepSpeed loop, offline.
+
+Each pair carries every objective's label (a multi-objective pair file: ``data.response_columns``
++ ``data.objective_labels``, or ``pairs_multi.jsonl`` from ``moray pairs``). Per micro-batch:
+
+1. one forward of chosen + rejected through the engine; per objective ``k`` the DPO loss in that
+   objective's orientation, ``ℓ_k = −log σ(s_k · β((log π − log π_ref)(y_0) − (…)(y_1)))``;
+2. the gradient of each ``L_k = mean ℓ_k`` on the balancing parameters.
+   **decision**: the default set is the LM head, and its gradients are taken on a re-application
+   of the head to the forward's (detached) final hidden states -- exact for the head, a matmul
+   over the response positions, and outside DeepSpeed's backward hooks (DeepSpeed 0.19 runs its
+   reduction epilogue after *any* backward through the engine's outputs, ``autograd.grad``
+   included). ``all`` (every trainable weight; the only choice with LoRA, whose head is frozen)
+   takes a second forward through the bare module for the K gradients;
+3. the K flattened gradients are **averaged across workers** (``all_reduce``) before the Gram
+   matrix is formed, so every worker picks the same α, the α of the whole global batch;
+4. ``c = gapo_coefficients(...)`` (or P-GAPO's ``λ_i/‖g_i‖``) and one ``engine.backward`` of
+   ``Σ_k c_k ℓ_k`` (all trainable weights).
+
+ZeRO stages 0-2 (parameters are whole on every worker). Under ZeRO-3 the head would have to be
+gathered for step 2: refused with a message for now.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from trainers.balancing import gapo_coefficients, pgapo_coefficients
+from trainers.config import DPOJobConfig, opt
+from trainers.logps import logits_needed, sequence_logps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GAPOJobConfig(DPOJobConfig):
+    """`moray train gapo`: one policy balancing several objectives' DPO gradients."""
+
+    objectives: List[str] = opt([], "Objectives to balance, each with a label column in the pair file; "
+                                "the first one orients chosen/rejected.")
+    p: float = opt(1.0, "Gradient-norm exponent: g_i / ||g_i||^p (1: every objective normalised; 0: plain MGDA).")
+    preference: Dict[str, float] = opt({}, "P-GAPO: a user preference over the objectives (normalised to "
+                                       "sum 1); c_i = pref_i / ||g_i||. Empty: GAPO's MGDA weights.")
+    balance_params: str = opt("head", "Parameters whose gradients are balanced: 'head' (the LM head; cheap) "
+                              "or 'all' (every trainable weight; a second forward; needed with LoRA).")
+
+    def validate(self) -> "GAPOJobConfig":
+        """Defaults first: the policy's name joins the objectives, and a pair file without a label
+        mapping is read as ``moray pairs``' ``pairs_multi.jsonl`` (response_0/1, better_<k>)."""
+        if not self.objective and self.objectives:
+            self.objective = "+".join(self.objectives)
+        if not self.data.objective_labels and self.objectives:
+            self.data.response_columns = self.data.response_columns or ["response_0", "response_1"]
+            self.data.objective_labels = {k: f"better_{k}" for k in self.objectives}
+        return super().validate()
+
+    def labelled_objectives(self) -> List[str]:
+        return list(self.objectives)
+
+    def extra_errors(self) -> List[str]:
+        errors = []
+        if len(self.objectives) < 2 or len(set(self.objectives)) != len(self.objectives):
+            errors.append(f"objectives must name at least two different objectives, got {self.objectives}")
+        if not self.data.objective_labels:
+            errors.append("GAPO needs per-objective labels: data.response_columns and data.objective_labels")
+        if self.p < 0:
+            errors.append(f"p must be >= 0, got {self.p}")
+        if self.preference:
+            from serving.mixing import WeightError, check_weights
+
+            try:
+                check_weights(self.preference, self.objectives)
+            except WeightError as e:
+                errors.append(f"preference: {e}")
+        if self.balance_params not in ("head", "all"):
+            errors.append(f"balance_params must be head or all, got {self.balance_params!r}")
+        if self.model.lora and self.balance_params == "head":
+            errors.append("with LoRA the LM head is frozen: set balance_params=all")
+        if self.train.zero_stage == 3:
+            errors.append("GAPO runs on ZeRO stages 0-2 (its per-objective gradients need whole parameters)")
+        if self.train.loss != "dpo":
+            errors.append("GAPO balances DPO losses (train.loss=dpo)")
+        return errors
+
+
+class GAPOTask:
+    """The loop's task for GAPO / P-GAPO (see the module docstring)."""
+
+    def __init__(self, cfg: GAPOJobConfig):
+        self.cfg, self.name = cfg, "pgapo" if cfg.preference else "gapo"
+        self.preference = None
+        if cfg.preference:
+            from serving.mixing import check_weights
+
+            self.preference = check_weights(cfg.preference, cfg.objectives)
+        self._logged: List[Dict[str, float]] = []
+
+    def build(self) -> torch.nn.Module:
+        from trainers.export import build_policy
+
+        return build_policy(self.cfg.model)
+
+    def _per_pair(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """Each objective's per-pair DPO loss ``(B,)`` from the policy's logits of the batch."""
+        beta = self.cfg.train.beta
+        logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+        B = logps.shape[0] // 2
+        pc, pr = logps[:B], logps[B:]
+        margin = beta * ((pc - batch["ref_chosen_logps"].to(pc.dtype)) - (pr - batch["ref_rejected_logps"].to(pc.dtype)))
+        return [-F.logsigmoid((1.0 if i == 0 else batch[f"sign_{k}"].to(pc.dtype)) * margin)
+                for i, k in enumerate(self.cfg.objectives)]
+
+    def losses(self, engine, batch: Dict[str, torch.Tensor]):
+        import torch.distributed as dist
+
+        cfg, beta = self.cfg, self.cfg.train.beta
+        keep = logits_needed(batch["response_mask"])
+        head_only = cfg.balance_params == "head"
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                     logits_to_keep=keep, output_hidden_states=head_only)
+        per_pair = self._per_pair(out.logits, batch)
+        module = engine.module
+        if head_only:  # the head on the detached final hidden states: exact head gradients, no DeepSpeed hooks
+            head = module.get_output_embeddings()
+            params = [p for p in head.parameters() if p.requires_grad]
+            side = self._per_pair(head(out.hidden_states[-1][:, -keep:].detach()), batch)
+        else:  # a second forward through the bare module
+            params = [p for p in module.parameters() if p.requires_grad]
+            side = self._per_pair(module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         use_cache=False, logits_to_keep=keep).logits, batch)
+        grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            l.mean(), params, retain_graph=i < len(side) - 1, allow_unused=True, materialize_grads=True)])
+            for i, l in enumerate(side)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(grads)  # each objective's average gradient over the global batch
+            grads /= dist.get_world_size()
+        bal = (pgapo_coefficients(grads, self.preference) if self.preference
+               else gapo_coefficients(grads, p=cfg.p))
+        c = bal.coefficients.to(per_pair[0].dtype)
+        combined = sum(c[i] * per_pair[i] for i in range(len(per_pair)))
+        entry = bal.log(cfg.objectives)
+        entry.update({f"loss/{k}": float(l.detach().mean()) for k, l in zip(cfg.objectives, per_pair)})
+        self._logged.append(entry)
+        B = batch["input_ids"].shape[0] // 2
+        logps = sequence_logps(out.logits.detach(), batch["input_ids"], batch["response_mask"])
+        return (combined, beta * (logps[:B] - batch["ref_chosen_logps"].to(logps.dtype)),
+                beta * (logps[B:] - batch["ref_rejected_logps"].to(logps.dtype)))
+
+    def step_metrics(self) -> Dict[str, float]:
+        """Means over the micro-batches since the last optimizer step (α, gradient norms, cosine,
+        per-objective losses); identical on every worker for α (the gradients were averaged)."""
+        if not self._logged:
+            return {}
+        out = {k: sum(e[k] for e in self._logged) / len(self._logged) for k in self._logged[0]}
+        self._logged = []
+        return out
+
+    def export(self, state: Dict[str, torch.Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
+        from trainers.export import export_policy
+
+        export_policy(state, self.cfg.model, out_dir, metadata)
+
+
+def run_gapo(job: GAPOJobConfig, address: Optional[str] = None, run_name: Optional[str] = None) -> Dict[str, Any]:
+    """Train one GAPO / P-GAPO policy and export it to ``job.out``. Returns the final metrics."""
+    from trainers.data import load_pairs
+    from trainers.launcher import check_enough_pairs, fit, init_ray, prepare_pairs
+
+    job.validate()
+    table, report = load_pairs(job.data, job.objectives[0], also=job.objectives[1:])  # before Ray starts
+    check_enough_pairs(report.kept, job.train.workers)
+    init_ray(address)
+    prepared = prepare_pairs(job, table, report)
+    t = job.train
+    metadata = {
+        "kind": "policy", "method": "pgapo" if job.preference else "gapo", "objective": job.objective,
+        "objectives": job.objectives, "preference": job.preference, "p": job.p, "balance_params": job.balance_params,
+        "reference_model": job.model.name_or_path, "beta": t.beta, "loss": "dpo", "data": job.data.path,
+        "pairs": prepared.pairs, "epochs": t.epochs, "lora_merged": job.model.lora, "zero_stage": t.zero_stage,
+        "workers": t.workers, "seed": t.seed,
+    }
+    metrics = fit("gapo", job, prepared, metadata, run_name or f"gapo-{job.objective}")
+    log.info("trained %s policy for %s on %d pairs in %.0fs; exported to %s", metadata["method"].upper(),
+             job.objectives, prepared.pairs, metrics["seconds"], job.out)
+    return metrics
