@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -34,12 +33,6 @@ from reward_models.prompts import demo_prompts, tiny_corpus  # noqa: E402
 from trainers.models import build_tiny_model, nudged_copy  # noqa: E402
 
 SOUP_VECTORS = [{"sentiment": w, "conciseness": 1 - w} for w in (0.0, 0.25, 0.5, 0.75, 1.0)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_policies(root: Path) -> dict:
@@ -125,7 +118,7 @@ def main() -> None:
     from ray import serve
 
     from serving.config import ServeConfig
-    from serving.launch import run_serve_file, serve_file
+    from serving.launch import free_port, run_serve_file, serve_file
     from trainers.config import load_config
     from trainers.launcher import init_ray
 

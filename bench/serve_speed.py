@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import requests  # noqa: E402
 import torch  # noqa: E402
 
-from bench.serve_load import free_port, tiny_policies  # noqa: E402
+from bench.serve_load import tiny_policies  # noqa: E402
 from trainers.models import load_causal_lm, load_tokenizer, nudged_copy, smollm2_dir  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -59,7 +59,7 @@ def main() -> None:
 
     from serving.config import ServeConfig
     from serving.decode import LockstepDecoder, Row, Sampling
-    from serving.launch import run_serve_file, serve_file
+    from serving.launch import free_port, run_serve_file, serve_file
     from trainers.config import load_config
     from trainers.launcher import init_ray
 

@@ -138,19 +138,16 @@ def table_row(answers, prompts, tok) -> Dict[str, float]:
 def serve_mixes(policies: Dict[str, str], mpo_file: str, mpo_weights: Dict[str, float], prompts, s: DemoSettings,
                 tok) -> Dict[str, Dict[str, float]]:
     """Start the Serve app on loopback and ask every prompt at each weight vector in both modes."""
-    import socket
     from concurrent.futures import ThreadPoolExecutor
 
     import requests
     from ray import serve
 
     from serving.config import ServeConfig
-    from serving.launch import run_serve_file, serve_file
+    from serving.launch import free_port, run_serve_file, serve_file
     from trainers.config import load_config
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cfg = load_config(ServeConfig, overrides={"policies": policies, "mpo_weights": mpo_file, "threads": 2,
                                               "max_tokens_limit": s.max_new_tokens,
                                               "default_max_tokens": s.max_new_tokens, "batch_wait_ms": 20})

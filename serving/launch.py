@@ -21,6 +21,15 @@ IMPORT_PATH = "serving.app:build_app"
 DEPLOYMENT = "MixedPolicy"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at ``host`` right now (for local apps, tests, benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def serve_file(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> Dict[str, Any]:
     """The Ray Serve config document for ``cfg`` (deployment options written out, so they can be
     edited in the file)."""

@@ -105,34 +105,37 @@ class GAPOTask:
 
         return build_policy(self.cfg.model)
 
-    def _per_pair(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
-        """Each objective's per-pair DPO loss ``(B,)`` from the policy's logits of the batch."""
+    def _per_pair(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]):
+        """Each objective's per-pair DPO loss ``(B,)`` from the policy's logits of the batch, and the
+        implicit rewards ``β(log π − log π_ref)`` of chosen and rejected ``(B,)`` (first objective's
+        orientation)."""
         beta = self.cfg.train.beta
         logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
         B = logps.shape[0] // 2
-        pc, pr = logps[:B], logps[B:]
-        margin = beta * ((pc - batch["ref_chosen_logps"].to(pc.dtype)) - (pr - batch["ref_rejected_logps"].to(pc.dtype)))
-        return [-F.logsigmoid((1.0 if i == 0 else batch[f"sign_{k}"].to(pc.dtype)) * margin)
-                for i, k in enumerate(self.cfg.objectives)]
+        rc = beta * (logps[:B] - batch["ref_chosen_logps"].to(logps.dtype))
+        rr = beta * (logps[B:] - batch["ref_rejected_logps"].to(logps.dtype))
+        losses = [-F.logsigmoid((1.0 if i == 0 else batch[f"sign_{k}"].to(rc.dtype)) * (rc - rr))
+                  for i, k in enumerate(self.cfg.objectives)]
+        return losses, rc, rr
 
     def losses(self, engine, batch: Dict[str, torch.Tensor]):
         import torch.distributed as dist
 
-        cfg, beta = self.cfg, self.cfg.train.beta
+        cfg = self.cfg
         keep = logits_needed(batch["response_mask"])
         head_only = cfg.balance_params == "head"
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                      logits_to_keep=keep, output_hidden_states=head_only)
-        per_pair = self._per_pair(out.logits, batch)
+        per_pair, rc, rr = self._per_pair(out.logits, batch)
         module = engine.module
         if head_only:  # the head on the detached final hidden states: exact head gradients, no DeepSpeed hooks
             head = module.get_output_embeddings()
             params = [p for p in head.parameters() if p.requires_grad]
-            side = self._per_pair(head(out.hidden_states[-1][:, -keep:].detach()), batch)
+            side = self._per_pair(head(out.hidden_states[-1][:, -keep:].detach()), batch)[0]
         else:  # a second forward through the bare module
             params = [p for p in module.parameters() if p.requires_grad]
             side = self._per_pair(module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         use_cache=False, logits_to_keep=keep).logits, batch)
+                                         use_cache=False, logits_to_keep=keep).logits, batch)[0]
         grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
             l.mean(), params, retain_graph=i < len(side) - 1, allow_unused=True, materialize_grads=True)])
             for i, l in enumerate(side)])
@@ -146,10 +149,7 @@ class GAPOTask:
         entry = bal.log(cfg.objectives)
         entry.update({f"loss/{k}": float(l.detach().mean()) for k, l in zip(cfg.objectives, per_pair)})
         self._logged.append(entry)
-        B = batch["input_ids"].shape[0] // 2
-        logps = sequence_logps(out.logits.detach(), batch["input_ids"], batch["response_mask"])
-        return (combined, beta * (logps[:B] - batch["ref_chosen_logps"].to(logps.dtype)),
-                beta * (logps[B:] - batch["ref_rejected_logps"].to(logps.dtype)))
+        return combined, rc.detach(), rr.detach()
 
     def step_metrics(self) -> Dict[str, float]:
         """Means over the micro-batches since the last optimizer step (α, gradient norms, cosine,

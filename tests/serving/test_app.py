@@ -4,26 +4,19 @@ equals the whole answer, every bad input gets a 400 and the next request still s
 OpenAI client works with `extra_body` (slow: Ray Serve start-up)."""
 
 import json
-import socket
 
 import pytest
 import requests
 import torch
 
 from serving.config import ServeConfig
-from serving.launch import load_serve_file, run_serve_file, serve_file, write_serve_file
+from serving.launch import free_port, load_serve_file, run_serve_file, serve_file, write_serve_file
 from trainers.config import load_config
 from trainers.models import load_causal_lm, load_tokenizer
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "Write about the coffee."
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def server(ray_local, two_policies, tmp_path_factory):
     cfg = load_config(ServeConfig, overrides={"policies": two_policies, "mpo_weights": str(mpo),
                                               "max_tokens_limit": 48, "default_max_tokens": 16,
                                               "batch_wait_ms": 50})
-    path = write_serve_file(serve_file(cfg, port=_free_port()), str(tmp_path_factory.mktemp("serve") / "serve.yaml"))
+    path = write_serve_file(serve_file(cfg, port=free_port()), str(tmp_path_factory.mktemp("serve") / "serve.yaml"))
     url = run_serve_file(load_serve_file(path))
     yield url
     serve.shutdown()

@@ -111,7 +111,7 @@ def test_gapo_step_at_the_reference_head_gradients_and_pgapo(tiny_model):
     head = model.get_output_embeddings().weight
     full = []
     for k in range(2):
-        per_pair = task._per_pair(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+        per_pair = task._per_pair(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)[0]
         full.append(torch.autograd.grad(per_pair[k].mean(), head)[0].reshape(-1))
     norms = [float(g.norm()) for g in full]
     assert abs(logged["grad_norm/sentiment"] - norms[0]) < 1e-5 * norms[0]
