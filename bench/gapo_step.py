@@ -4,7 +4,7 @@ The model is the DPO benchmark's small Llama (4 layers x 256, vocabulary 2,048);
 ``--batch-size`` pairs shaped like real preference data, each with a second objective's label
 (random orientation). A step is forward + loss + backward + AdamW step; GAPO adds its per-objective
 head gradients (``balance_params=head``), or a second forward with ``--balance all``. The
-DeepSpeed engine is replaced by the bare module (``tests``' stand-in): the figure is the
+DeepSpeed engine is replaced by the bare module (``trainers.engine.BareEngine``): the figure is the
 algorithm's own overhead. Alternating, best of ``--repeats``.
 
     python bench/gapo_step.py [--batch-size 8] [--steps 20] [--threads 2] [--balance head|all]
@@ -27,15 +27,6 @@ import torch  # noqa: E402
 from bench.dpo_vs_trl import make_pairs  # noqa: E402
 from reward_models.prompts import tiny_corpus  # noqa: E402
 from trainers.models import build_tiny_model, load_causal_lm, load_tokenizer  # noqa: E402
-
-
-class Bare(torch.nn.Module):
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, **kw):
-        return self.module(**kw)
 
 
 def batches(tok, ref, n_batches, batch_size):
@@ -61,7 +52,9 @@ def batches(tok, ref, n_batches, batch_size):
 
 
 def timed(task, model, data, lr=1e-5) -> float:
-    engine = Bare(model)
+    from trainers.engine import BareEngine
+
+    engine = BareEngine(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     tic = time.perf_counter()
     for batch in data:

@@ -102,3 +102,15 @@ def gathered_state_dict(engine, rank: int) -> Optional[Dict[str, torch.Tensor]]:
                 out[name] = buf.detach().cpu().clone()
     return out if rank == 0 else None
 
+
+
+class BareEngine(torch.nn.Module):
+    """The DeepSpeed engine's calling surface (``engine(**batch)``, ``engine.module``) over a plain
+    module, without DeepSpeed: for measuring a task's own cost and for unit tests of tasks."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)

@@ -10,6 +10,7 @@ import torch
 from tests.conftest import synthetic_pairs, write_jsonl
 from trainers.config import DataConfig
 from trainers.data import load_pairs
+from trainers.engine import BareEngine
 from trainers.gapo import GAPOJobConfig
 
 
@@ -58,17 +59,6 @@ def test_gapo_two_workers_zero2(ray_local, tiny_model, tmp_path):
     assert metrics["loss/sentiment"] + metrics["loss/conciseness"] < 2 * math.log(2)
 
 
-class _Bare(torch.nn.Module):
-    """Stands in for the DeepSpeed engine in a unit test: the same call and ``.module``."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, **kw):
-        return self.module(**kw)
-
-
 def _batch(tok, rows, ref_model=None):
     from trainers.data import tokenize_pair
     from trainers.logps import pad_pairs, pair_logps
@@ -104,7 +94,7 @@ def test_gapo_step_at_the_reference_head_gradients_and_pgapo(tiny_model):
     cfg = GAPOJobConfig(objectives=["sentiment", "conciseness"])
     cfg.train.beta = 0.1
     task = GAPOTask(cfg)
-    combined, _, _ = task.losses(_Bare(model), batch)
+    combined, _, _ = task.losses(BareEngine(model), batch)
     logged = task.step_metrics()
     for k in ("sentiment", "conciseness"):
         assert abs(logged[f"loss/{k}"] - math.log(2)) < 1e-6
@@ -122,6 +112,6 @@ def test_gapo_step_at_the_reference_head_gradients_and_pgapo(tiny_model):
     pcfg = GAPOJobConfig(objectives=["sentiment", "conciseness"], preference={"sentiment": 1.0})
     pcfg.train.beta = 0.1
     ptask = GAPOTask(pcfg)
-    ptask.losses(_Bare(model), batch)
+    ptask.losses(BareEngine(model), batch)
     plog = ptask.step_metrics()
     assert plog["alpha/sentiment"] == 1.0 and plog["alpha/conciseness"] == 0.0
