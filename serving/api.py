@@ -20,13 +20,18 @@ from serving.mixing import WeightError, check_weights
 ROLES = ("system", "user", "assistant")
 
 
+def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None) -> Dict[str, Any]:
+    """An OpenAI-style error body."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
 class RequestError(ValueError):
     def __init__(self, message: str, param: Optional[str] = None):
         super().__init__(message)
         self.param = param
 
     def body(self) -> Dict[str, Any]:
-        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param, "code": None}}
+        return error_body(str(self), param=self.param)
 
 
 @dataclass

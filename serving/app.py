@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from serving.api import Limits, RequestError, chunk_body, completion_body, new_id, parse_request
+from serving.api import Limits, RequestError, chunk_body, completion_body, error_body, new_id, parse_request
 from serving.config import ServeConfig, load_serve_config
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 api = FastAPI(title="Moray mixed policy", description="Any objective-weight vector, one endpoint.")
 
 
-def _error(status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(error_body(message, kind), status_code=status)
 
 
 @serve.deployment(name="MixedPolicy")
@@ -145,7 +145,7 @@ class MixedPolicyServer:
                     yield f"data: {json.dumps(chunk_body(rid, parsed, model, ev['text'], None, first))}\n\n"
                     first = False
                 elif ev["type"] == "error":
-                    yield f"data: {json.dumps({'error': {'message': ev['message'], 'type': 'server_error'}})}\n\n"
+                    yield f"data: {json.dumps(error_body(ev['message'], 'server_error'))}\n\n"
                     break
                 else:
                     yield f"data: {json.dumps(chunk_body(rid, parsed, model, None, ev['finish'], first))}\n\n"
