@@ -3,13 +3,17 @@
     moray train dpo --objective NAME --data PATH_OR_HUB_NAME --model NAME_OR_PATH --out DIR
                     [--config FILE.yaml] [--workers N] [--zero-stage S] [--lora] [--set KEY=VALUE ...]
     moray train gapo --objectives a,b --data pairs_multi.jsonl --model M --out DIR [--preference a=0.7,b=0.3]
+    moray train gapo --online --objectives a,b --data demo:64 --model M --out DIR
+    moray train mopo --objective a --constraints b=0.5 --data candidates.jsonl --model M --out DIR
+    moray train wrpo --objective a --data wrpo.jsonl --model M --out DIR [--alpha-max 0.1]
     moray pairs --model M --prompts FILE|demo:N --objectives a,b --samples-per-prompt n --out DIR
+    moray pairs --wrpo --target M --sources M1,M2 --prompts P --objectives a[,b] --out DIR
     moray score --objectives a,b --data FILE --out FILE
     moray mix mpo --policies a=DIR,b=DIR --ref DIR --prompts P --out weights.json
     moray mix soup --policies a=DIR,b=DIR --weights 0.3,0.7 --out DIR [--lora]
     moray serve --config serve.yaml | --policies a=DIR,b=DIR [--mpo-weights F] [--write-config F]
     moray demo [--tiny] [--out DIR]
-    moray config dpo|serve      # print every option with its default and documentation
+    moray config dpo|gapo|mopo|wrpo|serve   # every option with its default and documentation
 
 Values come from the dataclass defaults, then ``--config``, then the flags; ``--set`` takes any
 dotted key (``--set train.lr=1e-5 --set data.skip_invalid=true``).
@@ -39,7 +43,35 @@ DPO_FLAGS = {
 }
 
 
-GAPO_FLAGS = {"objectives": "objectives", "p": "p", "preference": "preference", "balance_params": "balance_params"}
+GAPO_FLAGS = {"objectives": "objectives", "p": "p", "preference": "preference", "balance_params": "balance_params",
+              "online": "online", "samples_per_prompt": "samples_per_prompt", "kl_coef": "kl_coef",
+              "max_new_tokens": "max_new_tokens"}
+MOPO_FLAGS = {"constraints": "constraints", "tau": "tau", "dual_lr": "dual_lr", "lambda_bound": "lambda_bound"}
+WRPO_FLAGS = {"alpha_max": "alpha_max", "alpha_steps": "alpha_steps"}
+
+
+def _job_classes() -> Dict[str, type]:
+    from reward_models.learned import RewardJobConfig
+    from trainers.config import DPOJobConfig
+    from trainers.gapo import GAPOJobConfig
+    from trainers.mopo_job import MOPOJobConfig
+    from trainers.wrpo import WRPOJobConfig
+
+    return {"dpo": DPOJobConfig, "gapo": GAPOJobConfig, "mopo": MOPOJobConfig, "wrpo": WRPOJobConfig,
+            "reward": RewardJobConfig}
+
+
+def _weights_arg(text: str) -> Dict[str, float]:
+    """``a=0.7,b=0.3`` -> ``{"a": 0.7, "b": 0.3}``, naming a value that is not a number."""
+    from serving.policies import parse_policies
+
+    out = {}
+    for k, v in parse_policies(text).items():
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise ValueError(f"{k}={v}: not a number") from None
+    return out
 
 
 def _add_dpo_args(p: argparse.ArgumentParser) -> None:
@@ -107,9 +139,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     gapo.add_argument("--p", type=float, help="gradient-norm exponent (default 1)")
     gapo.add_argument("--preference", help="P-GAPO preference, e.g. sentiment=0.7,conciseness=0.3")
     gapo.add_argument("--balance-params", dest="balance_params", choices=["head", "all"])
+    gapo.add_argument("--online", action="store_const", const=True,
+                      help="sample from the policy each step (--data: prompts, e.g. demo:64) and balance "
+                           "per-objective policy-gradient losses")
+    gapo.add_argument("--samples-per-prompt", dest="samples_per_prompt", type=int, help="online: samples per prompt")
+    gapo.add_argument("--kl-coef", dest="kl_coef", type=float, help="online: KL penalty to the reference")
+    gapo.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="online: tokens per sample")
+
+    mopo = train.add_parser("mopo", help="MOPO: maximise --objective with the --constraints held (§4)")
+    _add_dpo_args(mopo)
+    mopo.add_argument("--constraints", help="secondary objectives' win-rate thresholds, e.g. sentiment=0.5")
+    mopo.add_argument("--tau", type=float, help="KL weight τ (default 0.1)")
+    mopo.add_argument("--dual-lr", dest="dual_lr", type=float, help="dual step size on λ (default 1)")
+    mopo.add_argument("--lambda-bound", dest="lambda_bound", type=float, help="stop when a multiplier passes this")
+    wrpo = train.add_parser("wrpo", help="WRPO: fuse source models' chosen responses into the target (§7)")
+    _add_dpo_args(wrpo)
+    wrpo.add_argument("--alpha-max", dest="alpha_max", type=float, help="largest source weight (default 0.1)")
+    wrpo.add_argument("--alpha-steps", dest="alpha_steps", type=int, help="steps of the α ramp (default: all)")
 
     pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample, score, best vs worst")
-    pairs.add_argument("--model", required=True, help="policy to sample from (HF name or path)")
+    pairs.add_argument("--model", help="policy to sample from (HF name or path)")
+    pairs.add_argument("--wrpo", action="store_true", help="WRPO rows: the target's best and worst sample and "
+                       "the best of the --sources' samples")
+    pairs.add_argument("--target", help="--wrpo: the model to be trained (default --model)")
+    pairs.add_argument("--sources", help="--wrpo: comma-separated source models (HF names or paths)")
+    pairs.add_argument("--weights", help="--wrpo with several objectives: a=0.5,b=0.5 over standardised scores")
     pairs.add_argument("--prompts", required=True, help="a .txt file (one per line), a jsonl or parquet "
                        "file, an HF dataset directory or hub name, or demo:N (built-in prompts)")
     pairs.add_argument("--prompt-column", dest="prompt_column", default="prompt",
@@ -176,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--zero-stage", dest="zero_stage", type=int, default=2, choices=[0, 1, 2, 3])
 
     cfg = sub.add_parser("config", help="print every option of a job with its default and meaning")
-    cfg.add_argument("job", choices=["dpo", "serve"])
+    cfg.add_argument("job", choices=["dpo", "gapo", "mopo", "wrpo", "reward", "serve"])
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -193,10 +247,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             from trainers.gapo import GAPOJobConfig, run_gapo
 
             if args.preference:
-                from serving.policies import parse_policies
-
-                args.preference = {k: float(v) for k, v in parse_policies(args.preference).items()}
+                args.preference = _weights_arg(args.preference)
             metrics = run_gapo(dpo_config_from_args(args, GAPOJobConfig, GAPO_FLAGS), address=args.address)
+            print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")},
+                             indent=2, default=str))
+        elif args.command == "train" and args.method in ("mopo", "wrpo"):
+            from trainers.mopo_job import MOPOJobConfig, run_mopo
+            from trainers.wrpo import WRPOJobConfig, run_wrpo
+
+            if args.method == "mopo":
+                if args.constraints:
+                    args.constraints = _weights_arg(args.constraints)
+                metrics = run_mopo(dpo_config_from_args(args, MOPOJobConfig, MOPO_FLAGS), address=args.address)
+            else:
+                metrics = run_wrpo(dpo_config_from_args(args, WRPOJobConfig, WRPO_FLAGS), address=args.address)
             print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")},
                              indent=2, default=str))
         elif args.command == "train":
@@ -213,11 +277,29 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             objectives = [o for o in args.objectives.split(",") if o]
             check_objectives(objectives)
+            sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            actors=args.actors)
+            if args.wrpo:
+                from reward_models.pairs import make_wrpo_pairs
+                from serving.mixing import check_weights
+
+                target, sources = args.target or args.model, [m for m in (args.sources or "").split(",") if m]
+                if not target or not sources:
+                    raise ValueError("--wrpo needs --target (or --model) and --sources M1,M2,...")
+                weights = None
+                if args.weights:
+                    weights = dict(zip(objectives, check_weights(_weights_arg(args.weights), objectives)))
+                prompts = load_prompts(args.prompts, args.prompt_column, args.split)
+                init_ray(args.address)
+                made = make_wrpo_pairs(target, sources, prompts, objectives, args.n, args.out, seed=args.seed,
+                                       weights=weights, **sampling)
+                print(json.dumps(made, indent=2))
+                return 0
+            if not args.model:
+                raise ValueError("moray pairs needs --model")
             prompts = load_prompts(args.prompts, args.prompt_column, args.split)
             init_ray(args.address)
-            made = make_pairs(args.model, prompts, objectives, args.n, args.out, seed=args.seed,
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, actors=args.actors)
+            made = make_pairs(args.model, prompts, objectives, args.n, args.out, seed=args.seed, **sampling)
             print(json.dumps(made, indent=2))
         elif args.command == "score":
             from reward_models.batch import score_file
@@ -257,9 +339,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_demo(tiny=args.tiny, out=args.out, workers=args.workers, zero_stage=args.zero_stage)
         elif args.command == "config":
             from serving.config import ServeConfig
-            from trainers.config import DPOJobConfig
 
-            print("\n".join(describe(DPOJobConfig if args.job == "dpo" else ServeConfig)))
+            print("\n".join(describe(ServeConfig if args.job == "serve" else _job_classes()[args.job])))
     except (ValueError, FileNotFoundError) as e:
         print(f"moray: error: {e}", file=sys.stderr)
         return 2

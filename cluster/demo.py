@@ -4,8 +4,9 @@
    ``--tiny`` a tiny Llama built and warm-started here.
 2. On-policy pairs: sample several responses per prompt from the base (Ray Data actors), score
    each with VADER sentiment and with conciseness (minus the token count), keep best vs worst.
-3. One DPO policy per objective on Ray Train workers running DeepSpeed ZeRO, and one GAPO policy
-   balancing both objectives' gradients on pairs labelled by both.
+3. One DPO policy per objective on Ray Train workers running DeepSpeed ZeRO, one GAPO policy
+   balancing both objectives' gradients on pairs labelled by both, and one MOPO policy maximising
+   conciseness with sentiment held at the base's level (win-rate 1/2 against its own samples).
 4. Post-hoc mixing: MPO max-min weights by BSMD (``moray mix mpo``), then the Ray Serve app on
    loopback answers the held-out prompts at several weight vectors in both mixing modes (logits
    and soup), through its OpenAI-compatible chat endpoint.
@@ -105,8 +106,23 @@ def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional
         "train.micro_batch_size": s.micro_batch_size, "train.warmup_steps": 2, "train.checkpoint_every": 0})
     run_gapo(gapo)
 
+    from trainers.mopo_job import MOPOJobConfig, run_mopo
+
+    log.info("MOPO: conciseness maximised with sentiment held at the base's level (win-rate 0.5) on %d prompts' "
+             "%d candidates", len(train_prompts), s.samples)
+    mopo = load_config(MOPOJobConfig, overrides={
+        "objective": "conciseness", "constraints": {"sentiment": 0.5}, "out": str(root / "policy_mopo"),
+        "model.name_or_path": base, "data.path": made["candidates"], "data.skip_invalid": True,
+        "train.workers": workers, "train.zero_stage": zero_stage, "train.lr": s.lr, "train.epochs": s.epochs,
+        "train.micro_batch_size": max(1, s.micro_batch_size // 2), "train.warmup_steps": 2,
+        "train.checkpoint_every": 0})
+    mopo_metrics = run_mopo(mopo)
+    log.info("MOPO ended with lambda %.3f, sentiment win-rate under pi_lambda %.3f (threshold 0.5)",
+             mopo_metrics["lambda/sentiment"], mopo_metrics["constraint/sentiment"])
+
     table: Dict[str, Dict[str, float]] = {}
-    trained = [("base", base)] + [(f"dpo-{k}", v) for k, v in policies.items()] + [("gapo", gapo.out)]
+    trained = ([("base", base)] + [(f"dpo-{k}", v) for k, v in policies.items()] + [("gapo", gapo.out)]
+               + [("mopo", mopo.out)])
     for name, path in trained:
         answers = sample_responses(path, eval_prompts, s.eval_samples, seed=2, **sampling)
         table[name] = table_row(answers, eval_prompts, tok)

@@ -126,22 +126,10 @@ def score_candidates(names: Sequence[str], prompts: Sequence[str], responses: Se
     return out
 
 
-def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str], n: int, out_dir: str,
-               seed: int = 0, **sampling: Any) -> Dict[str, Any]:
-    """Sample ``n`` responses per prompt, score them with every objective, and write
-
-    - ``pairs_<objective>.jsonl``: best vs worst per prompt (ties dropped, margin kept), prompts as
-      chat messages so training renders them exactly as sampling did;
-    - ``candidates.jsonl``: every prompt with all ``n`` responses and every objective's scores;
-    - with several objectives, ``pairs_multi.jsonl``: pairs labelled by every objective (GAPO's
-      input; see :func:`labelled_pairs`).
-
-    Returns ``{"pairs": {objective: path}, "counts": {objective: n_pairs, "multi": n}, "candidates": path,
-    "pairs_multi": path}`` (the ``multi`` entries only with several objectives).
-    """
+def _output_dir(objectives: Sequence[str], n: int, prompts: Sequence[str], out_dir: str):
+    """Check what every sampling job needs (known objectives, n >= 2 samples, some prompts) and
+    create the output directory."""
     from pathlib import Path
-
-    from trainers.models import load_tokenizer
 
     from reward_models.rules import check_objectives
 
@@ -152,6 +140,26 @@ def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str
         raise ValueError("no prompts")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str], n: int, out_dir: str,
+               seed: int = 0, **sampling: Any) -> Dict[str, Any]:
+    """Sample ``n`` responses per prompt, score them with every objective, and write
+
+    - ``pairs_<objective>.jsonl``: best vs worst per prompt (ties dropped, margin kept), prompts as
+      chat messages so training renders them exactly as sampling did;
+    - ``candidates.jsonl``: every prompt (as chat messages) with all ``n`` responses and every
+      objective's scores (``null`` where a sample could not be scored) -- MOPO's input;
+    - with several objectives, ``pairs_multi.jsonl``: pairs labelled by every objective (GAPO's
+      input; see :func:`labelled_pairs`).
+
+    Returns ``{"pairs": {objective: path}, "counts": {objective: n_pairs, "multi": n}, "candidates": path,
+    "pairs_multi": path}`` (the ``multi`` entries only with several objectives).
+    """
+    from trainers.models import load_tokenizer
+
+    out = _output_dir(objectives, n, prompts, out_dir)
     tok = load_tokenizer(model_path)
     responses = sample_responses(model_path, prompts, n, seed=seed, **sampling)
     scores = score_candidates(objectives, prompts, responses, tok)
@@ -166,7 +174,7 @@ def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str
         multi = labelled_pairs(prompts, responses, scores, objectives)
         result["pairs_multi"] = write_jsonl(str(out / "pairs_multi.jsonl"), multi)
         result["counts"]["multi"] = len(multi)
-    candidates = [{"prompt": p, "responses": rs, "scores": {k: [None if np.isnan(v) else float(v) for v in scores[k][i]]
+    candidates = [{"prompt": [{"role": "user", "content": p}], "responses": rs, "scores": {k: [None if np.isnan(v) else float(v) for v in scores[k][i]]
                                                            for k in objectives}}
                   for i, (p, rs) in enumerate(zip(prompts, responses))]
     result["candidates"] = write_jsonl(str(out / "candidates.jsonl"), candidates)
@@ -201,6 +209,66 @@ def labelled_pairs(prompts: Sequence[str], responses: Sequence[Sequence[str]], s
                 rows.append({"prompt": [{"role": "user", "content": prompt}], "response_0": resp[hi],
                              "response_1": resp[lo], **labels})
     return rows
+
+
+def scalarise(scores: Dict[str, np.ndarray], weights: Optional[Dict[str, float]] = None) -> np.ndarray:
+    """One score from several objectives' ``(prompts, m)`` arrays: ``Σ_k w_k z_k`` with each
+    objective standardised over all its finite values (so units do not decide the trade-off);
+    weights default to equal. One objective: its raw scores. NaN stays NaN."""
+    names = list(scores)
+    if len(names) == 1:
+        return np.asarray(scores[names[0]], dtype=np.float64)
+    weights = weights or {k: 1.0 / len(names) for k in names}
+    total = np.zeros_like(np.asarray(scores[names[0]], dtype=np.float64))
+    for k in names:
+        s = np.asarray(scores[k], dtype=np.float64)
+        sd = np.nanstd(s)
+        total = total + weights.get(k, 0.0) * (s - np.nanmean(s)) / (sd if sd > 0 else 1.0)
+    return total
+
+
+def wrpo_rows(prompts: Sequence[str], target: Sequence[Sequence[str]], source: Sequence[Sequence[str]],
+              target_scores: np.ndarray, source_scores: np.ndarray) -> List[Dict[str, Any]]:
+    """WRPO rows (§7): per prompt the best source response ``source`` (y_ws), the target's best
+    sample ``chosen`` (y_wt) and its worst ``rejected`` (y_l). A prompt is dropped when the target's
+    best does not beat its worst, when the source's best does not beat the target's worst, or when
+    fewer than two target samples (one source sample) could be scored."""
+    rows = []
+    for i, prompt in enumerate(prompts):
+        t, s = np.asarray(target_scores[i], dtype=np.float64), np.asarray(source_scores[i], dtype=np.float64)
+        if np.isfinite(t).sum() < 2 or np.isfinite(s).sum() < 1:
+            continue
+        hi, lo, src = int(np.nanargmax(t)), int(np.nanargmin(t)), int(np.nanargmax(s))
+        if not (t[hi] > t[lo] and s[src] > t[lo]) or target[i][hi] == target[i][lo] or source[i][src] == target[i][lo]:
+            continue
+        rows.append({"prompt": [{"role": "user", "content": prompt}], "chosen": target[i][hi],
+                     "rejected": target[i][lo], "source": source[i][src],
+                     "scores": {"source": float(s[src]), "chosen": float(t[hi]), "rejected": float(t[lo])}})
+    return rows
+
+
+def make_wrpo_pairs(target: str, sources: Sequence[str], prompts: Sequence[str], objectives: Sequence[str], n: int,
+                    out_dir: str, seed: int = 0, weights: Optional[Dict[str, float]] = None,
+                    **sampling: Any) -> Dict[str, Any]:
+    """``moray pairs --wrpo``: ``n`` samples per prompt from the target and from each source model,
+    scored by the objectives (several: :func:`scalarise`d, standardised over all samples of this
+    run), written as ``wrpo.jsonl`` (:func:`wrpo_rows`) for ``moray train wrpo``."""
+    from trainers.models import load_tokenizer
+
+    if not sources:
+        raise ValueError("WRPO needs at least one source model")
+    out = _output_dir(objectives, n, prompts, out_dir)
+    tok = load_tokenizer(target)
+    tgt = sample_responses(target, prompts, n, seed=seed, **sampling)
+    src = [[] for _ in prompts]
+    for j, model in enumerate(sources):
+        for i, rs in enumerate(sample_responses(model, prompts, n, seed=seed + 1 + j, **sampling)):
+            src[i].extend(rs)
+    both = [a + b for a, b in zip(tgt, src)]  # one scoring pass, one standardisation
+    scored = scalarise(score_candidates(objectives, prompts, both, tok), weights)
+    rows = wrpo_rows(prompts, tgt, src, scored[:, :n], scored[:, n:])
+    path = write_jsonl(str(out / "wrpo.jsonl"), rows)
+    return {"wrpo": path, "count": len(rows), "prompts": len(prompts), "sources": list(sources), "target": target}
 
 
 def write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> str:

@@ -133,12 +133,13 @@ def _field_problem(v: Any) -> Optional[str]:
     return f"not a string ({type(v).__name__})"
 
 
-def map_row(row: Dict[str, Any], cfg: DataConfig, objective: str,
-            also: Sequence[str] = ()) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+def map_row(row: Dict[str, Any], cfg: DataConfig, objective: str, also: Sequence[str] = (),
+            extra: Sequence[str] = ()) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     """One source row -> ``{prompt, chosen, rejected}`` or a reason it is invalid.
 
     ``also`` (multi-objective files): objectives whose preference is read too, as
     ``sign_<objective>``: +1 when it prefers the same response as ``objective``, -1 otherwise.
+    ``extra``: further response fields every row must hold (WRPO's ``source``), validated alike.
     """
     if "__not_an_object__" in row:
         return None, "not a JSON object"
@@ -159,12 +160,15 @@ def map_row(row: Dict[str, Any], cfg: DataConfig, objective: str,
         if out["prompt"] is None and _is_messages(out["chosen"]) and _is_messages(out["rejected"]):
             # conversation-only rows (e.g. HH-RLHF): the shared turns before the last are the prompt
             out = {"prompt": out["chosen"][:-1], "chosen": out["chosen"][-1:], "rejected": out["rejected"][-1:]}
-    for k in FIELDS:
+    out.update({k: get(k) for k in extra})
+    for k in (*FIELDS, *extra):
         problem = _field_problem(out[k])
         if problem:
             return None, f"{k} {problem}"
     if out["chosen"] == out["rejected"]:
         return None, "chosen == rejected"
+    if "source" in extra and out["source"] == out["rejected"]:
+        return None, "source == rejected"
     return out, None
 
 
@@ -173,8 +177,10 @@ def _ranges(rows: Sequence[int]) -> str:
     return shown + (f", … ({len(rows)} rows)" if len(rows) > 20 else "")
 
 
-def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = ()) -> Tuple[pa.Table, LoadReport]:
-    """Read, map and validate; return a table of ``idx, prompt, chosen, rejected``.
+def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = (),
+               extra: Sequence[str] = ()) -> Tuple[pa.Table, LoadReport]:
+    """Read, map and validate; return a table of ``idx, prompt, chosen, rejected`` (+ ``extra``
+    response columns, e.g. WRPO's ``source``).
 
     Chat message lists are stored as JSON strings (``is_chat`` column) so the table has one
     schema; :class:`Tokenize` renders them with the chat template. Raises
@@ -189,17 +195,17 @@ def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = ()) -> Tup
         raise PreferenceDataError("several objectives on the same pairs need data.response_columns "
                                   "and data.objective_labels")
     report = LoadReport()
-    kept: Dict[str, List[Any]] = {"prompt": [], "chosen": [], "rejected": [], "is_chat": [],
-                                  **{f"sign_{k}": [] for k in also}}
+    fields = (*FIELDS, *extra)
+    kept: Dict[str, List[Any]] = {**{k: [] for k in fields}, "is_chat": [], **{f"sign_{k}": [] for k in also}}
     for src in read_source(cfg.path, cfg.format, cfg.split):
         for i, row in enumerate(src.rows):
             report.total += 1
-            mapped, problem = map_row(row, cfg, objective, also)
+            mapped, problem = map_row(row, cfg, objective, also, extra)
             if problem:
                 report.problems.setdefault(f"{src.name}: {problem}", []).append(i)
                 continue
-            is_chat = any(isinstance(mapped[k], list) for k in FIELDS)
-            for k in FIELDS:
+            is_chat = any(isinstance(mapped[k], list) for k in fields)
+            for k in fields:
                 v = mapped[k]
                 if is_chat and isinstance(v, str):
                     v = [{"role": "user" if k == "prompt" else "assistant", "content": v}]
@@ -238,16 +244,25 @@ def _render(tokenizer, prompt: Any, response: Any, is_chat: bool) -> Tuple[str, 
 
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, is_chat: bool,
                   max_prompt_length: int, max_response_length: int) -> Dict[str, Any]:
-    """Token ids for one pair: prompt truncated from the left, responses from the right.
+    """Token ids for one pair (see :func:`tokenize_responses`)."""
+    return tokenize_responses(tokenizer, prompt, {"chosen": chosen, "rejected": rejected}, is_chat,
+                              max_prompt_length, max_response_length)
+
+
+def tokenize_responses(tokenizer, prompt: str, responses: Dict[str, str], is_chat: bool,
+                       max_prompt_length: int, max_response_length: int) -> Dict[str, Any]:
+    """``<name>_ids`` (prompt + response token ids) and ``<name>_start`` for each response of one
+    prompt: the prompt truncated from the left, responses from the right.
 
     Plain-string responses end with EOS (added if missing) so a policy learns where to stop.
     """
-    prompt_text, chosen_text = _render(tokenizer, prompt, chosen, is_chat)
-    _, rejected_text = _render(tokenizer, prompt, rejected, is_chat)
     add_special = not is_chat  # a chat template already carries BOS where the model wants it
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"][-max_prompt_length:]
+    prompt_ids = None
     out: Dict[str, Any] = {}
-    for name, text in (("chosen", chosen_text), ("rejected", rejected_text)):
+    for name, response in responses.items():
+        prompt_text, text = _render(tokenizer, prompt, response, is_chat)
+        if prompt_ids is None:
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"][-max_prompt_length:]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not is_chat and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids = ids + [tokenizer.eos_token_id]
@@ -258,7 +273,8 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, is_chat: b
 
 
 class Tokenize:
-    """``map_batches`` callable: string pairs -> token ids and response starts."""
+    """``map_batches`` callable: string rows -> token ids and response starts for every response
+    column (``chosen``, ``rejected``, and ``source`` / ``cand_i`` where present)."""
 
     def __init__(self, tokenizer_path: str, max_prompt_length: int, max_response_length: int,
                  trust_remote_code: bool = False):
@@ -269,19 +285,22 @@ class Tokenize:
         self.max_response_length = max_response_length
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
-        cols: Dict[str, List[Any]] = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_start", "rejected_start")}
-        for p, c, r, chat in zip(batch["prompt"], batch["chosen"], batch["rejected"], batch["is_chat"]):
-            t = tokenize_pair(self.tok, p, c, r, bool(chat), self.max_prompt_length, self.max_response_length)
+        from trainers.logps import response_names
+
+        names = response_names(k for k in batch if k not in ("prompt", "is_chat", "idx") and not k.endswith("_ids"))
+        cols: Dict[str, List[Any]] = {f"{k}_{part}": [] for k in names for part in ("ids", "start")}
+        for i, (p, chat) in enumerate(zip(batch["prompt"], batch["is_chat"])):
+            t = tokenize_responses(self.tok, p, {k: batch[k][i] for k in names}, bool(chat),
+                                   self.max_prompt_length, self.max_response_length)
             for k in cols:
                 cols[k].append(t[k])
         n = len(batch["idx"])
         return {
-            **{k: v for k, v in batch.items() if k.startswith("sign_")},  # multi-objective labels ride along
+            # multi-objective labels and win-rates ride along
+            **{k: v for k, v in batch.items() if k.startswith(("sign_", "winrate_"))},
             "idx": batch["idx"],
-            "chosen_ids": _ragged(cols["chosen_ids"]),
-            "rejected_ids": _ragged(cols["rejected_ids"]),
-            "chosen_start": np.asarray(cols["chosen_start"], dtype=np.int64).reshape(n),
-            "rejected_start": np.asarray(cols["rejected_start"], dtype=np.int64).reshape(n),
+            **{f"{k}_ids": _ragged(cols[f"{k}_ids"]) for k in names},
+            **{f"{k}_start": np.asarray(cols[f"{k}_start"], dtype=np.int64).reshape(n) for k in names},
         }
 
 

@@ -1,5 +1,5 @@
 """The per-worker training loop (runs inside a Ray Train worker) for preference losses (DPO/IPO,
-:class:`DPOTask`; GAPO, ``trainers.gapo.GAPOTask``) and Bradley–Terry reward models
+:class:`DPOTask`; GAPO, WRPO, MOPO in their own modules) and Bradley–Terry reward models
 (``reward_models.learned.RewardTask``): a task
 builds the model, turns a micro-batch of pairs into per-pair losses and scores, and exports.
 
@@ -41,14 +41,15 @@ def schedule(rows_per_rank: int, micro_batch_size: int, grad_accum: int, epochs:
             "total_steps": math.ceil(total_micro / grad_accum)}
 
 
-def epoch_batches(shard, epoch: int, cfg, pad_id: int):
-    """Yield the padded micro-batches of one epoch, in a deterministic, seeded order."""
+def epoch_batches(shard, epoch: int, cfg, pad_id: int, pad=pad_pairs):
+    """Yield the padded micro-batches of one epoch, in a deterministic, seeded order (``pad``: rows
+    -> tensors, the task's ``collate`` where it has one)."""
     t = cfg.train
     window = t.micro_batch_size * t.bucket_batches
 
     def collate(rows: Dict[str, np.ndarray]) -> List[Dict[str, torch.Tensor]]:
         seed = (t.seed, epoch, int(rows["idx"][0]))
-        return [pad_pairs(rows, pad_id, index) for index in length_buckets(rows, t.micro_batch_size, seed, t.shuffle)]
+        return [pad(rows, pad_id, index) for index in length_buckets(rows, t.micro_batch_size, seed, t.shuffle)]
 
     kwargs: Dict[str, Any] = {}
     if t.shuffle:
@@ -57,15 +58,16 @@ def epoch_batches(shard, epoch: int, cfg, pad_id: int):
         yield from batches
 
 
-def _resume_position() -> int:
-    """Micro-batches done in the run Ray Train restores (0 on a fresh start)."""
+def _resume_state() -> Dict[str, Any]:
+    """The trainer state of the run Ray Train restores (``{}`` on a fresh start): micro-batches
+    done, step, and the task's own state (e.g. MOPO's multipliers)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 0
+        return {}
     with ckpt.as_directory() as d:
-        return int(json.loads((Path(d) / STATE_FILE).read_text())["micro_batches_done"])
+        return json.loads((Path(d) / STATE_FILE).read_text())
 
 
 def _load_engine_state(engine) -> None:
@@ -160,12 +162,29 @@ class DPOTask:
 
 
 def load_task(name: str, job: Dict[str, Any]):
+    """A task by name. Besides ``cfg``, ``name``, ``build()``, ``losses(engine, batch)`` and
+    ``export(...)``, a task may define ``start_step(step, total_steps)`` (before each optimizer
+    step's first micro-batch), ``end_step() -> metrics`` (after each optimizer step), and
+    ``state()`` / ``load_state(d)`` (JSON saved with every checkpoint and restored on resume)."""
     if name == "dpo":
         return DPOTask(from_dict(DPOJobConfig, job))
     if name == "gapo":
         from trainers.gapo import GAPOJobConfig, GAPOTask
 
-        return GAPOTask(from_dict(GAPOJobConfig, job))
+        cfg = from_dict(GAPOJobConfig, job)
+        if cfg.online:
+            from trainers.gapo_online import OnlineGAPOTask
+
+            return OnlineGAPOTask(cfg)
+        return GAPOTask(cfg)
+    if name == "wrpo":
+        from trainers.wrpo import WRPOJobConfig, WRPOTask
+
+        return WRPOTask(from_dict(WRPOJobConfig, job))
+    if name == "mopo":
+        from trainers.mopo_job import MOPOJobConfig, MOPOTask
+
+        return MOPOTask(from_dict(MOPOJobConfig, job))
     if name == "reward":
         from reward_models.learned import RewardTask, RewardJobConfig
 
@@ -193,10 +212,14 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
     torch.manual_seed(t.seed)
 
     sched = schedule(loop_config["rows_per_rank"], t.micro_batch_size, t.grad_accum, t.epochs)
-    done = _resume_position()
+    resumed = _resume_state()
+    done = int(resumed.get("micro_batches_done", 0))
+    if resumed.get("task") and hasattr(task, "load_state"):
+        task.load_state(resumed["task"])
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     first_epoch = done // sched["micro_per_epoch"]
-    ahead = _Ahead(epoch_batches(shard, first_epoch, cfg, loop_config["pad_id"]))
+    pad = getattr(task, "collate", pad_pairs)
+    ahead = _Ahead(epoch_batches(shard, first_epoch, cfg, loop_config["pad_id"], pad))
     engine = build_engine(task.build(), t, sched["total_steps"], on_gpu)
     _load_engine_state(engine)
 
@@ -212,11 +235,13 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
     loop_start, pairs_trained = time.perf_counter(), 0
     for epoch in range(first_epoch, t.epochs):
         skip = micro - epoch * sched["micro_per_epoch"]
-        batches = ahead if epoch == first_epoch else epoch_batches(shard, epoch, cfg, loop_config["pad_id"])
+        batches = ahead if epoch == first_epoch else epoch_batches(shard, epoch, cfg, loop_config["pad_id"], pad)
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
             boundary = (micro + 1) % t.grad_accum == 0 or micro + 1 == sched["total_micro"]
+            if micro % t.grad_accum == 0 and hasattr(task, "start_step"):  # e.g. WRPO's α schedule
+                task.start_step(step, sched["total_steps"])
             engine.set_gradient_accumulation_boundary(boundary)
             batch = {k: v.to(device) for k, v in batch.items()}
             losses, cr, rr = task.losses(engine, batch)
@@ -234,8 +259,8 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
             now = time.perf_counter()
             metrics = _reduce_metrics(sums, now - tic, world, device)
             metrics.update(step=step, epoch=epoch, lr=engine.get_lr()[0])
-            if hasattr(task, "step_metrics"):  # e.g. GAPO's α and gradient norms
-                metrics.update(task.step_metrics())
+            if hasattr(task, "end_step"):  # e.g. GAPO's α, MOPO's dual step on λ
+                metrics.update(task.end_step())
             history.append(metrics)
             sums.zero_()
             tic = now
@@ -244,7 +269,8 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
             if save or last or step % t.log_every == 0:
                 # one report per window: Ray Train's report is a barrier polled every few hundred ms
                 _report({**metrics, "history": history}, engine, rank, save,
-                        {"micro_batches_done": micro, "step": step, "epoch": epoch})
+                        {"micro_batches_done": micro, "step": step, "epoch": epoch,
+                         "task": task.state() if hasattr(task, "state") else {}})
                 history = []
             if bar is not None:
                 bar.set_description(f"{task.name} {cfg.objective} loss={metrics['loss']:.4f} "

@@ -1,4 +1,5 @@
-"""GAPO / P-GAPO jobs (ALGORITHMS.md §5) on the spine's Ray Train + DeepSpeed loop, offline.
+"""GAPO / P-GAPO jobs (ALGORITHMS.md §5) on the spine's Ray Train + DeepSpeed loop, offline (online
+GAPO, ``online=true``, samples and scores in ``trainers.gapo_online`` and shares this step).
 
 Each pair carries every objective's label (a multi-objective pair file: ``data.response_columns``
 + ``data.objective_labels``, or ``pairs_multi.jsonl`` from ``moray pairs``). Per micro-batch:
@@ -17,8 +18,9 @@ Each pair carries every objective's label (a multi-objective pair file: ``data.r
 4. ``c = gapo_coefficients(...)`` (or P-GAPO's ``λ_i/‖g_i‖``) and one ``engine.backward`` of
    ``Σ_k c_k ℓ_k`` (all trainable weights).
 
-ZeRO stages 0-2 (parameters are whole on every worker). Under ZeRO-3 the head would have to be
-gathered for step 2: refused with a message for now.
+Under ZeRO-3 (**decision**) the head is *gathered* for step 2 (``GatheredParameters``, every
+worker, released right after): one matrix, the same memory a forward's gather takes anyway.
+``balance_params=all`` is refused there -- gathering every weight would undo the partitioning.
 """
 
 from __future__ import annotations
@@ -48,25 +50,36 @@ class GAPOJobConfig(DPOJobConfig):
                                        "sum 1); c_i = pref_i / ||g_i||. Empty: GAPO's MGDA weights.")
     balance_params: str = opt("head", "Parameters whose gradients are balanced: 'head' (the LM head; cheap) "
                               "or 'all' (every trainable weight; a second forward; needed with LoRA).")
+    online: bool = opt(False, "Online GAPO: data.path holds prompts; each step samples from the current policy, "
+                       "scores with every objective and balances policy-gradient losses.")
+    samples_per_prompt: int = opt(4, "Online: samples per prompt (the leave-one-out baseline's group).")
+    max_new_tokens: int = opt(48, "Online: tokens sampled per response at most.")
+    temperature: float = opt(1.0, "Online: sampling temperature.")
+    kl_coef: float = opt(0.05, "Online: KL penalty to the reference in the reward, r - kl_coef (log pi - log pi_ref).")
+    prompt_column: str = opt("prompt", "Online: the prompt column of a jsonl/parquet/HF prompt source.")
 
     def validate(self) -> "GAPOJobConfig":
         """Defaults first: the policy's name joins the objectives, and a pair file without a label
         mapping is read as ``moray pairs``' ``pairs_multi.jsonl`` (response_0/1, better_<k>)."""
         if not self.objective and self.objectives:
             self.objective = "+".join(self.objectives)
-        if not self.data.objective_labels and self.objectives:
+        if not self.data.objective_labels and self.objectives and not self.online:
             self.data.response_columns = self.data.response_columns or ["response_0", "response_1"]
             self.data.objective_labels = {k: f"better_{k}" for k in self.objectives}
         return super().validate()
 
     def labelled_objectives(self) -> List[str]:
-        return list(self.objectives)
+        return [] if self.online else list(self.objectives)
 
     def extra_errors(self) -> List[str]:
         errors = []
         if len(self.objectives) < 2 or len(set(self.objectives)) != len(self.objectives):
             errors.append(f"objectives must name at least two different objectives, got {self.objectives}")
-        if not self.data.objective_labels:
+        if self.online:
+            if self.samples_per_prompt < 2 or self.max_new_tokens < 1 or not self.temperature > 0 or self.kl_coef < 0:
+                errors.append("online GAPO needs samples_per_prompt >= 2, max_new_tokens >= 1, temperature > 0 "
+                              "and kl_coef >= 0")
+        elif not self.data.objective_labels:
             errors.append("GAPO needs per-objective labels: data.response_columns and data.objective_labels")
         if self.p < 0:
             errors.append(f"p must be >= 0, got {self.p}")
@@ -81,11 +94,27 @@ class GAPOJobConfig(DPOJobConfig):
             errors.append(f"balance_params must be head or all, got {self.balance_params!r}")
         if self.model.lora and self.balance_params == "head":
             errors.append("with LoRA the LM head is frozen: set balance_params=all")
-        if self.train.zero_stage == 3:
-            errors.append("GAPO runs on ZeRO stages 0-2 (its per-objective gradients need whole parameters)")
+        if self.train.zero_stage == 3 and self.balance_params == "all":
+            errors.append("under ZeRO-3 GAPO balances the LM head only (balance_params=head): gathering every "
+                          "weight for K extra gradients would undo the partitioning")
         if self.train.loss != "dpo":
             errors.append("GAPO balances DPO losses (train.loss=dpo)")
         return errors
+
+
+def _gathered(params):
+    """Whole parameters for the duration (ZeRO-3's ``GatheredParameters``; a no-op otherwise)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _objective_grads(losses: List[torch.Tensor], params: List[torch.Tensor]) -> torch.Tensor:
+    """``(K, P)``: each objective's mean-loss gradient on ``params``, flattened (autograd.grad, so
+    nothing accumulates into ``.grad``)."""
+    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        l.mean(), params, retain_graph=i < len(losses) - 1, allow_unused=True, materialize_grads=True)])
+        for i, l in enumerate(losses)])
 
 
 class GAPOTask:
@@ -99,13 +128,14 @@ class GAPOTask:
 
             self.preference = check_weights(cfg.preference, cfg.objectives)
         self._logged: List[Dict[str, float]] = []
+        self.batch_metrics: Dict[str, float] = {}  # set by prepare (online: mean rewards)
 
     def build(self) -> torch.nn.Module:
         from trainers.export import build_policy
 
         return build_policy(self.cfg.model)
 
-    def _per_pair(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]):
+    def objective_losses(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]):
         """Each objective's per-pair DPO loss ``(B,)`` from the policy's logits of the batch, and the
         implicit rewards ``β(log π − log π_ref)`` of chosen and rejected ``(B,)`` (first objective's
         orientation)."""
@@ -118,27 +148,36 @@ class GAPOTask:
                   for i, k in enumerate(self.cfg.objectives)]
         return losses, rc, rr
 
+    def prepare(self, engine, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The micro-batch the losses are taken on (offline: the pairs as they come; online GAPO
+        samples, scores and pads here)."""
+        return batch
+
     def losses(self, engine, batch: Dict[str, torch.Tensor]):
         import torch.distributed as dist
 
         cfg = self.cfg
+        batch = self.prepare(engine, batch)
         keep = logits_needed(batch["response_mask"])
         head_only = cfg.balance_params == "head"
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                      logits_to_keep=keep, output_hidden_states=head_only)
-        per_pair, rc, rr = self._per_pair(out.logits, batch)
+        per_pair, rc, rr = self.objective_losses(out.logits, batch)
         module = engine.module
         if head_only:  # the head on the detached final hidden states: exact head gradients, no DeepSpeed hooks
             head = module.get_output_embeddings()
             params = [p for p in head.parameters() if p.requires_grad]
-            side = self._per_pair(head(out.hidden_states[-1][:, -keep:].detach()), batch)[0]
+            hidden = out.hidden_states[-1][:, -keep:].detach()
+            # ZeRO-3: every worker gathers the (partitioned) head for these K gradients, then lets it go;
+            # F.linear, not head(...), so ZeRO-3's module hooks do not release it mid-way. Stages 0-2: no-op.
+            with _gathered(params):
+                side = self.objective_losses(F.linear(hidden, head.weight, head.bias), batch)[0]
+                grads = _objective_grads(side, params)
         else:  # a second forward through the bare module
             params = [p for p in module.parameters() if p.requires_grad]
-            side = self._per_pair(module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            side = self.objective_losses(module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          use_cache=False, logits_to_keep=keep).logits, batch)[0]
-        grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            l.mean(), params, retain_graph=i < len(side) - 1, allow_unused=True, materialize_grads=True)])
-            for i, l in enumerate(side)])
+            grads = _objective_grads(side, params)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(grads)  # each objective's average gradient over the global batch
             grads /= dist.get_world_size()
@@ -148,10 +187,11 @@ class GAPOTask:
         combined = sum(c[i] * per_pair[i] for i in range(len(per_pair)))
         entry = bal.log(cfg.objectives)
         entry.update({f"loss/{k}": float(l.detach().mean()) for k, l in zip(cfg.objectives, per_pair)})
+        entry.update(self.batch_metrics)
         self._logged.append(entry)
         return combined, rc.detach(), rr.detach()
 
-    def step_metrics(self) -> Dict[str, float]:
+    def end_step(self) -> Dict[str, float]:
         """Means over the micro-batches since the last optimizer step (α, gradient norms, cosine,
         per-objective losses); identical on every worker for α (the gradients were averaged)."""
         if not self._logged:
@@ -169,22 +209,15 @@ class GAPOTask:
 def run_gapo(job: GAPOJobConfig, address: Optional[str] = None, run_name: Optional[str] = None) -> Dict[str, Any]:
     """Train one GAPO / P-GAPO policy and export it to ``job.out``. Returns the final metrics."""
     from trainers.data import load_pairs
-    from trainers.launcher import check_enough_pairs, fit, init_ray, prepare_pairs
+    from trainers.launcher import train_on_rows
 
     job.validate()
+    if job.online:
+        from trainers.gapo_online import run_online_gapo
+
+        return run_online_gapo(job, address, run_name)
     table, report = load_pairs(job.data, job.objectives[0], also=job.objectives[1:])  # before Ray starts
-    check_enough_pairs(report.kept, job.train.workers)
-    init_ray(address)
-    prepared = prepare_pairs(job, table, report)
-    t = job.train
-    metadata = {
-        "kind": "policy", "method": "pgapo" if job.preference else "gapo", "objective": job.objective,
-        "objectives": job.objectives, "preference": job.preference, "p": job.p, "balance_params": job.balance_params,
-        "reference_model": job.model.name_or_path, "beta": t.beta, "loss": "dpo", "data": job.data.path,
-        "pairs": prepared.pairs, "epochs": t.epochs, "lora_merged": job.model.lora, "zero_stage": t.zero_stage,
-        "workers": t.workers, "seed": t.seed,
-    }
-    metrics = fit("gapo", job, prepared, metadata, run_name or f"gapo-{job.objective}")
-    log.info("trained %s policy for %s on %d pairs in %.0fs; exported to %s", metadata["method"].upper(),
-             job.objectives, prepared.pairs, metrics["seconds"], job.out)
-    return metrics
+    metadata = {"kind": "policy", "method": "pgapo" if job.preference else "gapo", "objective": job.objective,
+                "objectives": job.objectives, "preference": job.preference, "p": job.p,
+                "balance_params": job.balance_params, "loss": "dpo"}
+    return train_on_rows("gapo", job, table, report, metadata, run_name or f"gapo-{job.objective}", address)

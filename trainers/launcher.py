@@ -99,18 +99,30 @@ def run_dpo(job: DPOJobConfig, address: Optional[str] = None, run_name: Optional
 
     job.validate()
     table, report = load_pairs(job.data, job.objective)  # fail fast: before Ray starts
+    t = job.train
+    metadata = {"kind": "policy", "objective": job.objective, "loss": t.loss}
+    return train_on_rows("dpo", job, table, report, metadata, run_name or f"{t.loss}-{job.objective}",
+                         address, failure_marker)
+
+
+def train_on_rows(task: str, job, table, report, metadata: Dict[str, Any], name: str,
+                  address: Optional[str] = None, failure_marker: str = "", with_reference: bool = True,
+                  tokenize: Optional[type] = None) -> Dict[str, Any]:
+    """The common tail of every policy job, after its config and data were checked on the driver:
+    start Ray, tokenize (+ reference log-probs), train ``task`` on Ray Train, export to ``job.out``.
+    ``metadata`` (the job's own ``moray.json`` entries) gains the entries every policy carries."""
     check_enough_pairs(report.kept, job.train.workers)
     init_ray(address)
-    prepared = prepare_pairs(job, table, report)
+    prepared = prepare_pairs(job, table, report, tokenize=tokenize, with_reference=with_reference)
     t = job.train
     metadata = {
-        "kind": "policy", "objective": job.objective, "reference_model": job.model.name_or_path, "beta": t.beta,
-        "loss": t.loss, "data": job.data.path, "pairs": prepared.pairs, "epochs": t.epochs,
-        "lora_merged": job.model.lora, "zero_stage": t.zero_stage, "workers": t.workers, "seed": t.seed,
+        **metadata, "reference_model": job.model.name_or_path, "beta": t.beta, "data": job.data.path,
+        "pairs": prepared.pairs, "epochs": t.epochs, "lora_merged": job.model.lora, "zero_stage": t.zero_stage,
+        "workers": t.workers, "seed": t.seed,
     }
-    metrics = fit("dpo", job, prepared, metadata, run_name or f"{t.loss}-{job.objective}", failure_marker)
-    log.info("trained %s policy for %r on %d pairs in %.0fs; exported to %s", t.loss.upper(), job.objective,
-             prepared.pairs, metrics["seconds"], job.out)
+    metrics = fit(task, job, prepared, metadata, name, failure_marker)
+    log.info("trained a %s policy for %r on %d %s in %.0fs; exported to %s", metadata.get("method", task).upper(),
+             job.objective, prepared.pairs, "prompts" if task == "mopo" else "pairs", metrics["seconds"], job.out)
     return metrics
 
 

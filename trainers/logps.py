@@ -3,12 +3,15 @@ response tokens' log-probs (ALGORITHMS.md §0: prompt and padding never count).
 
 Shapes: a batch of ``B`` pairs becomes ``input_ids``, ``attention_mask`` and ``response_mask``
 of shape ``(2B, T)`` -- rows ``0..B-1`` chosen, ``B..2B-1`` rejected -- so chosen and rejected go
-through the model in one forward.
+through the model in one forward. Rows with more responses per prompt (WRPO's ``source``, MOPO's
+candidates ``cand_0..cand_{n-1}``) stack the same way: ``R`` responses give ``(R·B, T)``, response
+``r`` of prompt ``b`` at row ``r·B + b`` (order: :func:`response_names`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+import re
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,17 +31,28 @@ def pad_sequences(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: 
     return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "response_mask": response_mask}
 
 
+def response_names(columns: Iterable[str]) -> List[str]:
+    """The responses a row holds, in batch order: ``chosen``, ``rejected``, ``source`` (those present),
+    then ``cand_0, cand_1, …``. ``columns``: text columns, or tokenized ones (``<name>_ids``)."""
+    names = {c[:-4] if c.endswith("_ids") else c for c in columns}
+    fixed = [k for k in ("chosen", "rejected", "source") if k in names]
+    return fixed + sorted((k for k in names if re.fullmatch(r"cand_\d+", k)), key=lambda k: int(k[5:]))
+
+
 def pad_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] | None = None) -> Dict[str, torch.Tensor]:
-    """Right-pad the pairs ``rows[...][index]`` into one ``(2B, T)`` batch (T = longest row)."""
-    index = range(len(rows["chosen_ids"])) if index is None else index
-    seqs = [rows["chosen_ids"][i] for i in index] + [rows["rejected_ids"][i] for i in index]
-    starts = [rows["chosen_start"][i] for i in index] + [rows["rejected_start"][i] for i in index]
+    """Right-pad the rows ``rows[...][index]`` into one ``(R·B, T)`` batch (T = longest sequence,
+    R responses each: 2 for pairs). Float columns that ride along (``ref_<name>_logps``,
+    ``sign_<objective>``: ``(B,)``; ``winrate_<objective>``: ``(B, n)``) are kept, in float64."""
+    names = response_names(k for k in rows if k.endswith("_ids"))
+    index = range(len(rows[f"{names[0]}_ids"])) if index is None else index
+    seqs = [rows[f"{n}_ids"][i] for n in names for i in index]
+    starts = [rows[f"{n}_start"][i] for n in names for i in index]
     out = pad_sequences(seqs, starts, pad_id)
     if "idx" in rows:
         out["idx"] = torch.as_tensor(np.asarray([rows["idx"][i] for i in index], dtype=np.int64))
     for k in rows:
-        if k in ("ref_chosen_logps", "ref_rejected_logps") or k.startswith("sign_"):
-            out[k] = torch.as_tensor(np.asarray([rows[k][i] for i in index], dtype=np.float64))
+        if (k.startswith("ref_") and k.endswith("_logps")) or k.startswith(("sign_", "winrate_")):
+            out[k] = torch.as_tensor(np.asarray([np.asarray(rows[k][i], dtype=np.float64) for i in index]))
     return out
 
 
@@ -67,8 +81,9 @@ def logits_needed(response_mask: torch.Tensor) -> int:
     return min(T, T - first + 1)
 
 
-def pair_logps(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One forward over chosen+rejected; returns ``(chosen_logps (B,), rejected_logps (B,))``.
+def pair_logps(model: torch.nn.Module, batch: Dict[str, torch.Tensor], responses: int = 2) -> Tuple[torch.Tensor, ...]:
+    """One forward over every response of the batch; returns one ``(B,)`` tensor per response
+    (pairs: ``(chosen_logps, rejected_logps)``; ``responses``: R of :func:`pad_pairs`).
 
     Passes ``logits_to_keep`` (transformers causal LMs) so prompt positions never reach the LM head.
     """
@@ -76,19 +91,19 @@ def pair_logps(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                    logits_to_keep=keep).logits
     logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
-    B = logps.shape[0] // 2
-    return logps[:B], logps[B:]
+    return tuple(logps.view(responses, -1))
 
 
 def length_buckets(rows: Dict[str, Sequence[Any]], batch_size: int, seed: Sequence[int], shuffle: bool = True) -> List[np.ndarray]:
     """Cut a window of pairs into batches of similar length (less padding).
 
-    Sort by the longer of each pair's two sequences, cut into ``batch_size`` chunks, then shuffle
+    Sort by the longest of each row's sequences, cut into ``batch_size`` chunks, then shuffle
     the chunk order with ``np.random.default_rng(seed)`` -- deterministic for a seed, so a resumed
     run sees the same batches.
     """
-    n = len(rows["chosen_ids"])
-    lengths = np.array([max(len(rows["chosen_ids"][i]), len(rows["rejected_ids"][i])) for i in range(n)])
+    cols = [rows[k] for k in rows if k.endswith("_ids")]  # every sequence of the row (online GAPO: its prompt)
+    n = len(cols[0])
+    lengths = np.array([max(len(c[i]) for c in cols) for i in range(n)])
     order = np.argsort(lengths, kind="stable")
     chunks = [order[i: i + batch_size] for i in range(0, n, batch_size)]
     if shuffle:

@@ -6,6 +6,7 @@ batch mean. Shapes: all inputs ``(B,)``; outputs ``(B,)``.
 
 The registry ``LOSSES`` maps a name (``dpo``, ``ipo``) to its function so configs can pick one.
 :func:`wrpo_loss` (§7) takes a third response (the source models' chosen one) and α.
+:func:`policy_gradient_loss` (online GAPO's per-objective loss) takes ``n`` samples per prompt.
 """
 
 from __future__ import annotations
@@ -95,6 +96,29 @@ def wrpo_alpha(step: int, total_steps: int, alpha_max: float = 0.1) -> float:
     if not 0.0 <= alpha_max <= 1.0:
         raise ValueError(f"alpha_max must be in [0, 1], got {alpha_max}")
     return alpha_max * min(1.0, max(step, 0) / total_steps)
+
+
+def loo_advantages(rewards: Tensor) -> Tensor:
+    """Leave-one-out baseline over a prompt's ``n`` samples: ``A_i = r_i − mean_{j≠i} r_j``.
+
+    ``rewards (B, n)`` with ``n >= 2`` -> ``(B, n)``; every prompt's advantages sum to 0.
+    """
+    n = rewards.shape[1]
+    if n < 2:
+        raise ValueError(f"a leave-one-out baseline needs >= 2 samples per prompt, got {n}")
+    return rewards - (rewards.sum(1, keepdim=True) - rewards) / (n - 1)
+
+
+def policy_gradient_loss(policy_logps: Tensor, rewards: Tensor, ref_logps: Tensor, kl_coef: float) -> Tensor:
+    """REINFORCE with a leave-one-out baseline and a KL penalty to the reference, per sample.
+
+    ``policy_logps``, ``ref_logps``, ``rewards``: ``(B, n)`` -- summed response log-probs and one
+    objective's rewards of ``n`` samples per prompt. The penalised reward is
+    ``r − kl_coef · (log π_θ − log π_ref)`` (detached); returns ``−A · log π_θ`` ``(B, n)``, whose
+    gradient is the policy-gradient estimate.
+    """
+    penalised = rewards - kl_coef * (policy_logps.detach() - ref_logps)
+    return -loo_advantages(penalised).detach() * policy_logps
 
 
 LOSSES: Dict[str, Callable[..., LossOutput]] = {"dpo": dpo_loss, "ipo": ipo_loss}

@@ -8,6 +8,8 @@ A prompt comes with ``n`` candidate responses (dataset responses or samples from
 - :func:`mopo_ratios`: ``ρ_λ(y_i) = n · softmax_i((p̄ + λᵀq̄)/τ)`` -- the closed-form ratio π/π_ref on
   the candidates, normalised per prompt (the decision in §4).
 - :func:`mopo_policy_loss`: weighted behaviour cloning ``−Σ_i sg(ρ_i) log π_θ(y_i|x) / n``.
+
+Prompts with fewer candidates than others (unscorable samples dropped) pass a ``mask (B, n)``.
 - :func:`constraint_values`, :func:`dual_step`: ``Ê_{π_λ}[q̄]`` and ``λ ← max(0, λ + η(b − Ê))``.
 - :func:`check_feasible`, :func:`check_multipliers`: infeasible thresholds fail before training,
   and a multiplier past its bound stops training, naming the constraint.
@@ -42,26 +44,44 @@ def win_rates(scores: Optional[Tensor] = None, preferences: Optional[Tensor] = N
     return P.mean(-1)
 
 
-def mopo_ratios(p_bar: Tensor, q_bar: Tensor, lam: Tensor, tau: float) -> Tensor:
-    """``ρ_λ (B, n) = n · softmax_i((p̄ + q̄ λ)/τ)``; ``p_bar (B, n)``, ``q_bar (B, n, J)``, ``lam (J,)``."""
+def _counts(mask: Optional[Tensor], like: Tensor) -> Tensor:
+    """Candidates per prompt ``(B, 1)``: ``n`` everywhere, or the mask's row sums."""
+    if mask is None:
+        return torch.full((like.shape[0], 1), float(like.shape[1]), dtype=like.dtype, device=like.device)
+    return mask.sum(1, keepdim=True).to(like.dtype)
+
+
+def mopo_ratios(p_bar: Tensor, q_bar: Tensor, lam: Tensor, tau: float, mask: Optional[Tensor] = None) -> Tensor:
+    """``ρ_λ (B, n) = n · softmax_i((p̄ + q̄ λ)/τ)``; ``p_bar (B, n)``, ``q_bar (B, n, J)``, ``lam (J,)``.
+
+    ``mask (B, n)`` (bool, optional): which candidates exist, for prompts with fewer than ``n``;
+    the softmax runs over those and ``n`` becomes each prompt's count (absent ones get ρ = 0).
+    """
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     logits = (p_bar + q_bar @ lam.to(q_bar.dtype)) / tau
-    return p_bar.shape[1] * torch.softmax(logits, dim=1)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return _counts(mask, p_bar) * torch.softmax(logits, dim=1)
 
 
-def mopo_policy_loss(policy_logps: Tensor, rho: Tensor) -> Tensor:
-    """Weighted behaviour cloning, mean over prompts: ``−mean_b Σ_i sg(ρ_bi) log π_θ(y_bi|x_b) / n``.
+def mopo_policy_loss(policy_logps: Tensor, rho: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Weighted behaviour cloning per prompt ``(B,)``: ``−Σ_i sg(ρ_bi) log π_θ(y_bi|x_b) / n_b``
+    (the caller takes the mean). ``policy_logps (B, n)``: summed response log-probs of every
+    candidate under the policy; ``mask`` as in :func:`mopo_ratios`."""
+    weights = rho.detach() if mask is None else rho.detach().masked_fill(~mask, 0.0)
+    return -(weights * policy_logps).sum(1) / _counts(mask, policy_logps)[:, 0]
 
-    ``policy_logps (B, n)``: summed response log-probs of every candidate under the policy.
-    """
-    n = policy_logps.shape[1]
-    return -(rho.detach() * policy_logps).sum(1).mean() / n
+
+def constraint_values(rho: Tensor, q_bar: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """``Ê_{π_λ}[q̄_j] = mean_b (1/n_b) Σ_i ρ_bi q̄_bij`` -> ``(J,)`` (see :func:`prompt_values`)."""
+    return prompt_values(rho, q_bar, mask).mean(0)
 
 
-def constraint_values(rho: Tensor, q_bar: Tensor) -> Tensor:
-    """``Ê_{π_λ}[q̄_j] = mean_b mean_i ρ_bi q̄_bij`` -> ``(J,)``."""
-    return (rho[:, :, None] * q_bar).mean(dim=(0, 1))
+def prompt_values(rho: Tensor, q_bar: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Each prompt's constraint values under π_λ, ``(B, J)``; absent candidates count for nothing."""
+    q = q_bar if mask is None else q_bar.masked_fill(~mask[:, :, None], 0.0)
+    return (rho[:, :, None] * q).sum(1) / _counts(mask, rho)
 
 
 def dual_step(lam: Tensor, thresholds: Tensor, values: Tensor, eta: float) -> Tensor:
@@ -70,8 +90,9 @@ def dual_step(lam: Tensor, thresholds: Tensor, values: Tensor, eta: float) -> Te
 
 
 def best_achievable(q_bar: Tensor) -> Tensor:
-    """The largest value each constraint can reach on these candidates: ``mean_b max_i q̄_bij`` (J,)."""
-    return q_bar.max(dim=1).values.mean(0)
+    """The largest value each constraint can reach on these candidates: ``mean_b max_i q̄_bij`` (J,);
+    NaN marks an absent candidate."""
+    return torch.nan_to_num(q_bar, nan=float("-inf")).max(dim=1).values.mean(0)
 
 
 def check_feasible(q_bar: Tensor, thresholds: Tensor, names: Sequence[str]) -> None:

@@ -1,7 +1,8 @@
 """Reference log-probs, computed once per pair by the frozen reference model.
 
 A Ray Data pass (``map_batches`` on an actor pool: the model loads once per actor) adds
-``ref_chosen_logps`` and ``ref_rejected_logps`` to every tokenized pair, under ``no_grad``.
+``ref_<name>_logps`` for every response of a tokenized row (``ref_chosen_logps`` and
+``ref_rejected_logps`` for a pair; WRPO adds ``ref_source_logps``), under ``no_grad``.
 Training then never runs the reference again -- not per step, not per epoch, not on resume.
 """
 
@@ -12,7 +13,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from trainers.logps import length_buckets, pad_pairs, pair_logps
+from trainers.logps import length_buckets, pad_pairs, pair_logps, response_names
 
 
 class ReferenceLogps:
@@ -32,11 +33,10 @@ class ReferenceLogps:
     @torch.no_grad()
     def __call__(self, rows: Dict[str, np.ndarray]) -> Dict[str, Any]:
         n = len(rows["idx"])
-        chosen = np.zeros(n, dtype=np.float64)
-        rejected = np.zeros(n, dtype=np.float64)
+        names = response_names(k for k in rows if k.endswith("_ids"))
+        out = {name: np.zeros(n, dtype=np.float64) for name in names}
         for index in length_buckets(rows, self.micro_batch_size, seed=(0,), shuffle=False):
             batch = {k: v.to(self.device) for k, v in pad_pairs(rows, self.pad_id, index).items()}
-            c, r = pair_logps(self.model, batch)
-            chosen[index] = c.double().cpu().numpy()
-            rejected[index] = r.double().cpu().numpy()
-        return {**rows, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+            for name, lp in zip(names, pair_logps(self.model, batch, len(names))):
+                out[name][index] = lp.double().cpu().numpy()
+        return {**rows, **{f"ref_{name}_logps": v for name, v in out.items()}}

@@ -93,3 +93,30 @@ def test_gapo_refuses_pairs_without_every_label_before_ray_starts(tmp_path, caps
                  "--out", str(tmp_path / "o"), "--lora"]) == 2
     assert "set balance_params=all" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_mopo_and_wrpo_refuse_bad_input_before_ray_starts(tmp_path, capsys, tiny_model):
+    import ray
+
+    from tests.trainers.test_mopo_job import _candidates
+
+    cands = write_jsonl(tmp_path / "c.jsonl", _candidates(4))
+    base = ["train", "mopo", "--objective", "conciseness", "--data", cands, "--model", tiny_model,
+            "--out", str(tmp_path / "o")]
+    assert main(base + ["--constraints", "sentiment=0.97"]) == 2
+    assert "infeasible MOPO thresholds" in capsys.readouterr().err
+    assert main(base + ["--constraints", "sentiment=high"]) == 2
+    assert "sentiment=high: not a number" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "constraints must name at least one" in capsys.readouterr().err
+    pairs = write_jsonl(tmp_path / "w.jsonl", [{**r, "source": r["rejected"]} for r in synthetic_pairs(3)])
+    assert main(["train", "wrpo", "--objective", "sentiment", "--data", pairs, "--model", tiny_model,
+                 "--out", str(tmp_path / "w")]) == 2
+    assert "source == rejected (row 0, 1, 2)" in capsys.readouterr().err
+    assert main(["pairs", "--wrpo", "--target", tiny_model, "--prompts", "demo:2", "--objectives", "sentiment",
+                 "--out", str(tmp_path / "p")]) == 2
+    assert "--wrpo needs --target (or --model) and --sources" in capsys.readouterr().err
+    for job in ("mopo", "wrpo", "gapo"):
+        assert main(["config", job]) == 0
+    assert "alpha_max = 0.1" in capsys.readouterr().out
+    assert not ray.is_initialized()

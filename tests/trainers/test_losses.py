@@ -108,3 +108,24 @@ def test_wrpo_worked_value_and_schedule():
     assert wrpo_alpha(3, 4, alpha_max=1.0) == 0.75
     with pytest.raises(ValueError):
         wrpo_alpha(1, 0)
+
+
+def test_leave_one_out_advantages_and_the_policy_gradient_loss():
+    from trainers.losses import loo_advantages, policy_gradient_loss
+
+    r = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    a = loo_advantages(r)
+    torch.testing.assert_close(a, torch.tensor([[1 - 4.0, 2 - 3.5, 6 - 1.5], [0.0, 0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(a.sum(1), torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        loo_advantages(r[:, :1])
+    logps = torch.tensor([[-3.0, -2.0, -4.0], [-1.0, -5.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-3.0, -2.5, -3.0], [-1.0, -5.0, -2.0]], dtype=torch.float64)
+    loss = policy_gradient_loss(logps, r, ref, kl_coef=0.5)
+    penalised = r - 0.5 * (logps.detach() - ref)
+    expect = loo_advantages(penalised)
+    (grad,) = torch.autograd.grad(loss.sum(), logps)
+    torch.testing.assert_close(grad, -expect, rtol=0, atol=1e-12)  # ∂/∂logπ of −A·logπ with A detached
+    # π = π_ref and equal rewards: no signal
+    flat = policy_gradient_loss(ref.clone().requires_grad_(), torch.ones(2, 3, dtype=torch.float64), ref, 0.5)
+    assert float(flat.abs().max()) == 0.0

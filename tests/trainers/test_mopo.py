@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from trainers.mopo import (check_feasible, check_multipliers, constraint_values, dual_step, mopo_policy_loss,
-                           mopo_ratios, win_rates)
+from trainers.mopo import (best_achievable, check_feasible, check_multipliers, constraint_values, dual_step,
+                           mopo_policy_loss, mopo_ratios, win_rates)
 
 D = torch.float64
 
@@ -88,7 +88,7 @@ def test_weighted_behaviour_cloning_converges_to_the_ratio():
     theta = torch.zeros(1, 8, dtype=D, requires_grad=True)
     opt = torch.optim.SGD([theta], lr=5.0)
     for _ in range(2000):
-        loss = mopo_policy_loss(torch.log_softmax(theta, 1), rho)
+        loss = mopo_policy_loss(torch.log_softmax(theta, 1), rho).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -112,3 +112,28 @@ def test_infeasible_thresholds_and_runaway_multipliers_are_named():
     assert float(lam) > 10  # grows without bound
     with pytest.raises(RuntimeError, match="sentiment"):
         check_multipliers(lam, 10.0, ["sentiment"], torch.tensor([0.5]), torch.tensor([best + 0.05]))
+
+
+def test_a_mask_is_the_same_as_dropping_the_absent_candidates():
+    """A prompt with 3 of 5 candidates (padded, masked) gets the ρ, loss and constraint values it
+    gets alone with its 3; the other prompt of the batch is untouched."""
+    g = torch.Generator().manual_seed(4)
+    p_bar, q_bar = torch.rand(2, 5, generator=g, dtype=D), torch.rand(2, 5, 2, generator=g, dtype=D)
+    logps = -torch.rand(2, 5, generator=g, dtype=D) * 30
+    lam = torch.tensor([0.4, 1.5], dtype=D)
+    mask = torch.tensor([[True] * 5, [True, False, True, True, False]])
+    keep = torch.tensor([0, 2, 3])
+    rho = mopo_ratios(p_bar, q_bar, lam, 0.2, mask)
+    alone = mopo_ratios(p_bar[1:, keep], q_bar[1:, keep], lam, 0.2)
+    torch.testing.assert_close(rho[1, keep], alone[0], rtol=0, atol=1e-15)
+    assert rho[1, ~mask[1]].abs().max() == 0 and abs(float(rho[1].sum()) - 3) < 1e-12
+    torch.testing.assert_close(rho[0], mopo_ratios(p_bar[:1], q_bar[:1], lam, 0.2)[0], rtol=0, atol=1e-15)
+    loss = mopo_policy_loss(logps, rho, mask)
+    torch.testing.assert_close(loss[1], mopo_policy_loss(logps[1:, keep], alone)[0], rtol=0, atol=1e-12)
+    both = constraint_values(rho, q_bar, mask)
+    sep = (constraint_values(rho[:1], q_bar[:1]) + constraint_values(alone, q_bar[1:, keep])) / 2
+    torch.testing.assert_close(both, sep, rtol=0, atol=1e-15)
+    q_nan = q_bar.clone()
+    q_nan[1, ~mask[1]] = float("nan")
+    expect = (q_bar[0].max(0).values + q_bar[1, keep].max(0).values) / 2
+    torch.testing.assert_close(best_achievable(q_nan), expect, rtol=0, atol=1e-15)

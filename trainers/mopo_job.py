@@ -1,0 +1,271 @@
+"""MOPO jobs (ALGORITHMS.md §4) on the spine's Ray Train + DeepSpeed loop: maximise a primary
+objective while each secondary objective's win-rate stays above a threshold.
+
+Input: a candidate file -- one row per prompt with ``n`` responses and every objective's scores
+(``moray pairs`` writes ``candidates.jsonl``) or preference matrices. On the driver, before Ray
+starts, each objective's scores become win-rates against the prompt's candidates (ties ½; a
+candidate some objective cannot score is dropped from its prompt, which then holds fewer), and
+the thresholds are checked against the best any policy over the candidates could reach.
+
+Thresholds are win-rates against the candidates: the behaviour policy (the candidates' sampler,
+uniform over them) sits at exactly 0.5 on every objective, so ``{sentiment: 0.5}`` means "no
+worse on sentiment than the model that produced the candidates".
+
+Per micro-batch (``micro_batch_size`` prompts): one forward over all ``n`` candidates of every
+prompt, ``ρ_λ`` from the current multipliers, the weighted behaviour-cloning loss, and each
+prompt's constraint values under ``π_λ``. After each optimizer step the constraint values are
+averaged over the workers' prompts (``all_reduce``), so every worker takes the same projected
+dual step and holds the same λ; λ and the thresholds are saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from trainers.config import DPOJobConfig, DataConfig, opt
+from trainers.logps import pair_logps
+from trainers.mopo import (check_feasible, check_multipliers, dual_step, mopo_policy_loss, mopo_ratios,
+                           prompt_values, win_rates)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MOPOJobConfig(DPOJobConfig):
+    """`moray train mopo`: ``objective`` is the primary objective, ``constraints`` the others."""
+
+    constraints: Dict[str, float] = opt({}, "Secondary objectives and their thresholds as win-rates against "
+                                        "the candidates (0.5: the level of the model that sampled them), "
+                                        "e.g. {sentiment: 0.5}.")
+    tau: float = opt(0.1, "τ, the KL weight: the policy on the candidates is π_ref·ρ_λ with "
+                     "ρ_λ ∝ exp((p̄ + λᵀq̄)/τ).")
+    dual_lr: float = opt(1.0, "η_λ, the projected dual step size on the multipliers (once per optimizer step).")
+    lambda_bound: float = opt(50.0, "Stop with an error naming the constraint when a multiplier passes this "
+                              "(the threshold is out of this policy's reach).")
+    ratchet_every: int = opt(0, "Every N optimizer steps, set each threshold to ratchet_relax x the value "
+                             "reached over those steps (0: thresholds stay fixed).")
+    ratchet_relax: float = opt(0.95, "β_relax of the ratchet.")
+
+    def labelled_objectives(self) -> List[str]:
+        return []
+
+    def extra_errors(self) -> List[str]:
+        errors = []
+        if not self.constraints:
+            errors.append("constraints must name at least one secondary objective with its threshold")
+        if self.objective in self.constraints:
+            errors.append(f"the primary objective {self.objective!r} cannot also be a constraint")
+        for k, b in self.constraints.items():
+            if not (math.isfinite(b) and 0.0 <= b <= 1.0):
+                errors.append(f"threshold of {k!r} must be a win-rate in [0, 1], got {b}")
+        for name in ("tau", "dual_lr", "lambda_bound"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                errors.append(f"{name} must be a positive finite number, got {v}")
+        if self.ratchet_every < 0 or not 0 < self.ratchet_relax <= 1:
+            errors.append("ratchet_every must be >= 0 and ratchet_relax in (0, 1]")
+        if self.data.objective_labels:
+            errors.append("MOPO reads candidate files (prompt, responses, scores), not objective_labels")
+        return errors
+
+    def objective_names(self) -> List[str]:
+        return [self.objective, *self.constraints]
+
+
+def _row_win_rates(row_scores: Dict[str, Any], row_prefs: Dict[str, Any], names: List[str], n: int,
+                   texts: List[Any]) -> Tuple[Optional[Dict[str, np.ndarray]], Optional[str]]:
+    """Each objective's win-rates over the prompt's usable candidates (NaN for the others)."""
+    usable = np.array([bool(t) for t in texts])
+    for k in names:
+        if k in row_scores:
+            s = row_scores[k]
+            if not isinstance(s, list) or len(s) != n:
+                return None, f"scores.{k} must be a list of {n} numbers"
+            if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in s):
+                return None, f"scores.{k} holds a non-number"
+            usable &= np.array([v is not None and math.isfinite(v) for v in s])
+        elif k in row_prefs:
+            P = row_prefs[k]
+            if (not isinstance(P, list) or len(P) != n or any(not isinstance(r, list) or len(r) != n for r in P)
+                    or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for r in P for v in r)):
+                return None, f"preferences.{k} must be a {n}x{n} matrix of probabilities"
+        else:
+            return None, f"no scores or preferences for objective {k!r}"
+    if usable.sum() < 2:
+        return None, "fewer than 2 candidates every objective scores"
+    idx = np.flatnonzero(usable)
+    out = {}
+    for k in names:
+        w = np.full(n, np.nan)
+        if k in row_scores:
+            s = torch.tensor([float(row_scores[k][i]) for i in idx], dtype=torch.float64)[None]
+            w[idx] = win_rates(s)[0].numpy()
+        else:
+            P = torch.tensor(row_prefs[k], dtype=torch.float64)[idx][:, idx][None]
+            w[idx] = win_rates(preferences=P)[0].numpy()
+        out[k] = w
+    return out, None
+
+
+def load_candidates(cfg: MOPOJobConfig):
+    """Read and check a candidate file on the driver; a table of ``idx, prompt, is_chat, cand_0..,
+    winrate_<objective>`` (NaN for a dropped candidate, whose text repeats a kept one so every row
+    holds ``n`` sequences) and a :class:`~trainers.data.LoadReport` counting prompts."""
+    from trainers.data import LoadReport, PreferenceDataError, _field_problem, _ranges, read_source
+
+    d: DataConfig = cfg.data
+    names = cfg.objective_names()
+    get = lambda row, name: row.get(d.columns.get(name, name))  # noqa: E731
+    report, rows = LoadReport(), []
+    for src in read_source(d.path, d.format, d.split):
+        for i, row in enumerate(src.rows):
+            report.total += 1
+            prompt, texts = get(row, "prompt"), get(row, "responses")
+            problem = _field_problem(prompt) if "__not_an_object__" not in row else "row is not a JSON object"
+            if problem is None and (not isinstance(texts, list) or len(texts) < 2
+                                    or any(not isinstance(t, str) for t in texts)):
+                problem = "responses must be a list of at least 2 strings"
+            rates = None
+            if problem is None:
+                scores, prefs = get(row, "scores") or {}, get(row, "preferences") or {}
+                if not isinstance(scores, dict) or not isinstance(prefs, dict):
+                    problem = "scores and preferences must map objective names to values"
+                else:
+                    rates, problem = _row_win_rates(scores, prefs, names, len(texts), [t.strip() for t in texts])
+            if problem:
+                report.problems.setdefault(f"{src.name}: {problem}", []).append(i)
+                continue
+            rows.append((prompt, texts, rates))
+    bad = sum(len(v) for v in report.problems.values())
+    if bad:
+        detail = "; ".join(f"{k} (row {_ranges(v)})" for k, v in report.problems.items())
+        if not d.skip_invalid:
+            raise PreferenceDataError(f"{bad} invalid candidate rows (rows count from 0 per file): {detail}. "
+                                      "Fix them or set data.skip_invalid=true.")
+        log.warning("skipped %d of %d invalid candidate rows: %s", bad, report.total, detail)
+    report.skipped, report.kept = bad, len(rows)
+    if not rows:
+        raise PreferenceDataError(f"{d.path}: no usable candidate rows")
+    n = max(len(t) for _, t, _ in rows)
+    cols: Dict[str, List[Any]] = {"prompt": [], "is_chat": [], **{f"cand_{j}": [] for j in range(n)},
+                                  **{f"winrate_{k}": [] for k in names}}
+    for prompt, texts, rates in rows:
+        is_chat = isinstance(prompt, list)
+        keep = [j for j in range(len(texts)) if np.isfinite(rates[names[0]][j])]
+        for j in range(n):
+            t = texts[j] if j < len(texts) and j in keep else texts[keep[0]]
+            cols[f"cand_{j}"].append(json.dumps([{"role": "assistant", "content": t}]) if is_chat else t)
+        cols["prompt"].append(json.dumps(prompt) if is_chat else prompt)
+        cols["is_chat"].append(is_chat)
+        for k in names:
+            cols[f"winrate_{k}"].append(np.concatenate([rates[k], np.full(n - len(texts), np.nan)]).tolist())
+    table = pa.table({"idx": pa.array(np.arange(len(rows), dtype=np.int64)), **cols})
+    return table, report
+
+
+def win_rate_tensor(table, names: List[str]) -> torch.Tensor:
+    """``(prompts, n, len(names))`` win-rates of a candidate table (NaN: absent)."""
+    return torch.stack([torch.tensor(table.column(f"winrate_{k}").to_pylist(), dtype=torch.float64)
+                        for k in names], -1)
+
+
+class MOPOTask:
+    """The loop's task for MOPO (see the module docstring). Its per-prompt "chosen"/"rejected"
+    rewards in the loop's metrics are the policy's log-probs of the prompt's highest- and
+    lowest-ρ candidate."""
+
+    name = "mopo"
+
+    def __init__(self, cfg: MOPOJobConfig):
+        self.cfg, self.names = cfg, list(cfg.constraints)
+        self.lam = torch.zeros(len(self.names), dtype=torch.float64)
+        self.thresholds = torch.tensor([cfg.constraints[k] for k in self.names], dtype=torch.float64)
+        self.steps = 0
+        self._sum = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # Σ prompt values, prompts
+        self._window = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # the same since the last ratchet
+        self._device = torch.device("cpu")
+
+    def build(self) -> torch.nn.Module:
+        from trainers.export import build_policy
+
+        return build_policy(self.cfg.model)
+
+    def losses(self, engine, batch: Dict[str, torch.Tensor]):
+        p_bar = batch[f"winrate_{self.cfg.objective}"]
+        mask = torch.isfinite(p_bar)
+        q_bar = torch.stack([batch[f"winrate_{k}"] for k in self.names], -1).nan_to_num(0.0)
+        p_bar = p_bar.nan_to_num(0.0)
+        logps = torch.stack(pair_logps(engine, batch, responses=p_bar.shape[1]), 1)  # (B, n)
+        rho = mopo_ratios(p_bar, q_bar, self.lam.to(p_bar.device), self.cfg.tau, mask)
+        losses = mopo_policy_loss(logps, rho.to(logps.dtype), mask)
+        values = prompt_values(rho, q_bar, mask)
+        self._device = values.device
+        self._sum += torch.cat([values.sum(0).cpu(), torch.tensor([float(len(values))], dtype=torch.float64)])
+        best = rho.masked_fill(~mask, -1.0).argmax(1, keepdim=True)
+        worst = rho.masked_fill(~mask, math.inf).argmin(1, keepdim=True)
+        return losses, logps.gather(1, best)[:, 0].detach(), logps.gather(1, worst)[:, 0].detach()
+
+    def end_step(self) -> Dict[str, float]:
+        """The dual step on the global batch's constraint values; stops past ``lambda_bound``."""
+        import torch.distributed as dist
+
+        total = self._sum.clone().to(self._device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        total = total.cpu()
+        self._sum.zero_()
+        values = total[:-1] / total[-1].clamp_min(1.0)
+        out = {f"constraint/{k}": float(v) for k, v in zip(self.names, values)}
+        out.update({f"threshold/{k}": float(b) for k, b in zip(self.names, self.thresholds)})
+        self.lam = dual_step(self.lam, self.thresholds, values, self.cfg.dual_lr)
+        out.update({f"lambda/{k}": float(v) for k, v in zip(self.names, self.lam)})
+        check_multipliers(self.lam, self.cfg.lambda_bound, self.names, values, self.thresholds)
+        self.steps += 1
+        self._window += total
+        if self.cfg.ratchet_every and self.steps % self.cfg.ratchet_every == 0:
+            self.thresholds = self.cfg.ratchet_relax * self._window[:-1] / self._window[-1].clamp_min(1.0)
+            self._window.zero_()
+            log.info("MOPO thresholds ratcheted to %s", {k: round(float(b), 4) for k, b in zip(self.names, self.thresholds)})
+        return out
+
+    def state(self) -> Dict[str, Any]:
+        return {"lambda": self.lam.tolist(), "thresholds": self.thresholds.tolist(), "steps": self.steps,
+                "window": self._window.tolist()}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        self.lam = torch.tensor(state["lambda"], dtype=torch.float64)
+        self.thresholds = torch.tensor(state["thresholds"], dtype=torch.float64)
+        self.steps = int(state["steps"])
+        self._window = torch.tensor(state["window"], dtype=torch.float64)
+
+    def export(self, state: Dict[str, torch.Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
+        from trainers.export import export_policy
+
+        export_policy(state, self.cfg.model, out_dir, metadata)
+
+
+def run_mopo(job: MOPOJobConfig, address: Optional[str] = None, run_name: Optional[str] = None,
+             failure_marker: str = "") -> Dict[str, Any]:
+    """Train one MOPO policy and export it to ``job.out``. Returns the final metrics.
+
+    Fails before Ray starts on bad rows, unknown objectives and thresholds no policy over the
+    candidates can reach."""
+    from trainers.launcher import train_on_rows
+
+    job.validate()
+    table, report = load_candidates(job)
+    q_bar = win_rate_tensor(table, list(job.constraints))
+    check_feasible(q_bar, torch.tensor(list(job.constraints.values()), dtype=torch.float64), list(job.constraints))
+    metadata = {"kind": "policy", "method": "mopo", "objective": job.objective, "loss": "mopo",
+                "constraints": job.constraints, "tau": job.tau, "dual_lr": job.dual_lr,
+                "candidates": int(q_bar.shape[1])}
+    return train_on_rows("mopo", job, table, report, metadata, run_name or f"mopo-{job.objective}", address,
+                         failure_marker, with_reference=False)
