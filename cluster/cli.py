@@ -121,7 +121,8 @@ def describe(cls: type, prefix: str = "") -> List[str]:
     return lines
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every ``moray`` command and flag (also used to check command lines in cluster configs)."""
     parser = argparse.ArgumentParser(prog="moray", description="Multi-objective preference alignment on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -232,7 +233,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = sub.add_parser("config", help="print every option of a job with its default and meaning")
     cfg.add_argument("job", choices=["dpo", "gapo", "mopo", "wrpo", "reward", "serve"])
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -82,7 +82,7 @@ def prepare_pairs(job: DPOJobConfig, table, report, tokenize: Optional[type] = N
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=t.workers), **ref_kwargs)
     tic = time.perf_counter()
     ds = ds.materialize()
-    log.info("tokenized %d pairs%s in %.1fs", report.kept,
+    log.info("tokenized %d rows%s in %.1fs", report.kept,
              " and computed their reference log-probs" if with_reference else "", time.perf_counter() - tic)
     shards = ds.split(t.workers, equal=True) if t.workers > 1 else [ds]
     rows_per_rank = shards[0].count()

@@ -34,3 +34,9 @@ def test_tiny_demo_moves_each_objective(tmp_path, capsys):
     assert gapo["method"] == "gapo" and gapo["objectives"] == ["sentiment", "conciseness"] and "gapo" in table
     mpo = json.loads((tmp_path / "demo" / "mpo_weights.json").read_text())
     assert sum(mpo["weights"].values()) == pytest.approx(1.0) and table["logits mpo-maxmin"]["weights"] == mpo["weights"]
+    mopo_meta = json.loads((tmp_path / "demo" / "policy_mopo" / "moray.json").read_text())
+    assert mopo_meta["method"] == "mopo" and mopo_meta["constraints"] == {"sentiment": 0.5}
+    # conciseness maximised, sentiment held: shorter than the base, more positive than DPO on conciseness alone
+    mopo = table["mopo"]
+    assert mopo["mean_length_tokens"] < 0.8 * base["mean_length_tokens"]
+    assert mopo["mean_sentiment"] > conc["mean_sentiment"] + 0.05
