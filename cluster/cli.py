@@ -61,6 +61,12 @@ def _job_classes() -> Dict[str, type]:
             "reward": RewardJobConfig}
 
 
+def _print_metrics(metrics: Dict[str, Any]) -> None:
+    """A training job's final metrics as JSON (the per-step history and probe logits left out)."""
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")}, indent=2,
+                     default=str))
+
+
 def _weights_arg(text: str) -> Dict[str, float]:
     """``a=0.7,b=0.3`` -> ``{"a": 0.7, "b": 0.3}``, naming a value that is not a number."""
     from serving.policies import parse_policies
@@ -247,15 +253,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.model = args.model or DEFAULT_BACKBONE
             metrics = run_reward(dpo_config_from_args(args, RewardJobConfig, {"eval_fraction": "eval_fraction"}),
                                  address=args.address)
-            print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")}, indent=2))
+            _print_metrics(metrics)
         elif args.command == "train" and args.method == "gapo":
             from trainers.gapo import GAPOJobConfig, run_gapo
 
             if args.preference:
                 args.preference = _weights_arg(args.preference)
             metrics = run_gapo(dpo_config_from_args(args, GAPOJobConfig, GAPO_FLAGS), address=args.address)
-            print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")},
-                             indent=2, default=str))
+            _print_metrics(metrics)
         elif args.command == "train" and args.method in ("mopo", "wrpo"):
             from trainers.mopo_job import MOPOJobConfig, run_mopo
             from trainers.wrpo import WRPOJobConfig, run_wrpo
@@ -266,14 +271,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 metrics = run_mopo(dpo_config_from_args(args, MOPOJobConfig, MOPO_FLAGS), address=args.address)
             else:
                 metrics = run_wrpo(dpo_config_from_args(args, WRPOJobConfig, WRPO_FLAGS), address=args.address)
-            print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")},
-                             indent=2, default=str))
+            _print_metrics(metrics)
         elif args.command == "train":
             from trainers.launcher import run_dpo
 
             metrics = run_dpo(dpo_config_from_args(args), address=args.address)
-            print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")},
-                             indent=2, default=str))
+            _print_metrics(metrics)
         elif args.command == "pairs":
             from reward_models.pairs import make_pairs
             from reward_models.prompts import load_prompts

@@ -177,6 +177,19 @@ def _ranges(rows: Sequence[int]) -> str:
     return shown + (f", … ({len(rows)} rows)" if len(rows) > 20 else "")
 
 
+def settle_problems(report: LoadReport, skip_invalid: bool, what: str) -> int:
+    """Raise listing every bad row (file: reason, row numbers) unless ``skip_invalid``, which
+    warns instead; returns how many rows were bad."""
+    bad = sum(len(v) for v in report.problems.values())
+    if bad:
+        detail = "; ".join(f"{k} (row {_ranges(v)})" for k, v in report.problems.items())
+        if not skip_invalid:
+            raise PreferenceDataError(f"{bad} invalid {what} rows (rows count from 0 per file): "
+                                      f"{detail}. Fix them or set data.skip_invalid=true.")
+        log.warning("skipped %d of %d invalid %s rows: %s", bad, report.total, what, detail)
+    return bad
+
+
 def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = (),
                extra: Sequence[str] = ()) -> Tuple[pa.Table, LoadReport]:
     """Read, map and validate; return a table of ``idx, prompt, chosen, rejected`` (+ ``extra``
@@ -215,14 +228,7 @@ def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = (),
                 kept[f"sign_{k}"].append(mapped[f"sign_{k}"])
     if report.total == 0:
         raise PreferenceDataError(f"{cfg.path}: no rows")
-    bad = sum(len(v) for v in report.problems.values())
-    if bad:
-        detail = "; ".join(f"{k} (row {_ranges(v)})" for k, v in report.problems.items())
-        if not cfg.skip_invalid:
-            raise PreferenceDataError(f"{bad} invalid preference rows (rows count from 0 per file): "
-                                      f"{detail}. Fix them or set data.skip_invalid=true.")
-        log.warning("skipped %d of %d invalid preference rows: %s", bad, report.total, detail)
-    report.skipped = bad
+    report.skipped = settle_problems(report, cfg.skip_invalid, "preference")
     report.kept = len(kept["prompt"])
     if report.kept == 0:
         raise PreferenceDataError(f"{cfg.path}: every row was invalid")

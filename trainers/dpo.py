@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from trainers.config import DPOJobConfig, from_dict
+from trainers.export import PolicyTask
 from trainers.logps import length_buckets, pad_pairs, pair_logps
 from trainers.losses import get_loss
 
@@ -138,27 +139,17 @@ def _maybe_fail(cfg, step: int, rank: int, world: int, marker: str) -> None:
     os._exit(1)
 
 
-class DPOTask:
+class DPOTask(PolicyTask):
     """What the loop needs to train a per-objective policy with a preference loss."""
 
     def __init__(self, cfg: DPOJobConfig):
         self.cfg, self.loss_fn, self.name = cfg, get_loss(cfg.train.loss), cfg.train.loss
-
-    def build(self) -> torch.nn.Module:
-        from trainers.export import build_policy
-
-        return build_policy(self.cfg.model)
 
     def losses(self, engine, batch: Dict[str, torch.Tensor]):
         """``(losses (B,), chosen_rewards (B,), rejected_rewards (B,))`` for one micro-batch."""
         pc, pr = pair_logps(engine, batch)
         return self.loss_fn(pc, pr, batch["ref_chosen_logps"].to(pc.dtype),
                             batch["ref_rejected_logps"].to(pc.dtype), self.cfg.train.beta)
-
-    def export(self, state: Dict[str, torch.Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
-        from trainers.export import export_policy
-
-        export_policy(state, self.cfg.model, out_dir, metadata)
 
 
 def load_task(name: str, job: Dict[str, Any]):

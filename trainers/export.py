@@ -73,3 +73,16 @@ def read_metadata(policy_dir: str) -> Dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{policy_dir} has no {METADATA_FILE}: not a Moray policy")
     return json.loads(path.read_text())
+
+
+class PolicyTask:
+    """What every policy-training task (DPO, GAPO, MOPO, WRPO) builds and exports: a causal LM from
+    ``cfg.model`` (LoRA if asked), exported as a merged HF checkpoint."""
+
+    cfg: Any
+
+    def build(self) -> torch.nn.Module:
+        return build_policy(self.cfg.model)
+
+    def export(self, state: Dict[str, torch.Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
+        export_policy(state, self.cfg.model, out_dir, metadata)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from trainers.balancing import gapo_coefficients, pgapo_coefficients
 from trainers.config import DPOJobConfig, opt
+from trainers.export import PolicyTask
 from trainers.logps import logits_needed, sequence_logps
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def _objective_grads(losses: List[torch.Tensor], params: List[torch.Tensor]) -> 
         for i, l in enumerate(losses)])
 
 
-class GAPOTask:
+class GAPOTask(PolicyTask):
     """The loop's task for GAPO / P-GAPO (see the module docstring)."""
 
     def __init__(self, cfg: GAPOJobConfig):
@@ -129,11 +130,6 @@ class GAPOTask:
             self.preference = check_weights(cfg.preference, cfg.objectives)
         self._logged: List[Dict[str, float]] = []
         self.batch_metrics: Dict[str, float] = {}  # set by prepare (online: mean rewards)
-
-    def build(self) -> torch.nn.Module:
-        from trainers.export import build_policy
-
-        return build_policy(self.cfg.model)
 
     def objective_losses(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]):
         """Each objective's per-pair DPO loss ``(B,)`` from the policy's logits of the batch, and the
@@ -199,11 +195,6 @@ class GAPOTask:
         out = {k: sum(e[k] for e in self._logged) / len(self._logged) for k in self._logged[0]}
         self._logged = []
         return out
-
-    def export(self, state: Dict[str, torch.Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
-        from trainers.export import export_policy
-
-        export_policy(state, self.cfg.model, out_dir, metadata)
 
 
 def run_gapo(job: GAPOJobConfig, address: Optional[str] = None, run_name: Optional[str] = None) -> Dict[str, Any]:

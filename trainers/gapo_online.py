@@ -122,6 +122,8 @@ class OnlineGAPOTask(GAPOTask):
         return [g[: g.index(eos) + 1] if eos in g else g for g in gen]
 
     def prepare(self, engine, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        from reward_models.rules import score_checked
+
         n = self.cfg.samples_per_prompt
         gen = self._sample(engine.module, batch)
         prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu())]
@@ -134,8 +136,6 @@ class OnlineGAPOTask(GAPOTask):
         empty = np.array([not t.strip() for t in texts])
         self.batch_metrics = {"empty_fraction": float(empty.mean())}
         for k, scorer in self.scorers.items():
-            from reward_models.rules import score_checked
-
             keep = ~empty
             raw = np.zeros(len(texts))
             if keep.any():

@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from trainers.config import DPOJobConfig, DataConfig, opt
+from trainers.export import PolicyTask
 from trainers.logps import pair_logps
 from trainers.mopo import (check_feasible, check_multipliers, dual_step, mopo_policy_loss, mopo_ratios,
                            prompt_values, win_rates)
@@ -119,7 +120,7 @@ def load_candidates(cfg: MOPOJobConfig):
     """Read and check a candidate file on the driver; a table of ``idx, prompt, is_chat, cand_0..,
     winrate_<objective>`` (NaN for a dropped candidate, whose text repeats a kept one so every row
     holds ``n`` sequences) and a :class:`~trainers.data.LoadReport` counting prompts."""
-    from trainers.data import LoadReport, PreferenceDataError, _field_problem, _ranges, read_source
+    from trainers.data import LoadReport, PreferenceDataError, _field_problem, read_source, settle_problems
 
     d: DataConfig = cfg.data
     names = cfg.objective_names()
@@ -144,14 +145,7 @@ def load_candidates(cfg: MOPOJobConfig):
                 report.problems.setdefault(f"{src.name}: {problem}", []).append(i)
                 continue
             rows.append((prompt, texts, rates))
-    bad = sum(len(v) for v in report.problems.values())
-    if bad:
-        detail = "; ".join(f"{k} (row {_ranges(v)})" for k, v in report.problems.items())
-        if not d.skip_invalid:
-            raise PreferenceDataError(f"{bad} invalid candidate rows (rows count from 0 per file): {detail}. "
-                                      "Fix them or set data.skip_invalid=true.")
-        log.warning("skipped %d of %d invalid candidate rows: %s", bad, report.total, detail)
-    report.skipped, report.kept = bad, len(rows)
+    report.skipped, report.kept = settle_problems(report, d.skip_invalid, "candidate"), len(rows)
     if not rows:
         raise PreferenceDataError(f"{d.path}: no usable candidate rows")
     n = max(len(t) for _, t, _ in rows)
@@ -177,7 +171,7 @@ def win_rate_tensor(table, names: List[str]) -> torch.Tensor:
                         for k in names], -1)
 
 
-class MOPOTask:
+class MOPOTask(PolicyTask):
     """The loop's task for MOPO (see the module docstring). Its per-prompt "chosen"/"rejected"
     rewards in the loop's metrics are the policy's log-probs of the prompt's highest- and
     lowest-ρ candidate."""
@@ -192,11 +186,6 @@ class MOPOTask:
         self._sum = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # Σ prompt values, prompts
         self._window = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # the same since the last ratchet
         self._device = torch.device("cpu")
-
-    def build(self) -> torch.nn.Module:
-        from trainers.export import build_policy
-
-        return build_policy(self.cfg.model)
 
     def losses(self, engine, batch: Dict[str, torch.Tensor]):
         p_bar = batch[f"winrate_{self.cfg.objective}"]
@@ -245,11 +234,6 @@ class MOPOTask:
         self.thresholds = torch.tensor(state["thresholds"], dtype=torch.float64)
         self.steps = int(state["steps"])
         self._window = torch.tensor(state["window"], dtype=torch.float64)
-
-    def export(self, state: Dict[str, torch.Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
-        from trainers.export import export_policy
-
-        export_policy(state, self.cfg.model, out_dir, metadata)
 
 
 def run_mopo(job: MOPOJobConfig, address: Optional[str] = None, run_name: Optional[str] = None,

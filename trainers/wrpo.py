@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from trainers.config import DPOJobConfig, opt
+from trainers.export import PolicyTask
 from trainers.logps import pair_logps
 from trainers.losses import wrpo_alpha, wrpo_loss
 
@@ -43,18 +44,13 @@ class WRPOJobConfig(DPOJobConfig):
         return errors
 
 
-class WRPOTask:
+class WRPOTask(PolicyTask):
     """The loop's task for WRPO (see the module docstring)."""
 
     name = "wrpo"
 
     def __init__(self, cfg: WRPOJobConfig):
         self.cfg, self.alpha = cfg, 0.0
-
-    def build(self) -> torch.nn.Module:
-        from trainers.export import build_policy
-
-        return build_policy(self.cfg.model)
 
     def start_step(self, step: int, total_steps: int) -> None:
         self.alpha = wrpo_alpha(step, self.cfg.alpha_steps or total_steps, self.cfg.alpha_max)
@@ -66,11 +62,6 @@ class WRPOTask:
 
     def end_step(self) -> Dict[str, float]:
         return {"alpha": self.alpha}
-
-    def export(self, state: Dict[str, torch.Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
-        from trainers.export import export_policy
-
-        export_policy(state, self.cfg.model, out_dir, metadata)
 
 
 def run_wrpo(job: WRPOJobConfig, address: Optional[str] = None, run_name: Optional[str] = None) -> Dict[str, Any]:
