@@ -13,6 +13,9 @@
     moray mix soup --policies a=DIR,b=DIR --weights 0.3,0.7 --out DIR [--lora]
     moray serve --config serve.yaml | --policies a=DIR,b=DIR [--mpo-weights F] [--write-config F]
     moray demo [--tiny] [--out DIR]
+    moray submit [--address URL] [--working-dir D] [--pip PKG] [--env K=V] [--wait] -- train dpo ...
+    moray jobs list | status ID | logs ID [--follow] | stop ID      [--address URL]
+    moray metrics [--address ADDR]        # Moray's metrics as every node exports them now
     moray config dpo|gapo|mopo|wrpo|serve   # every option with its default and documentation
 
 Values come from the dataclass defaults, then ``--config``, then the flags; ``--set`` takes any
@@ -236,6 +239,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=None, help="Ray Train workers per DPO job")
     demo.add_argument("--zero-stage", dest="zero_stage", type=int, default=2, choices=[0, 1, 2, 3])
 
+    submit = sub.add_parser("submit", help="run a moray command as a Ray Job on a cluster",
+                            usage="moray submit [options] -- <moray command>")
+    submit.add_argument("--address", help="the cluster's dashboard, e.g. http://127.0.0.1:8265 "
+                        "(default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, or a local cluster)")
+    submit.add_argument("--working-dir", dest="working_dir", help="directory uploaded as the job's working dir")
+    submit.add_argument("--pip", action="append", default=[], help="pip package for the job (repeat), or one "
+                        "requirements .txt")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable (repeat)")
+    submit.add_argument("--submission-id", dest="submission_id", help="job id to use (default: Ray's)")
+    submit.add_argument("--wait", action="store_true", help="stream the logs until the job ends; exit 1 unless it "
+                        "succeeded")
+    submit.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the moray command, e.g. -- train dpo ...")
+    jobs = sub.add_parser("jobs", help="Ray Jobs of a cluster").add_subparsers(dest="action", required=True)
+    for action, text in (("list", "every job"), ("status", "one job's status"), ("logs", "one job's logs"),
+                         ("stop", "stop one job")):
+        a = jobs.add_parser(action, help=text)
+        if action != "list":
+            a.add_argument("job_id")
+        a.add_argument("--address", help="the cluster's dashboard URL")
+        if action == "logs":
+            a.add_argument("--follow", action="store_true", help="stream until the job ends")
+    metrics = sub.add_parser("metrics", help="Moray's training and serving metrics on every node, now")
+    metrics.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+
     cfg = sub.add_parser("config", help="print every option of a job with its default and meaning")
     cfg.add_argument("job", choices=["dpo", "gapo", "mopo", "wrpo", "reward", "serve"])
 
@@ -345,13 +372,57 @@ def main(argv: Optional[List[str]] = None) -> int:
             from cluster.demo import run_demo
 
             run_demo(tiny=args.tiny, out=args.out, workers=args.workers, zero_stage=args.zero_stage)
+        elif args.command in ("submit", "jobs"):
+            return run_jobs(args)
+        elif args.command == "metrics":
+            import ray
+
+            from cluster.metrics import node_metrics_urls, read_metrics
+
+            ray.init(address=args.address or "auto", logging_level=logging.WARNING)
+            for url in node_metrics_urls():
+                for name, labels, value in read_metrics(url):
+                    tags = ",".join(f"{k}={v}" for k, v in sorted(labels.items()) if k in KEPT_LABELS)
+                    print(f"{name}{{{tags}}} {value:g}")
         elif args.command == "config":
             from serving.config import ServeConfig
 
             print("\n".join(describe(ServeConfig if args.job == "serve" else _job_classes()[args.job])))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"moray: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+KEPT_LABELS = ("run", "method", "objective", "route", "mixing", "status", "result", "le", "replica")
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    """``moray submit`` and ``moray jobs``."""
+    from cluster import jobs
+
+    if args.command == "submit":
+        cmd = jobs.moray_command(args.cmd)
+        made = jobs.submit(cmd, args.address, jobs.runtime_env(args.working_dir, args.pip, args.env),
+                           args.submission_id)
+        print(f"submitted {made['job_id']}: moray {' '.join(cmd)}")
+        print(f"dashboard: {made['dashboard']}")
+        print(f"logs: moray jobs logs {made['job_id']} --follow" + (f" --address {args.address}" if args.address else ""),
+              flush=True)
+        if args.wait:
+            status = jobs.follow(made["job_id"], args.address)
+            print(f"job {made['job_id']} {status}")
+            return 0 if status == "SUCCEEDED" else 1
+    elif args.action == "list":
+        print(jobs.format_jobs(jobs.list_jobs(args.address)))
+    elif args.action == "status":
+        print(json.dumps(jobs.status(args.job_id, args.address), indent=2))
+    elif args.action == "logs":
+        if args.follow:
+            return 0 if jobs.follow(args.job_id, args.address) == "SUCCEEDED" else 1
+        print(jobs.logs(args.job_id, args.address), end="")
+    else:
+        print(f"job {args.job_id} {jobs.stop(args.job_id, args.address, wait_s=30)}")
     return 0
 
 

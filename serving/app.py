@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from typing import Any, AsyncIterator, Dict, Optional
 
 from fastapi import FastAPI, Request
@@ -37,14 +38,37 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse(error_body(message, kind), status_code=status)
 
 
+class _Timing:
+    """One generation request's clock: time to first text, then its status, latency and tokens,
+    recorded once (a client that leaves early counts as 499)."""
+
+    def __init__(self, metrics, route: str, mixing: str, tic: float):
+        self.metrics, self.route, self.mixing, self.tic = metrics, route, mixing, tic
+        self.first: Optional[float] = None
+        self.recorded = False
+
+    def first_text(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter() - self.tic
+
+    def __call__(self, status: int, tokens: int = 0) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        self.metrics.request(self.route, self.mixing, status, seconds=time.perf_counter() - self.tic,
+                             first_token_s=self.first, tokens=tokens)
+
+
 @serve.deployment(name="MixedPolicy")
 @serve.ingress(api)
 class MixedPolicyServer:
     def __init__(self, config: Dict[str, Any]):
+        from cluster.metrics import ServingMetrics
         from serving.engine import MixEngine
 
         self.cfg: ServeConfig = load_serve_config(config)
-        self.engine = MixEngine(self.cfg)
+        self.metrics = ServingMetrics()
+        self.engine = MixEngine(self.cfg, on_batch=self.metrics.batch)
         self.names = self.engine.names
         self.limits = Limits(self.names, self.cfg.default_weight_vector(), self.cfg.default_mixing,
                              self.cfg.default_max_tokens, self.cfg.max_tokens_limit, self.engine.max_context)
@@ -99,60 +123,75 @@ class MixedPolicyServer:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: Request, chat: bool):
+        route, tic = "chat" if chat else "completions", time.perf_counter()
         denied = self._unauthorized(request)
         if denied:
+            self.metrics.request(route, "none", 401)
             return denied
         try:
             body = json.loads(await request.body() or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.metrics.request(route, "none", 400)
             return _error(400, f"the request body is not valid JSON: {e}")
         try:
             parsed = parse_request(body, chat, self.engine.tokenizer, self.limits)
         except RequestError as e:
+            self.metrics.request(route, "none", 400)
             return JSONResponse(e.body(), status_code=400)
+        self.metrics.weights(self.names, parsed.weights)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         try:
             job = self.engine.submit(parsed, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except RuntimeError as e:
+            self.metrics.request(route, parsed.mixing, 503)
             return _error(503, str(e), kind="server_error")
         rid = new_id(chat)
+        done = _Timing(self.metrics, route, parsed.mixing, tic)
         if parsed.stream:
-            return StreamingResponse(self._sse(rid, parsed, job, events), media_type="text/event-stream")
+            return StreamingResponse(self._sse(rid, parsed, job, events, done), media_type="text/event-stream")
         text = []
         try:
             while True:
                 ev = await events.get()
                 if ev["type"] == "delta":
+                    done.first_text()
                     text.append(ev["text"])
                 elif ev["type"] == "error":
+                    done(500)
                     return _error(500, ev["message"], kind="server_error")
                 else:
+                    done(200, ev["tokens"])
                     return completion_body(rid, parsed, self.cfg.model_name, self.names, "".join(text),
                                            ev["finish"], ev["tokens"],
                                            {"batch_size": ev["batch"], "soup_cache_hit": ev["soup_cache_hit"]})
         except asyncio.CancelledError:  # the client went away: stop decoding its row
             job.cancelled = True
+            done(499)
             raise
 
-    async def _sse(self, rid, parsed, job, events) -> AsyncIterator[str]:
+    async def _sse(self, rid, parsed, job, events, done: _Timing) -> AsyncIterator[str]:
         model = self.cfg.model_name
         first = True
         try:
             while True:
                 ev = await events.get()
                 if ev["type"] == "delta":
+                    done.first_text()
                     yield f"data: {json.dumps(chunk_body(rid, parsed, model, ev['text'], None, first))}\n\n"
                     first = False
                 elif ev["type"] == "error":
+                    done(500)
                     yield f"data: {json.dumps(error_body(ev['message'], 'server_error'))}\n\n"
                     break
                 else:
+                    done(200, ev["tokens"])
                     yield f"data: {json.dumps(chunk_body(rid, parsed, model, None, ev['finish'], first))}\n\n"
                     break
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled = True  # harmless once done; stops decoding if the client left early
+            done(499)  # no-op unless the client left before the end
 
 
 def build_app(args: Dict[str, Any]):

@@ -114,11 +114,13 @@ def round_weights(weights: Sequence[float], decimals: int) -> Tuple[float, ...]:
 
 
 class MixEngine:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, on_batch: Optional[Callable[[str, int, Optional[bool]], None]] = None):
+        """``on_batch(mode, size, soup_cache_hit)``: called after every decoded batch (metrics)."""
         from trainers.models import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(cfg.threads)
         self.cfg = cfg
+        self.on_batch = on_batch
         self.names = list(cfg.policies)
         use_cuda = cfg.num_gpus > 0 and torch.cuda.is_available()
         self.device = "cuda" if use_cuda else "cpu"
@@ -225,3 +227,5 @@ class MixEngine:
                     "seconds": seconds, "soup_cache_hit": cache_hit})
         self.stats[f"{mode}_batches"] += 1
         self.stats[f"{mode}_requests"] += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(mode, len(batch), cache_hit)

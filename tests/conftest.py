@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the endpoint within a second
 
 from reward_models.prompts import tiny_corpus  # noqa: E402
 from trainers.models import build_tiny_model  # noqa: E402

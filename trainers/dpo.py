@@ -13,6 +13,7 @@ with the seeded order makes a resumed run see exactly the pairs an uninterrupted
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from cluster.metrics import TrainingMetrics
 from trainers.config import DPOJobConfig, from_dict
 from trainers.export import PolicyTask
 from trainers.logps import length_buckets, pad_pairs, pair_logps
@@ -215,6 +217,7 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
     _load_engine_state(engine)
 
     bar = tqdm(total=sched["total_steps"], desc=f"{task.name} {cfg.objective}") if rank == 0 else None
+    published = _Publisher(loop_config.get("run", task.name), task.name, cfg.objective) if rank == 0 else None
     step = math.ceil(done / t.grad_accum)
     if bar is not None:
         bar.update(step)
@@ -253,6 +256,8 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
             if hasattr(task, "end_step"):  # e.g. GAPO's α, MOPO's dual step on λ
                 metrics.update(task.end_step())
             history.append(metrics)
+            if published is not None:
+                published.record(metrics)
             sums.zero_()
             tic = now
             last = micro == sched["total_micro"]
@@ -283,6 +288,26 @@ def train_loop(loop_config: Dict[str, Any]) -> None:
                          checkpoint_dir_name="final")
 
 
+class _Publisher:
+    """Rank 0's per-step metrics to the Ray dashboard and Prometheus (:mod:`cluster.metrics`); a
+    metrics failure is logged once and never stops training."""
+
+    def __init__(self, run: str, method: str, objective: str):
+        self.metrics = None
+        self._guard(lambda: setattr(self, "metrics", TrainingMetrics(run, method, objective)))
+
+    def record(self, metrics: Dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self._guard(lambda: self.metrics.record(metrics))
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # the exporter is best effort
+            logging.getLogger(__name__).warning("metrics not published (%s); training goes on", e)
+            self.metrics = None
+
+
 def _reduce_metrics(sums: torch.Tensor, seconds: float, world: int, device: torch.device) -> Dict[str, float]:
     """Sum the per-rank sums over all ranks; means per pair, throughput for the whole group."""
     import torch.distributed as dist
@@ -293,6 +318,7 @@ def _reduce_metrics(sums: torch.Tensor, seconds: float, world: int, device: torc
     total = total.cpu()
     pairs = max(total[-2].item(), 1.0)
     out = {k: total[i].item() / pairs for i, k in enumerate(METRIC_KEYS)}
+    out["step_pairs"] = total[-2].item()
     out["pairs_per_s"] = total[-2].item() / max(seconds, 1e-9)
     out["tokens_per_s"] = total[-1].item() / max(seconds, 1e-9)
     return out

@@ -183,6 +183,11 @@ class GAPOTask(PolicyTask):
         combined = sum(c[i] * per_pair[i] for i in range(len(per_pair)))
         entry = bal.log(cfg.objectives)
         entry.update({f"loss/{k}": float(l.detach().mean()) for k, l in zip(cfg.objectives, per_pair)})
+        if not cfg.online:  # each objective's margin and accuracy in its own orientation
+            margin = (rc - rr).detach()
+            for i, k in enumerate(cfg.objectives):
+                m = margin if i == 0 else margin * batch[f"sign_{k}"].to(margin.dtype)
+                entry.update({f"margin/{k}": float(m.mean()), f"accuracy/{k}": float((m > 0).float().mean())})
         entry.update(self.batch_metrics)
         self._logged.append(entry)
         return combined, rc.detach(), rr.detach()

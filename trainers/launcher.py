@@ -142,14 +142,15 @@ def fit(task: str, job, prepared: PreparedPairs, metadata: Dict[str, Any], name:
     t = job.train
     out = Path(job.out).resolve()
     storage = Path(t.storage_path or out / "ray_storage").resolve()
+    run = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"task": task, "job": to_dict(job), "rows_per_rank": prepared.rows_per_rank,
-                           "pad_id": prepared.pad_id, "metadata": metadata, "failure_marker": failure_marker},
+                           "pad_id": prepared.pad_id, "metadata": metadata, "failure_marker": failure_marker, "run": run},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
+            name=run, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             # Ray Train's per-report INFO lines drown the progress bar; its warnings still show

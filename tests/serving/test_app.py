@@ -156,6 +156,62 @@ def test_openai_client_with_extra_body(server):
         client.completions.create(model="moray-mix", prompt=PROMPT, extra_body={"objective_weights": {"x": 1}})
 
 
+def test_requests_reach_the_metrics_endpoint(server):
+    """Two soup requests and one bad one move Moray's serving metrics, as the node's Prometheus
+    endpoint exports them, by exactly their counts, tokens and weights."""
+    import time
+
+    from cluster.metrics import SERVE, node_metrics_urls, read_metrics, total
+
+    url = node_metrics_urls()[0]
+    where = {"route": "completions", "mixing": "soup"}
+
+    def counts():
+        s = read_metrics(url)
+        return {"ok": total(s, "ray_moray_serve_requests_total", status="200", **where),
+                "bad": total(s, "ray_moray_serve_requests_total", route="completions", status="400"),
+                "latency": total(s, "ray_moray_serve_latency_seconds_count", **where),
+                "first_token": total(s, "ray_moray_serve_first_token_seconds_count", **where),
+                "tokens": total(s, "ray_moray_serve_generated_tokens_total", mixing="soup"),
+                "weights": total(s, "ray_moray_serve_objective_weight_count", objective="conciseness"),
+                # Ray exports a histogram's sum from bucket midpoints: count the buckets instead
+                "weight_le_0.7": total(s, "ray_moray_serve_objective_weight_bucket", objective="conciseness", le="0.7"),
+                "weight_le_0.8": total(s, "ray_moray_serve_objective_weight_bucket", objective="conciseness", le="0.8"),
+                "soup_batches": total(s, "ray_moray_serve_soup_cache_total"),
+                "batches": total(s, "ray_moray_serve_batch_size_count", mixing="soup")}, {n for n, _, _ in s}
+
+    def settled(deadline):  # earlier tests' requests: wait until nothing moves for two export intervals
+        last = counts()[0]
+        while True:
+            time.sleep(2.5)
+            now = counts()[0]
+            if now == last or time.time() > deadline:
+                return now
+            last = now
+
+    before = settled(time.time() + 30)
+    tokens = 0
+    for seed in (1, 2):
+        r = _post(server, {"prompt": PROMPT, "max_tokens": 5, "ignore_eos": True, "temperature": 0.8, "seed": seed,
+                           "mixing": "soup", "objective_weights": {"sentiment": 0.25, "conciseness": 0.75}})
+        assert r.status_code == 200, r.text
+        tokens += r.json()["usage"]["completion_tokens"]
+    assert tokens == 10
+    assert _post(server, {"prompt": PROMPT, "objective_weights": {"sentiment": -1, "conciseness": 1}}).status_code == 400
+    expected = {"ok": 2, "bad": 1, "latency": 2, "first_token": 2, "tokens": tokens, "weights": 2, "weight_le_0.7": 0, "weight_le_0.8": 2,
+                "soup_batches": 2, "batches": 2}
+    deadline = time.time() + 30
+    while True:
+        after, names = counts()
+        moved = {k: round(after[k] - before[k], 6) for k in expected}
+        if moved == expected or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert moved == expected
+    suffix = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    assert {f"ray_{s.name}{x}" for s in SERVE.values() for x in suffix[s.kind]} <= names
+
+
 def test_serve_file_is_a_valid_ray_serve_config(two_policies, tmp_path):
     cfg = load_config(ServeConfig, overrides={"policies": two_policies, "max_replicas": 3})
     doc = load_serve_file(write_serve_file(serve_file(cfg), str(tmp_path / "s.yaml")))
