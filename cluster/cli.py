@@ -13,6 +13,8 @@
     moray mix soup --policies a=DIR,b=DIR --weights 0.3,0.7 --out DIR [--lora]
     moray serve --config serve.yaml | --policies a=DIR,b=DIR [--mpo-weights F] [--write-config F]
     moray demo [--tiny] [--out DIR]
+    moray eval --policies a=DIR,b=DIR --prompts P --objectives a,b --out DIR [--reference a=-1,b=-64]
+    moray study [--tiny] [--out DIR]      # every method on the demo task: table, JSON, Pareto plot
     moray submit [--address URL] [--working-dir D] [--pip PKG] [--env K=V] [--wait] -- train dpo ...
     moray jobs list | status ID | logs ID [--follow] | stop ID      [--address URL]
     moray metrics [--address ADDR]        # Moray's metrics as every node exports them now
@@ -233,11 +235,31 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--write-config", dest="write_config", help="write the Serve config file and exit")
     srv.add_argument("--address", help="Ray cluster address")
 
-    demo = sub.add_parser("demo", help="end-to-end demo on an embedded local Ray")
-    demo.add_argument("--tiny", action="store_true", help="tiny model built here (about 3 minutes)")
-    demo.add_argument("--out", default="moray_runs/demo", help="output directory")
-    demo.add_argument("--workers", type=int, default=None, help="Ray Train workers per DPO job")
-    demo.add_argument("--zero-stage", dest="zero_stage", type=int, default=2, choices=[0, 1, 2, 3])
+    for name, text, tiny in (("demo", "end-to-end demo on an embedded local Ray", "about 4 minutes"),
+                             ("study", "every method on the demo task: table, JSON, Pareto plot, hypervolume",
+                              "about 6 minutes; 3 on a demo directory")):
+        run = sub.add_parser(name, help=text)
+        run.add_argument("--tiny", action="store_true", help=f"the tiny model built here ({tiny})")
+        run.add_argument("--out", default=f"moray_runs/{name}", help="output directory (steps already done "
+                         "there with the same settings are reused)")
+        run.add_argument("--workers", type=int, default=None, help="Ray Train workers per training job")
+        run.add_argument("--zero-stage", dest="zero_stage", type=int, default=2, choices=[0, 1, 2, 3])
+
+    ev = sub.add_parser("eval", help="score policies on held-out prompts: means, 95% intervals, Pareto front, plot")
+    ev.add_argument("--policies", required=True, help="NAME=DIR,NAME=DIR (policies, soups, any HF causal LM)")
+    ev.add_argument("--prompts", required=True, help="prompt file, HF dataset, or demo:N (as for `moray pairs`)")
+    ev.add_argument("--prompt-column", dest="prompt_column", default="prompt")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--objectives", required=True, help="comma-separated objectives (all maximised)")
+    ev.add_argument("--samples", type=int, default=2, help="samples per prompt and policy")
+    ev.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--reference", help="hypervolume reference point, e.g. sentiment=-1,conciseness=-64 "
+                    "(default: each objective's worst mean)")
+    ev.add_argument("--actors", type=int, default=1, help="Ray Data sampling actors")
+    ev.add_argument("--out", required=True, help="directory for eval.json and eval.png")
+    ev.add_argument("--address", help="Ray cluster address")
 
     submit = sub.add_parser("submit", help="run a moray command as a Ray Job on a cluster",
                             usage="moray submit [options] -- <moray command>")
@@ -372,6 +394,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             from cluster.demo import run_demo
 
             run_demo(tiny=args.tiny, out=args.out, workers=args.workers, zero_stage=args.zero_stage)
+        elif args.command == "eval":
+            run_eval(args)
+        elif args.command == "study":
+            from cluster.study import run_study
+
+            run_study(tiny=args.tiny, out=args.out, workers=args.workers, zero_stage=args.zero_stage)
         elif args.command in ("submit", "jobs"):
             return run_jobs(args)
         elif args.command == "metrics":
@@ -392,6 +420,49 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"moray: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """``moray eval``: JSON, PNG and a table of the policies' per-objective means."""
+    from pathlib import Path
+
+    from reward_models.evaluate import EvalSettings, evaluate, front_report, plot, write_json
+    from reward_models.prompts import load_prompts
+    from reward_models.rules import check_objectives
+    from serving.policies import parse_policies
+    from trainers.launcher import init_ray
+
+    objectives = [o for o in args.objectives.split(",") if o]
+    check_objectives(objectives)
+    policies = parse_policies(args.policies)
+    for name, path in policies.items():
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"policy {name}: {path} is not a directory")
+    reference = None
+    if args.reference:
+        ref = _weights_arg(args.reference)
+        if sorted(ref) != sorted(objectives):
+            raise ValueError(f"--reference needs one value per objective {objectives}, got {sorted(ref)}")
+        reference = [ref[k] for k in objectives]
+    prompts = load_prompts(args.prompts, args.prompt_column, args.split)
+    init_ray(args.address)
+    results = evaluate(policies, prompts, objectives, next(iter(policies.values())),
+                       EvalSettings(args.samples, args.max_new_tokens, args.temperature, args.seed, args.actors))
+    if reference is None:
+        reference = [min(r["objectives"][k]["mean"] for r in results.values()) for k in objectives]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"objectives": objectives, "prompts": len(prompts), "samples": args.samples, "policies": results,
+           **front_report(results, objectives, reference)}
+    write_json(str(out / "eval.json"), doc)
+    if len(objectives) >= 2:
+        plot(results, objectives, str(out / "eval.png"))
+    width = max(len(n) for n in results) + 2
+    print(f"{'policy':<{width}}" + "".join(f"{k:>24}" for k in objectives) + "  front")
+    for name, r in results.items():
+        cells = "".join(f"{r['objectives'][k]['mean']:>15.3f} ± {r['objectives'][k]['ci95']:<6.3f}" for k in objectives)
+        print(f"{name:<{width}}{cells}  {'*' if name in doc['front'] else ''}")
+    print(f"hypervolume {doc['hypervolume']:.4g} against {dict(zip(objectives, reference))}; wrote {out / 'eval.json'}")
 
 
 KEPT_LABELS = ("run", "method", "objective", "route", "mixing", "status", "result", "le", "replica")

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 log = logging.getLogger(__name__)
 
@@ -57,85 +57,154 @@ def base_model(tiny: bool, out: Path) -> str:
     return warm_start(path, tiny_dialogues(600, seed=1), steps=300)
 
 
-def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional[int] = None,
-             zero_stage: int = 2) -> Dict[str, Dict[str, float]]:
+class Steps:
+    """The named steps of a run directory (``steps.json``: each step's seconds and JSON result).
+    Run again on the same directory with the same settings, a step already done is skipped and
+    its result reused: ``moray study`` on a ``moray demo`` directory trains only what the demo did
+    not, and an interrupted run resumes."""
+
+    def __init__(self, root: Path, settings: Dict[str, Any]):
+        self.path, self.settings = root / "steps.json", settings
+        doc = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.done: Dict[str, Dict[str, Any]] = doc.get("steps", {}) if doc.get("settings") == settings else {}
+        if doc and not self.done:
+            log.info("%s was written with other settings: every step runs again", self.path)
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        if name in self.done:
+            log.info("%s: done by an earlier run in this directory (%.0fs then)", name, self.done[name]["seconds"])
+            return self.done[name]["result"]
+        tic = time.perf_counter()
+        result = fn()
+        self.done[name] = {"seconds": time.perf_counter() - tic, "result": result}
+        self.path.write_text(json.dumps({"settings": self.settings, "steps": self.done}, indent=2, default=float))
+        return result
+
+    def seconds(self, name: str) -> float:
+        return float(self.done[name]["seconds"]) if name in self.done else 0.0
+
+
+@dataclass
+class Pipeline:
+    """What the demo and the study share: settings, directory, base model, prompts, pairs."""
+    s: DemoSettings
+    root: Path
+    steps: Steps
+    base: str
+    train_prompts: List[str]
+    eval_prompts: List[str]
+    made: Dict[str, Any]
+    train: Dict[str, Any]   # config overrides every policy job takes
+    sampling: Dict[str, Any]
+    cpus: int
+
+    def fit(self, name: str, cls: type, runner: Callable, data: str, **extra) -> str:
+        """Train policy ``name`` (a step) into ``root/policies/name``; returns its directory."""
+        from trainers.config import load_config
+
+        def run() -> str:
+            job = load_config(cls, overrides={**self.train, "out": str(self.root / "policies" / name),
+                                              "data.path": data, **extra})
+            metrics = runner(job)
+            mopo = {k: v for k, v in metrics.items() if k.startswith(("lambda/", "constraint/"))}
+            if mopo:
+                log.info("%s ended with %s", name, ", ".join(f"{k} {v:.3f}" for k, v in mopo.items()))
+            return job.out
+        return self.steps(name, run)
+
+    def dpo(self, objective: str) -> str:
+        from trainers.config import DPOJobConfig
+        from trainers.launcher import run_dpo
+
+        log.info("%s: %d pairs (best vs worst of %d samples; ties dropped)", objective,
+                 self.made["counts"][objective], self.s.samples)
+        return self.fit(f"dpo-{objective}", DPOJobConfig, run_dpo, self.made["pairs"][objective], objective=objective)
+
+    def gapo(self, name: str = "gapo", preference: Optional[Dict[str, float]] = None) -> str:
+        from trainers.gapo import GAPOJobConfig, run_gapo
+
+        extra: Dict[str, Any] = {"objectives": list(OBJECTIVES), "train.zero_stage": min(self.train["train.zero_stage"], 2)}
+        if preference:
+            extra["preference"] = preference
+        return self.fit(name, GAPOJobConfig, run_gapo, self.made["pairs_multi"], **extra)
+
+    def mopo(self, threshold: float) -> str:
+        from trainers.mopo_job import MOPOJobConfig, run_mopo
+
+        return self.fit(f"mopo-{threshold}", MOPOJobConfig, run_mopo, self.made["candidates"], objective="conciseness",
+                        constraints={"sentiment": threshold}, **{"data.skip_invalid": True,
+                                                                 "train.micro_batch_size": max(1, self.s.micro_batch_size // 2)})
+
+    def mpo_weights(self, policies: Dict[str, str]) -> Dict[str, Any]:
+        from serving.mpo import compute_mpo_weights
+
+        def run() -> Dict[str, Any]:
+            log.info("MPO: max-min weights by mirror descent on %d prompts x 4 samples from the base", self.s.mpo_prompts)
+            got = compute_mpo_weights(policies, self.base, self.train_prompts[: self.s.mpo_prompts],
+                                      str(self.root / "mpo_weights.json"), samples_per_prompt=4, prompt_batch=8,
+                                      max_new_tokens=self.s.max_new_tokens, seed=3, actors=1)
+            return {k: got[k] for k in ("weights", "F", "expected_log_ratio", "ess_mean")}
+        return self.steps("mpo-maxmin", run)
+
+
+def pipeline(tiny: bool, out: str, workers: Optional[int], zero_stage: int, eval_prompts: int) -> Pipeline:
+    """Start Ray; the base model, prompts and on-policy pairs (steps, reused when done)."""
     import ray
 
-    from reward_models.pairs import make_pairs, sample_responses
+    from reward_models.pairs import make_pairs
     from reward_models.prompts import demo_prompts
-    from trainers.config import DPOJobConfig, load_config
-    from trainers.launcher import init_ray, run_dpo
-    from trainers.models import load_tokenizer
+    from trainers.launcher import init_ray
 
     s = TINY if tiny else FULL
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    tic = time.perf_counter()
     init_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = workers or min(2, cpus)
-    base = base_model(tiny, root)
-    tok = load_tokenizer(base)
-    prompts = demo_prompts(s.train_prompts + s.eval_prompts, seed=0)
-    train_prompts, eval_prompts = prompts[: s.train_prompts], prompts[s.train_prompts:]
+    steps = Steps(root, {"tiny": tiny, **asdict(s), "workers": workers, "zero_stage": zero_stage})
+    base = steps("base", lambda: base_model(tiny, root))
+    prompts = demo_prompts(s.train_prompts + eval_prompts, seed=0)
+    train_prompts = prompts[: s.train_prompts]
     sampling = dict(max_new_tokens=s.max_new_tokens, actors=cpus, threads_per_actor=1, batch_size=8)
 
-    log.info("sampling %d responses for each of %d prompts from the base model", s.samples, len(train_prompts))
-    made = make_pairs(base, train_prompts, OBJECTIVES, s.samples, str(root), seed=1, **sampling)
-    policies = {}
-    for objective in OBJECTIVES:
-        data = made["pairs"][objective]
-        log.info("%s: %d pairs (best vs worst of %d samples; ties dropped)", objective,
-                 made["counts"][objective], s.samples)
-        job = load_config(DPOJobConfig, overrides={
-            "objective": objective, "out": str(root / f"policy_{objective}"), "model.name_or_path": base,
-            "data.path": data, "train.workers": workers, "train.zero_stage": zero_stage, "train.lr": s.lr,
-            "train.beta": s.beta, "train.epochs": s.epochs, "train.micro_batch_size": s.micro_batch_size,
-            "train.warmup_steps": 2, "train.checkpoint_every": 0})
-        run_dpo(job)
-        policies[objective] = job.out
+    def pairs() -> Dict[str, Any]:
+        log.info("sampling %d responses for each of %d prompts from the base model", s.samples, len(train_prompts))
+        return make_pairs(base, train_prompts, OBJECTIVES, s.samples, str(root / "data"), seed=1, **sampling)
 
-    from trainers.gapo import GAPOJobConfig, run_gapo
+    train = {"model.name_or_path": base, "train.workers": workers, "train.zero_stage": zero_stage, "train.lr": s.lr,
+             "train.beta": s.beta, "train.epochs": s.epochs, "train.micro_batch_size": s.micro_batch_size,
+             "train.warmup_steps": 2, "train.checkpoint_every": 0}
+    return Pipeline(s, root, steps, base, train_prompts, prompts[s.train_prompts:], steps("pairs", pairs), train,
+                    sampling, cpus)
 
+
+def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional[int] = None,
+             zero_stage: int = 2) -> Dict[str, Dict[str, float]]:
+    from reward_models.pairs import sample_responses
+    from trainers.models import load_tokenizer
+
+    tic = time.perf_counter()
+    p = pipeline(tiny, out, workers, zero_stage, (TINY if tiny else FULL).eval_prompts)
+    s = p.s
+    policies = {k: p.dpo(k) for k in OBJECTIVES}
     log.info("GAPO: one policy balancing both objectives' DPO gradients on %d pairs labelled by both",
-             made["counts"]["multi"])
-    gapo = load_config(GAPOJobConfig, overrides={
-        "objectives": list(OBJECTIVES), "out": str(root / "policy_gapo"), "model.name_or_path": base,
-        "data.path": made["pairs_multi"], "train.workers": workers, "train.zero_stage": min(zero_stage, 2),
-        "train.lr": s.lr, "train.beta": s.beta, "train.epochs": s.epochs,
-        "train.micro_batch_size": s.micro_batch_size, "train.warmup_steps": 2, "train.checkpoint_every": 0})
-    run_gapo(gapo)
-
-    from trainers.mopo_job import MOPOJobConfig, run_mopo
-
+             p.made["counts"]["multi"])
+    gapo = p.gapo()
     log.info("MOPO: conciseness maximised with sentiment held at the base's level (win-rate 0.5) on %d prompts' "
-             "%d candidates", len(train_prompts), s.samples)
-    mopo = load_config(MOPOJobConfig, overrides={
-        "objective": "conciseness", "constraints": {"sentiment": 0.5}, "out": str(root / "policy_mopo"),
-        "model.name_or_path": base, "data.path": made["candidates"], "data.skip_invalid": True,
-        "train.workers": workers, "train.zero_stage": zero_stage, "train.lr": s.lr, "train.epochs": s.epochs,
-        "train.micro_batch_size": max(1, s.micro_batch_size // 2), "train.warmup_steps": 2,
-        "train.checkpoint_every": 0})
-    mopo_metrics = run_mopo(mopo)
-    log.info("MOPO ended with lambda %.3f, sentiment win-rate under pi_lambda %.3f (threshold 0.5)",
-             mopo_metrics["lambda/sentiment"], mopo_metrics["constraint/sentiment"])
+             "%d candidates", len(p.train_prompts), s.samples)
+    mopo = p.mopo(0.5)
 
+    tok = load_tokenizer(p.base)
     table: Dict[str, Dict[str, float]] = {}
-    trained = ([("base", base)] + [(f"dpo-{k}", v) for k, v in policies.items()] + [("gapo", gapo.out)]
-               + [("mopo", mopo.out)])
+    trained = [("base", p.base)] + [(f"dpo-{k}", v) for k, v in policies.items()] + [("gapo", gapo), ("mopo", mopo)]
     for name, path in trained:
-        answers = sample_responses(path, eval_prompts, s.eval_samples, seed=2, **sampling)
-        table[name] = table_row(answers, eval_prompts, tok)
+        answers = sample_responses(path, p.eval_prompts, s.eval_samples, seed=2, **p.sampling)
+        table[name] = table_row(answers, p.eval_prompts, tok)
 
-    from serving.mpo import compute_mpo_weights
-
-    log.info("MPO: max-min weights by mirror descent on %d prompts x 4 samples from the base", s.mpo_prompts)
-    mpo = compute_mpo_weights(policies, base, train_prompts[: s.mpo_prompts], str(root / "mpo_weights.json"),
-                              samples_per_prompt=4, prompt_batch=8, max_new_tokens=s.max_new_tokens, seed=3,
-                              actors=1)
-    table.update(serve_mixes(policies, str(root / "mpo_weights.json"), mpo["weights"], eval_prompts, s, tok))
-    (root / "results.json").write_text(json.dumps(table, indent=2))
-    print(format_table(table, len(eval_prompts), s.eval_samples, time.perf_counter() - tic))
+    mpo = p.mpo_weights(policies)
+    table.update(serve_mixes(policies, str(p.root / "mpo_weights.json"), mpo["weights"], p.eval_prompts, s, tok))
+    (p.root / "results.json").write_text(json.dumps(table, indent=2))
+    print(format_table(table, len(p.eval_prompts), s.eval_samples, time.perf_counter() - tic))
     print("MPO max-min weights: " + ", ".join(f"{k} {w:.3f}" for k, w in mpo["weights"].items())
           + f" (F {mpo['F']:.4f}; expected log-ratios " + ", ".join(f"{k} {v:.3f}" for k, v in mpo["expected_log_ratio"].items())
           + f"; mean ESS {mpo['ess_mean']:.2f} of 4)")

@@ -120,3 +120,20 @@ def test_mopo_and_wrpo_refuse_bad_input_before_ray_starts(tmp_path, capsys, tiny
         assert main(["config", job]) == 0
     assert "alpha_max = 0.1" in capsys.readouterr().out
     assert not ray.is_initialized()
+
+
+def test_eval_refuses_bad_input_before_ray_starts(tmp_path, capsys, tiny_model):
+    import ray
+
+    def run(*extra, policies=f"a={tiny_model}"):
+        return main(["eval", "--policies", policies, "--prompts", "demo:4", "--out", str(tmp_path / "e"), *extra])
+
+    assert run("--objectives", "sentiment,helpfulness") == 2
+    assert "helpfulness" in capsys.readouterr().err
+    assert run("--objectives", "sentiment,conciseness", policies=f"a={tmp_path / 'none'}") == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert run("--objectives", "sentiment,conciseness", "--reference", "sentiment=-1") == 2
+    assert "one value per objective" in capsys.readouterr().err
+    assert run("--objectives", "sentiment,conciseness", "--reference", "sentiment=-1,conciseness=low") == 2
+    assert "conciseness=low: not a number" in capsys.readouterr().err
+    assert not ray.is_initialized()

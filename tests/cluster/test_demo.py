@@ -8,33 +8,26 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_demo_moves_each_objective(tmp_path, capsys):
-    import ray
-
-    from cluster.demo import run_demo
-
-    try:
-        table = run_demo(tiny=True, out=str(tmp_path / "demo"))
-    finally:
-        ray.shutdown()
+def test_tiny_demo_moves_each_objective(tiny_demo):
+    table, root = tiny_demo["table"], tiny_demo["dir"]
     base, sent, conc = table["base"], table["dpo-sentiment"], table["dpo-conciseness"]
     assert sent["mean_sentiment"] > base["mean_sentiment"] + 0.1
     assert conc["mean_length_tokens"] < 0.8 * base["mean_length_tokens"]
-    assert json.loads((tmp_path / "demo" / "results.json").read_text()) == json.loads(json.dumps(table))
+    assert json.loads((root / "results.json").read_text()) == json.loads(json.dumps(table))
     for objective in ("sentiment", "conciseness"):
-        meta = json.loads((tmp_path / "demo" / f"policy_{objective}" / "moray.json").read_text())
+        meta = json.loads((root / "policies" / f"dpo-{objective}" / "moray.json").read_text())
         assert meta["objective"] == objective and meta["workers"] == 2
-    out = capsys.readouterr().out
+    out = tiny_demo["stdout"]
     assert "dpo-sentiment" in out and "mean sentiment" in out and "MPO max-min weights" in out
     assert table["logits sentiment=1"]["mean_sentiment"] > base["mean_sentiment"] + 0.1
     assert table["logits conciseness=1"]["mean_length_tokens"] < 0.8 * base["mean_length_tokens"]
     for label in ("sentiment=1", "conciseness=1"):  # e_k is policy k itself in both modes: same seeded answers
         assert table[f"soup {label}"] == table[f"logits {label}"]
-    gapo = json.loads((tmp_path / "demo" / "policy_gapo" / "moray.json").read_text())
+    gapo = json.loads((root / "policies" / "gapo" / "moray.json").read_text())
     assert gapo["method"] == "gapo" and gapo["objectives"] == ["sentiment", "conciseness"] and "gapo" in table
-    mpo = json.loads((tmp_path / "demo" / "mpo_weights.json").read_text())
+    mpo = json.loads((root / "mpo_weights.json").read_text())
     assert sum(mpo["weights"].values()) == pytest.approx(1.0) and table["logits mpo-maxmin"]["weights"] == mpo["weights"]
-    mopo_meta = json.loads((tmp_path / "demo" / "policy_mopo" / "moray.json").read_text())
+    mopo_meta = json.loads((root / "policies" / "mopo-0.5" / "moray.json").read_text())
     assert mopo_meta["method"] == "mopo" and mopo_meta["constraints"] == {"sentiment": 0.5}
     # conciseness maximised, sentiment held: shorter than the base, more positive than DPO on conciseness alone
     mopo = table["mopo"]

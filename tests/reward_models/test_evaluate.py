@@ -1,0 +1,75 @@
+"""Pareto fronts, hypervolume and confidence intervals against hand-computed cases."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from reward_models.evaluate import front_report, hypervolume, pareto_mask, plot, summarise
+
+
+def test_pareto_mask_dominated_duplicate_and_nan_points():
+    pts = np.array([[1.0, 5.0],   # front
+                    [3.0, 3.0],   # front
+                    [2.0, 2.0],   # dominated by (3, 3)
+                    [3.0, 3.0],   # duplicate of a front point: on the front too
+                    [5.0, 1.0],   # front
+                    [5.0, 0.5],   # dominated by (5, 1): equal on one objective, worse on the other
+                    [np.nan, 9.0]])
+    assert pareto_mask(pts).tolist() == [True, True, False, True, True, False, False]
+    assert pareto_mask(np.array([[1.0, 1.0]])).tolist() == [True]
+    with pytest.raises(ValueError):
+        pareto_mask(np.array([1.0, 2.0]))
+
+
+def test_hypervolume_two_objectives_by_hand():
+    ref = (0.0, 0.0)
+    assert hypervolume([[2.0, 3.0]], ref) == 6.0
+    # staircase (1,5), (3,3), (5,1): 1*5 + 2*3 + 2*1 = 13
+    stairs = [[1.0, 5.0], [3.0, 3.0], [5.0, 1.0]]
+    assert hypervolume(stairs, ref) == pytest.approx(13.0)
+    # dominated and duplicate points add nothing; order does not matter
+    assert hypervolume(stairs + [[2.0, 2.0], [3.0, 3.0], [5.0, 0.5]], ref) == pytest.approx(13.0)
+    assert hypervolume(stairs[::-1], ref) == pytest.approx(13.0)
+    # a point below the reference on one objective adds nothing; the reference shifts the boxes
+    assert hypervolume([[2.0, 3.0], [9.0, -1.0]], ref) == 6.0
+    assert hypervolume(stairs, (1.0, 1.0)) == pytest.approx(0 * 4 + 2 * 2 + 2 * 0)
+    assert hypervolume(np.zeros((0, 2)), ref) == 0.0
+    # negative coordinates (conciseness is minus tokens) against a negative reference
+    assert hypervolume([[0.5, -10.0], [0.0, -4.0]], (-1.0, -40.0)) == pytest.approx(1.5 * 30 + 1.0 * 6)
+
+
+def test_hypervolume_three_objectives_matches_inclusion_exclusion():
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0.1, 1.0, size=(5, 3))
+    ref = np.zeros(3)
+    # inclusion-exclusion over the union of boxes [0, p_i]
+    want = 0.0
+    for r in range(1, len(pts) + 1):
+        for sub in itertools.combinations(range(len(pts)), r):
+            want += (-1) ** (r + 1) * np.prod(pts[list(sub)].min(0))
+    assert hypervolume(pts, ref) == pytest.approx(want, rel=1e-12)
+    assert hypervolume([[1.0, 2.0, 3.0]], ref) == pytest.approx(6.0)
+
+
+def test_summarise_means_over_prompts_with_a_t_interval():
+    s = np.array([[1.0, 3.0],        # prompt mean 2
+                  [4.0, np.nan],     # 4 (one sample unscorable)
+                  [np.nan, np.nan],  # no scored sample: not counted
+                  [6.0, 6.0]])       # 6
+    got = summarise({"a": s})["a"]
+    assert got["prompts"] == 3 and got["mean"] == pytest.approx(4.0)
+    assert got["ci95"] == pytest.approx(4.303 * 2.0 / np.sqrt(3))  # sd of (2, 4, 6) is 2; t(2 dof) = 4.303
+
+
+def test_front_report_and_plot(tmp_path):
+    def r(a, b):
+        return {"objectives": {"s": {"mean": a, "ci95": 0.1}, "c": {"mean": b, "ci95": 1.0}}}
+
+    results = {"base": r(0.1, -20), "dpo-s": r(0.5, -25), "dpo-c": r(0.0, -5), "mix": r(0.3, -10), "bad": r(0.0, -30)}
+    rep = front_report(results, ["s", "c"], (-1.0, -40.0))
+    assert rep["front"] == ["dpo-s", "dpo-c", "mix"]
+    assert rep["hypervolume"] == pytest.approx(hypervolume([[0.5, -25], [0.0, -5], [0.3, -10]], (-1, -40)))
+    path = plot(results, ["s", "c"], str(tmp_path / "front.png"), groups={"dpo-s": "dpo", "dpo-c": "dpo"},
+                transform={"c": lambda v: -v}, labels={"c": "tokens"})
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
