@@ -11,6 +11,10 @@
    loopback answers the held-out prompts at several weight vectors in both mixing modes (logits
    and soup), through its OpenAI-compatible chat endpoint.
 5. Held-out prompts: mean sentiment and mean length for the base, each policy and each mix.
+
+Steps 1-4 are shared with ``moray study`` (:class:`Pipeline`) and recorded in ``<out>/steps.json``
+(:class:`Steps`): a later demo or study on the same directory with the same settings reuses them.
+Policies are written to ``<out>/policies/<name>``.
 """
 
 from __future__ import annotations
