@@ -87,9 +87,10 @@ def submit(cmd: Sequence[str], address: Optional[str] = None, env: Optional[Dict
     return {"job_id": job_id, "dashboard": f"{c.get_address()}/#/jobs/{job_id}", "entrypoint": entrypoint}
 
 
-def follow(job_id: str, address: Optional[str] = None, out=sys.stdout) -> str:
-    """Stream a job's logs until it ends; its final status."""
+def follow(job_id: str, address: Optional[str] = None, out=None) -> str:
+    """Stream a job's logs (to ``out``, default stdout) until it ends; its final status."""
     c = client(address)
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for lines in c.tail_job_logs(job_id):

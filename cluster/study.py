@@ -35,7 +35,8 @@ from cluster.demo import OBJECTIVES, pipeline
 log = logging.getLogger(__name__)
 
 WEIGHTS = (0.25, 0.5, 0.75)           # w_sentiment; w_conciseness = 1 - w
-MOPO_THRESHOLDS = (0.5, 0.6)          # sentiment win-rate against the base's own samples
+MOPO_THRESHOLDS = (0.5, 0.55)         # sentiment win-rate against the base's own samples (0.6 is infeasible for
+                                      # SmolLM2 with 4 candidates a prompt: best achievable 0.576)
 
 
 @dataclass

@@ -157,10 +157,14 @@ def test_per_objective_jobs_side_by_side_with_metrics(ray_head, tiny_model, pair
     listed = capsys.readouterr().out
     assert all(re.search(rf"{i}\s+SUCCEEDED", listed) for i in ids.values()), listed
     assert "train dpo --objective sentiment" in listed
+    assert client.get_job_info(ids["sentiment"]).runtime_env["env_vars"] == {"DS_ACCELERATOR": "cpu",
+                                                                             "OMP_NUM_THREADS": "1"}
     assert main(["jobs", "status", ids["sentiment"], "--address", url]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "SUCCEEDED"
     assert main(["jobs", "logs", ids["conciseness"], "--address", url]) == 0
     assert "trained a DPO policy for 'conciseness' on 48 pairs" in capsys.readouterr().out
+    assert main(["jobs", "logs", ids["sentiment"], "--follow", "--address", url]) == 0  # ended: returns at once
+    assert "trained a DPO policy for 'sentiment' on 48 pairs" in capsys.readouterr().out
 
     # each job's export, and its metrics as the head exported them while it ran: 48 pairs x 3 epochs
     # in micro-batches of 4 on one worker is 36 optimizer steps and 144 pairs

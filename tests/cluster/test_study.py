@@ -31,7 +31,7 @@ def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
         after = json.loads((root / "steps.json").read_text())["steps"]
         assert {k: after[k] for k in SHARED} == {k: before[k] for k in SHARED}  # reused, not redone
         added = {f"{kind}-{w}" for kind in ("ls", "data ls", "pgapo", "soup") for w in (0.25, 0.5, 0.75)}
-        assert set(after) - set(before) == added | {"mopo-0.6", "data wrpo", "wrpo"}
+        assert set(after) - set(before) == added | {"mopo-0.55", "data wrpo", "wrpo"}
 
         assert json.loads((root / "study.json").read_text()) == json.loads(json.dumps(doc, default=float))
         assert (root / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
