@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     pairs.add_argument("--temperature", type=float, default=1.0)
     pairs.add_argument("--top-p", dest="top_p", type=float, default=1.0)
+    pairs.add_argument("--top-k", dest="top_k", type=int, default=50, help="0: no top-k (50: HF generate's default)")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--actors", type=int, default=1, help="Ray Data sampling actors")
     pairs.add_argument("--address", help="Ray cluster address")
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=2, help="samples per prompt and policy")
     ev.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--top-k", dest="top_k", type=int, default=50, help="0: no top-k (50: HF generate's default)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--reference", help="hypervolume reference point, e.g. sentiment=-1,conciseness=-64 "
                     "(default: each objective's worst mean)")
@@ -335,7 +337,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             objectives = [o for o in args.objectives.split(",") if o]
             check_objectives(objectives)
             sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            actors=args.actors)
+                            top_k=args.top_k, actors=args.actors)
             if args.wrpo:
                 from reward_models.pairs import make_wrpo_pairs
                 from serving.mixing import check_weights
@@ -447,7 +449,8 @@ def run_eval(args: argparse.Namespace) -> None:
     prompts = load_prompts(args.prompts, args.prompt_column, args.split)
     init_ray(args.address)
     results = evaluate(policies, prompts, objectives, next(iter(policies.values())),
-                       EvalSettings(args.samples, args.max_new_tokens, args.temperature, args.seed, args.actors))
+                       EvalSettings(args.samples, args.max_new_tokens, args.temperature, args.seed, args.actors,
+                                    args.top_k))
     if reference is None:
         reference = [min(r["objectives"][k]["mean"] for r in results.values()) for k in objectives]
     out = Path(args.out)

@@ -87,7 +87,7 @@ def local_sampler(path: str, max_new_tokens: int) -> Callable:
     def sample(prompts: Sequence[str], n: int, s) -> List[List[str]]:
         from reward_models.pairs import Generate
 
-        gen = Generate(path, n, max_new_tokens, s.temperature, 1.0, s.seed, threads=2)
+        gen = Generate(path, n, max_new_tokens, s.temperature, 1.0, s.seed, threads=2, top_k=s.top_k)
         out: List[List[str]] = []
         for i in range(0, len(prompts), 16):
             chunk = list(prompts[i:i + 16])
@@ -117,7 +117,7 @@ def logits_sampler(policies: Dict[str, str], weights: Dict[str, float], max_new_
         rows = []
         for i, p in enumerate(prompts):
             ids = tok(render_prompt(tok, p), add_special_tokens=not tok.chat_template)["input_ids"]
-            rows += [Row(ids, w, Sampling(max_tokens=max_new_tokens, temperature=s.temperature,
+            rows += [Row(ids, w, Sampling(max_tokens=max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                           seed=s.seed * 1_000_003 + i * n + j)) for j in range(n)]
         out = []
         for b in range(0, len(rows), 32):

@@ -100,6 +100,7 @@ class EvalSettings:
     temperature: float = 1.0
     seed: int = 0
     actors: int = 1
+    top_k: int = 50              # HF generate's default; every policy and mix is sampled with it
 
 
 def generate_for(source: Any, prompts: Sequence[str], s: EvalSettings) -> List[List[str]]:
@@ -110,7 +111,7 @@ def generate_for(source: Any, prompts: Sequence[str], s: EvalSettings) -> List[L
     if callable(source):
         return source(prompts, s.samples, s)
     return sample_responses(source, prompts, s.samples, max_new_tokens=s.max_new_tokens,
-                            temperature=s.temperature, seed=s.seed, actors=s.actors)
+                            temperature=s.temperature, seed=s.seed, actors=s.actors, top_k=s.top_k)
 
 
 def evaluate(policies: Mapping[str, Any], prompts: Sequence[str], objectives: Sequence[str],

@@ -25,13 +25,16 @@ def render_prompt(tokenizer, prompt: str) -> str:
 class Generate:
     """``map_batches`` callable class: ``prompt`` rows -> ``responses`` (a JSON list of ``n`` samples).
 
+    ``top_k``: 50 is HF ``generate``'s own default, named here so that other samplers (the Serve
+    decoder, ``moray study``'s MPO mixes) can match it; 0 samples from the whole distribution.
     ``keep_ids``: also ``prompt_ids`` (the rendered prompt's tokens) and ``response_ids`` (each
     sample's tokens up to and including its EOS), as JSON, for teacher-forced scoring of exactly
     the sampled tokens.
     """
 
     def __init__(self, model_path: str, n: int, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, threads: int = 1, trust_remote_code: bool = False, keep_ids: bool = False):
+                 seed: int, threads: int = 1, trust_remote_code: bool = False, keep_ids: bool = False,
+                 top_k: int = 50):
         from trainers.models import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(threads)
@@ -39,7 +42,7 @@ class Generate:
         self.tok.padding_side = "left"
         self.model = load_causal_lm(model_path, trust_remote_code).eval()
         self.n, self.max_new_tokens = n, max_new_tokens
-        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
         self.keep_ids = keep_ids
 
     @torch.no_grad()
@@ -50,7 +53,7 @@ class Generate:
         # seed from the batch's first row id: the same rows give the same samples on any actor
         torch.manual_seed(self.seed * 1_000_003 + int(batch["row"][0]))
         out = self.model.generate(**enc, do_sample=self.temperature > 0, temperature=self.temperature or None,
-                                  top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                                  top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
                                   num_return_sequences=self.n, pad_token_id=self.tok.pad_token_id)
         gen = out[:, enc["input_ids"].shape[1]:]
         decoded = self.tok.batch_decode(gen, skip_special_tokens=True)
@@ -72,13 +75,14 @@ def _until_eos(tokens: List[int], eos: Optional[int]) -> List[int]:
 
 def sample_responses(model_path: str, prompts: Sequence[str], n: int, max_new_tokens: int = 48,
                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, actors: int = 1,
-                     threads_per_actor: int = 1, batch_size: int = 8) -> List[List[str]]:
+                     threads_per_actor: int = 1, batch_size: int = 8, top_k: int = 50) -> List[List[str]]:
     """``n`` samples for each prompt, in prompt order, from a Ray Data actor pool."""
     import ray.data
 
     ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)])
     ds = ds.map_batches(Generate, fn_constructor_args=(model_path, n, max_new_tokens, temperature, top_p, seed,
                                                        threads_per_actor),
+                        fn_constructor_kwargs={"top_k": top_k},
                         batch_size=batch_size, num_cpus=threads_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=actors))
     rows = sorted(ds.take_all(), key=lambda r: r["row"])

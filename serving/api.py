@@ -75,6 +75,14 @@ def _integer(body: Mapping[str, Any], key: str, default: Optional[int]) -> Optio
     return v
 
 
+def _top_k(body: Mapping[str, Any]) -> int:
+    """``top_k``: a positive integer, or 0 / -1 (vLLM's spelling) for no top-k; absent: off."""
+    k = _integer(body, "top_k", 0)
+    if k < -1:
+        raise RequestError(f"top_k must be a positive integer, or 0 or -1 for none, got {k}", "top_k")
+    return max(k, 0)
+
+
 def _flag(body: Mapping[str, Any], key: str) -> bool:
     v = body.get(key, False)
     if not isinstance(v, bool):
@@ -122,7 +130,8 @@ def parse_request(body: Any, chat: bool, tokenizer, limits: Limits) -> Parsed:
         raise RequestError(f"the prompt is {len(prompt_ids)} tokens; with max_tokens {max_tokens} it exceeds "
                            f"the context limit of {limits.max_context} tokens", "messages" if chat else "prompt")
     sampling = Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed=_integer(body, "seed", None),
+                        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=_top_k(body),
+                        seed=_integer(body, "seed", None),
                         ignore_eos=_flag(body, "ignore_eos"))
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop

@@ -26,6 +26,7 @@ class Sampling:
     max_tokens: int = 64
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off; else sample among the k most likely tokens (before top_p, as HF generate)
     seed: Optional[int] = None
     ignore_eos: bool = False  # decode max_tokens tokens whatever comes (benchmarks; vLLM has the same flag)
 
@@ -37,16 +38,27 @@ class Row:
     sampling: Sampling = field(default_factory=Sampling)
 
 
-def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
-    """One token from ``logits (V,)``: argmax at temperature 0, else nucleus sampling."""
-    if s.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.double() / s.temperature, dim=-1)
+def next_token_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """``(V,)`` float64 distribution of the next token for ``logits (V,)`` at ``s.temperature > 0``:
+    temperature, then top-k, then top-p on what top-k kept (the order of HF ``generate``'s warpers)."""
+    scores = logits.double() / s.temperature
+    if 0 < s.top_k < scores.numel():
+        kth = torch.topk(scores, s.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
     if s.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < s.top_p  # the smallest set reaching top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
+    """One token from ``logits (V,)``: argmax at temperature 0, else a draw from :func:`next_token_probs`."""
+    if s.temperature == 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(next_token_probs(logits, s), 1, generator=generator))
 
 
 class LockstepDecoder:

@@ -153,7 +153,7 @@ def sample_log_ratios(policies: Dict[str, str], ref: str, prompts: Sequence[str]
     share = min(1.0, cpus / (len(policies) + 2))  # sampler and K+1 scorers stream side by side
     ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)])
     ds = ds.map_batches(Generate, fn_constructor_args=(ref, m, max_new_tokens, temperature, 1.0, seed),
-                        fn_constructor_kwargs={"keep_ids": True}, batch_size=batch_size, num_cpus=share,
+                        fn_constructor_kwargs={"keep_ids": True, "top_k": 0}, batch_size=batch_size, num_cpus=share,
                         compute=ray.data.ActorPoolStrategy(size=actors))
     for name, path in [("__ref__", ref)] + list(policies.items()):
         ds = ds.map_batches(SequenceLogps, fn_constructor_args=(path, name), batch_size=batch_size,

@@ -163,3 +163,14 @@ def test_labelled_pairs_carry_every_objectives_preference():
     assert rows[0]["better_sentiment"] == 0 and rows[0]["better_conciseness"] == 0
     assert rows[1]["better_sentiment"] == 0 and rows[1]["better_conciseness"] == 0
     assert rows[0]["prompt"] == [{"role": "user", "content": "P0"}]
+
+
+def test_generate_passes_top_k_to_hf_generate(tiny_model):
+    """Sampling at temperature 1 with ``top_k=1`` is greedy decoding (the knob reaches ``generate``);
+    the default stays HF's 50, which the Serve decoder and ``moray study``'s mixes are given."""
+    from reward_models.pairs import Generate
+
+    batch = {"prompt": np.array(["Tell me about the park.", "Hi"], dtype=object), "row": np.arange(2)}
+    greedy = Generate(tiny_model, 1, 12, 0.0, 1.0, seed=3)(batch)["responses"].tolist()
+    assert Generate(tiny_model, 1, 12, 1.0, 1.0, seed=3, top_k=1)(batch)["responses"].tolist() == greedy
+    assert Generate(tiny_model, 1, 12, 1.0, 1.0, seed=3).top_k == 50

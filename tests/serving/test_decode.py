@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from serving.api import Limits, RequestError, parse_request
-from serving.decode import LockstepDecoder, Row, Sampling, sample_next
+from serving.decode import LockstepDecoder, Row, Sampling, next_token_probs, sample_next
 from serving.engine import TextStream, round_weights
 from serving.mixing import mix_logits
 from trainers.models import load_causal_lm, load_tokenizer
@@ -69,6 +69,34 @@ def test_seeded_sampling_repeats_and_top_p_keeps_the_nucleus():
     assert sample_next(logits, Sampling(temperature=0), torch.Generator()) == 0
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.9), (1.0, 20, 0.8), (0.5, 1, 1.0), (1.0, 500, 0.95)])
+def test_next_token_distribution_equals_hf_generates_warpers(temperature, top_k, top_p):
+    """Temperature, top-k, then top-p on what top-k kept: the distribution HF ``generate`` samples
+    from, so a policy sampled by ``generate`` and a mix sampled here are comparable."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(top_k + 7), dtype=torch.float64) * 3
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    want = torch.softmax(warpers(None, logits[None].clone())[0], -1)
+    got = next_token_probs(logits, Sampling(temperature=temperature, top_k=top_k, top_p=top_p))
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    assert int((got > 0).sum()) == int((want > 0).sum()) == (min(top_k, 300) if top_k and top_p == 1 else int((want > 0).sum()))
+    if top_k == 1:
+        assert sample_next(logits, Sampling(temperature=temperature, top_k=1), torch.Generator()) == int(logits.argmax())
+
+
+def test_top_k_one_decodes_greedily(loaded):
+    tok, models = loaded
+    dec = LockstepDecoder(models, tok.pad_token_id, [tok.eos_token_id])
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    greedy = dec.generate([Row(i, (0.4, 0.6), Sampling(max_tokens=16, temperature=0)) for i in ids])
+    assert dec.generate([Row(i, (0.4, 0.6), Sampling(max_tokens=16, temperature=1.0, top_k=1, seed=3))
+                         for i in ids]) == greedy
+
+
 def test_text_stream_cuts_at_stop_strings_and_holds_back_partial_matches(loaded):
     tok, _ = loaded
     ids = tok("the park is lovely. The song", add_special_tokens=False)["input_ids"]
@@ -102,6 +130,9 @@ def test_parse_request_defaults_and_extras(loaded):
                        "mixing": "soup", "stop": "x", "temperature": 0, "seed": 4, "stream": True}, True, tok, LIMITS)
     assert p.weights == (0.0, 1.0) and p.mixing == "soup" and p.stop == ["x"] and p.sampling.seed == 4 and p.stream
     assert tok.decode(p.prompt_ids).endswith("<|assistant|>")
+    assert p.sampling.top_k == 0  # OpenAI semantics: no top-k unless asked
+    assert parse_request({"prompt": "Hi", "top_k": 40}, False, tok, LIMITS).sampling.top_k == 40
+    assert parse_request({"prompt": "Hi", "top_k": -1}, False, tok, LIMITS).sampling.top_k == 0  # vLLM's "off"
 
 
 @pytest.mark.parametrize("body, chat, param", [
@@ -113,6 +144,8 @@ def test_parse_request_defaults_and_extras(loaded):
     ({"prompt": "Hi", "objective_weights": "sentiment"}, False, "objective_weights"),
     ({"prompt": "Hi", "temperature": 2.5}, False, "temperature"),
     ({"prompt": "Hi", "top_p": 0}, False, "top_p"),
+    ({"prompt": "Hi", "top_k": -2}, False, "top_k"),
+    ({"prompt": "Hi", "top_k": 2.5}, False, "top_k"),
     ({"prompt": "Hi", "max_tokens": 0}, False, "max_tokens"),
     ({"prompt": "Hi", "max_tokens": 65}, False, "max_tokens"),
     ({"prompt": "word " * 200}, False, "prompt"),
