@@ -134,6 +134,8 @@ def describe(cls: type, prefix: str = "") -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every ``moray`` command and flag (also used to check command lines in cluster configs)."""
+    from reward_models import GENERATE_TOP_K
+
     parser = argparse.ArgumentParser(prog="moray", description="Multi-objective preference alignment on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     pairs.add_argument("--temperature", type=float, default=1.0)
     pairs.add_argument("--top-p", dest="top_p", type=float, default=1.0)
-    pairs.add_argument("--top-k", dest="top_k", type=int, default=50, help="0: no top-k (50: HF generate's default)")
+    pairs.add_argument("--top-k", dest="top_k", type=int, default=GENERATE_TOP_K,
+                       help="0: no top-k (default: HF generate's)")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--actors", type=int, default=1, help="Ray Data sampling actors")
     pairs.add_argument("--address", help="Ray cluster address")
@@ -255,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=2, help="samples per prompt and policy")
     ev.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--top-k", dest="top_k", type=int, default=50, help="0: no top-k (50: HF generate's default)")
+    ev.add_argument("--top-k", dest="top_k", type=int, default=GENERATE_TOP_K,
+                       help="0: no top-k (default: HF generate's)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--reference", help="hypervolume reference point, e.g. sentiment=-1,conciseness=-64 "
                     "(default: each objective's worst mean)")

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from reward_models import GENERATE_TOP_K
+
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("sentiment", "conciseness")
@@ -250,7 +252,8 @@ def serve_mixes(policies: Dict[str, str], mpo_file: str, mpo_weights: Dict[str, 
                 def ask(i: int) -> str:
                     r = requests.post(f"{url}/v1/chat/completions", timeout=600, json={
                         "messages": [{"role": "user", "content": prompts[i]}], "objective_weights": w,
-                        "mixing": mixing, "temperature": 1.0, "top_k": 50, "seed": 100 + i})
+                        "mixing": mixing, "temperature": 1.0, "top_k": GENERATE_TOP_K,
+                        "seed": 100 + i})
                     r.raise_for_status()
                     return r.json()["choices"][0]["message"]["content"].strip()
 

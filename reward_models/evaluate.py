@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from reward_models import GENERATE_TOP_K
+
 log = logging.getLogger(__name__)
 
 
@@ -100,7 +102,7 @@ class EvalSettings:
     temperature: float = 1.0
     seed: int = 0
     actors: int = 1
-    top_k: int = 50              # HF generate's default; every policy and mix is sampled with it
+    top_k: int = GENERATE_TOP_K  # every policy and mix is sampled with it
 
 
 def generate_for(source: Any, prompts: Sequence[str], s: EvalSettings) -> List[List[str]]:

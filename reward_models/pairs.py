@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from reward_models import GENERATE_TOP_K
+
 
 def render_prompt(tokenizer, prompt: str) -> str:
     """The text a chat model continues: the chat template when the tokenizer has one."""
@@ -25,8 +27,7 @@ def render_prompt(tokenizer, prompt: str) -> str:
 class Generate:
     """``map_batches`` callable class: ``prompt`` rows -> ``responses`` (a JSON list of ``n`` samples).
 
-    ``top_k``: 50 is HF ``generate``'s own default, named here so that other samplers (the Serve
-    decoder, ``moray study``'s MPO mixes) can match it; 0 samples from the whole distribution.
+    ``top_k``: :data:`reward_models.GENERATE_TOP_K` unless given; 0 samples from the whole distribution.
     ``keep_ids``: also ``prompt_ids`` (the rendered prompt's tokens) and ``response_ids`` (each
     sample's tokens up to and including its EOS), as JSON, for teacher-forced scoring of exactly
     the sampled tokens.
@@ -34,7 +35,7 @@ class Generate:
 
     def __init__(self, model_path: str, n: int, max_new_tokens: int, temperature: float, top_p: float,
                  seed: int, threads: int = 1, trust_remote_code: bool = False, keep_ids: bool = False,
-                 top_k: int = 50):
+                 top_k: int = GENERATE_TOP_K):
         from trainers.models import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(threads)
@@ -75,7 +76,8 @@ def _until_eos(tokens: List[int], eos: Optional[int]) -> List[int]:
 
 def sample_responses(model_path: str, prompts: Sequence[str], n: int, max_new_tokens: int = 48,
                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, actors: int = 1,
-                     threads_per_actor: int = 1, batch_size: int = 8, top_k: int = 50) -> List[List[str]]:
+                     threads_per_actor: int = 1, batch_size: int = 8,
+                     top_k: int = GENERATE_TOP_K) -> List[List[str]]:
     """``n`` samples for each prompt, in prompt order, from a Ray Data actor pool."""
     import ray.data
 

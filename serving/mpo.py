@@ -152,6 +152,7 @@ def sample_log_ratios(policies: Dict[str, str], ref: str, prompts: Sequence[str]
     cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
     share = min(1.0, cpus / (len(policies) + 2))  # sampler and K+1 scorers stream side by side
     ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)])
+    # exact samples of the reference (no top-k): the estimates of F and its gradient assume y ~ π_ref
     ds = ds.map_batches(Generate, fn_constructor_args=(ref, m, max_new_tokens, temperature, 1.0, seed),
                         fn_constructor_kwargs={"keep_ids": True, "top_k": 0}, batch_size=batch_size, num_cpus=share,
                         compute=ray.data.ActorPoolStrategy(size=actors))
