@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--workers", type=int, default=None, help="Ray Train workers per training job")
         run.add_argument("--zero-stage", dest="zero_stage", type=int, default=2, choices=[0, 1, 2, 3])
 
-    ev = sub.add_parser("eval", help="score policies on held-out prompts: means, 95% intervals, Pareto front, plot")
+    ev = sub.add_parser("eval", help="score policies on held-out prompts: means, 95%% intervals, Pareto front, plot")
     ev.add_argument("--policies", required=True, help="NAME=DIR,NAME=DIR (policies, soups, any HF causal LM)")
     ev.add_argument("--prompts", required=True, help="prompt file, HF dataset, or demo:N (as for `moray pairs`)")
     ev.add_argument("--prompt-column", dest="prompt_column", default="prompt")

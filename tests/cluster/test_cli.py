@@ -137,3 +137,39 @@ def test_eval_refuses_bad_input_before_ray_starts(tmp_path, capsys, tiny_model):
     assert run("--objectives", "sentiment,conciseness", "--reference", "sentiment=-1,conciseness=low") == 2
     assert "conciseness=low: not a number" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def _command_paths(parser, prefix=()):
+    """Every command path of the parser (``()``, ``("train",)``, ``("train", "dpo")``, ...), found
+    by walking its sub-parser actions."""
+    import argparse
+
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _command_paths(sub, prefix + (name,))
+
+
+def test_help_of_every_command_and_sub_command(capsys):
+    import pytest
+
+    from cluster.cli import build_parser
+
+    paths = list(_command_paths(build_parser()))
+    assert ("train", "mopo") in paths and ("jobs", "logs") in paths and ("mix", "soup") in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as done:
+            main([*path, "--help"])
+        assert done.value.code == 0, path
+        out = capsys.readouterr().out
+        assert out.startswith("usage: moray"), path
+
+
+def test_moray_help_from_the_shell():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "95%" in out.stdout and "score policies on held-out prompts" in out.stdout
