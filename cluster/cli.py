@@ -11,7 +11,7 @@
     moray score --objectives a,b --data FILE --out FILE
     moray mix mpo --policies a=DIR,b=DIR --ref DIR --prompts P --out weights.json
     moray mix soup --policies a=DIR,b=DIR --weights 0.3,0.7 --out DIR [--lora]
-    moray serve --config serve.yaml | --policies a=DIR,b=DIR [--mpo-weights F] [--write-config F]
+    moray serve --config serve.yaml | --policies a=DIR,b=DIR [--mpo-weights F] [--allow-rename] [--write-config F]
     moray demo [--tiny] [--out DIR]
     moray eval --policies a=DIR,b=DIR --prompts P --objectives a,b --out DIR [--reference a=-1,b=-64]
     moray study [--tiny] [--out DIR]      # every method on the demo task: table, JSON, Pareto plot
@@ -132,6 +132,9 @@ def describe(cls: type, prefix: str = "") -> List[str]:
     return lines
 
 
+RENAME_HELP = "accept NAMEs that differ from the objectives recorded in the policies' moray.json"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every ``moray`` command and flag (also used to check command lines in cluster configs)."""
     from reward_models import GENERATE_TOP_K
@@ -220,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     mpo.add_argument("--actors", type=int, default=1, help="Ray Data actors per stage")
     mpo.add_argument("--out", required=True, help="weights.json")
     mpo.add_argument("--force", action="store_true", help="mix even if reference, beta or tokenizer differ")
+    mpo.add_argument("--allow-rename", dest="allow_rename", action="store_true", help=RENAME_HELP)
     mpo.add_argument("--address", help="Ray cluster address")
     soup = mix.add_parser("soup", help="Personalized Soups: weighted merge into one HF checkpoint (§6)")
     soup.add_argument("--policies", required=True, help="NAME=DIR,NAME=DIR")
@@ -227,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     soup.add_argument("--out", required=True, help="output directory (HF checkpoint)")
     soup.add_argument("--lora", action="store_true", help="merge the policies' LoRA adapters (B·A products) on the base")
     soup.add_argument("--force", action="store_true")
+    soup.add_argument("--allow-rename", dest="allow_rename", action="store_true", help=RENAME_HELP)
 
     srv = sub.add_parser("serve", help="serve any objective-weight vector (Ray Serve, OpenAI-compatible)")
     srv.add_argument("--config", help="a Ray Serve config file whose app is serving.app:build_app")
@@ -236,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="any serve option, e.g. max_replicas=4 (see `moray config serve`)")
+    srv.add_argument("--allow-rename", dest="allow_rename", action="store_true", help=RENAME_HELP)
     srv.add_argument("--write-config", dest="write_config", help="write the Serve config file and exit")
     srv.add_argument("--address", help="Ray cluster address")
 
@@ -384,7 +390,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                          load_prompts(args.prompts, args.prompt_column, args.split), args.out,
                                          samples_per_prompt=args.m, prompt_batch=args.prompt_batch, steps=args.steps,
                                          c=args.c, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                         seed=args.seed, actors=args.actors, force=args.force, address=args.address)
+                                         seed=args.seed, actors=args.actors, force=args.force, address=args.address,
+                                         allow_rename=args.allow_rename)
             print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
         elif args.command == "mix":
             from serving.policies import parse_policies
@@ -393,7 +400,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             policies = parse_policies(args.policies)
             weights: Any = ({k: float(v) for k, v in parse_policies(args.weights).items()} if "=" in args.weights
                             else [float(w) for w in args.weights.split(",") if w.strip()])
-            print(soup_policies(policies, weights, args.out, lora=args.lora, force=args.force))
+            print(soup_policies(policies, weights, args.out, lora=args.lora, force=args.force,
+                                allow_rename=args.allow_rename))
         elif args.command == "serve":
             run_serve(args)
         elif args.command == "demo":
@@ -514,8 +522,8 @@ def run_serve(args: argparse.Namespace) -> None:
     from trainers.config import load_config, parse_dotted
 
     if args.config:
-        if args.policies or args.overrides:
-            raise ValueError("give either --config or --policies/--set, not both")
+        if args.policies or args.overrides or args.allow_rename:
+            raise ValueError("give either --config or --policies/--set/--allow-rename, not both")
         doc = load_serve_file(args.config)
     else:
         if not args.policies:
@@ -523,6 +531,8 @@ def run_serve(args: argparse.Namespace) -> None:
         overrides: Dict[str, Any] = {"policies": parse_policies(args.policies)}
         if args.mpo_weights:
             overrides["mpo_weights"] = args.mpo_weights
+        if args.allow_rename:
+            overrides["allow_rename"] = True
         overrides.update(parse_dotted(args.overrides))
         doc = serve_file(load_config(ServeConfig, overrides=overrides), args.host, args.port)
     if args.write_config:

@@ -207,6 +207,6 @@ def bind_app(args: Dict[str, Any], deployment_overrides: Optional[Dict[str, Any]
     from trainers.config import to_dict
 
     cfg = load_serve_config(args)
-    check_compatible(cfg.policies, force=cfg.force)
+    check_compatible(cfg.policies, force=cfg.force, allow_rename=cfg.allow_rename)
     options = dict(cfg.deployment_options(), **(deployment_overrides or {}))
     return MixedPolicyServer.options(**options).bind(to_dict(cfg))

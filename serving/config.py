@@ -45,6 +45,8 @@ class ServeConfig:
     model_name: str = opt("moray-mix", "Name reported in responses and /v1/models.")
     api_key_env: str = opt("", "Name of an environment variable holding an API key; when set, requests "
                            "need 'Authorization: Bearer <key>' (401 otherwise). The key never sits in the file.")
+    allow_rename: bool = opt(False, "Serve policies under names other than the objectives recorded in their "
+                             "moray.json (refused otherwise: swapped directories would serve the opposite trade-off).")
     force: bool = opt(False, "Serve policies even if their reference, β or tokenizer differ (MPO is then undefined).")
     trust_remote_code: bool = opt(False, "Allow model code shipped with a checkpoint to run.")
 

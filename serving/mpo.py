@@ -167,7 +167,8 @@ def sample_log_ratios(policies: Dict[str, str], ref: str, prompts: Sequence[str]
 def compute_mpo_weights(policies: Dict[str, str], ref: str, prompts: Sequence[str], out: Optional[str] = None,
                         samples_per_prompt: int = 8, prompt_batch: int = 8, steps: Optional[int] = None,
                         c: float = 1.0, max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
-                        actors: int = 1, force: bool = False, address: Optional[str] = None) -> Dict[str, Any]:
+                        actors: int = 1, force: bool = False, address: Optional[str] = None,
+                        allow_rename: bool = False) -> Dict[str, Any]:
     """Max-min MPO weights for ``policies`` (name -> dir) around reference ``ref``; writes ``out``
     (JSON) if given. Returns the weights, F̂ at them, each objective's expected log-ratio under the
     mixture and the mean effective sample size. Checks the inputs before Ray starts (or joins
@@ -175,7 +176,7 @@ def compute_mpo_weights(policies: Dict[str, str], ref: str, prompts: Sequence[st
     from serving.policies import check_compatible
     from trainers.launcher import init_ray
 
-    check_compatible(policies, ref, force=force)
+    check_compatible(policies, ref, force=force, allow_rename=allow_rename)
     if samples_per_prompt < 2:
         raise ValueError("samples per prompt must be >= 2")
     if not prompts:

@@ -51,17 +51,33 @@ def _config_signature(path: str) -> Any:
                                     "num_attention_heads", "intermediate_size")}
 
 
+def check_names(policies: Dict[str, str], meta: Dict[str, Dict[str, Any]], allow_rename: bool = False) -> None:
+    """Each name must be the objective its policy was trained for (``moray.json``'s ``objective``):
+    two swapped directories would otherwise mix the opposite trade-off. ``allow_rename`` accepts
+    other names deliberately (with a warning)."""
+    renamed = [f"{name}={policies[name]} was trained for {m['objective']!r}" for name, m in meta.items()
+               if m.get("objective") and m["objective"] != name]
+    if not renamed:
+        return
+    message = "policy names differ from the objectives the policies were trained for: " + "; ".join(renamed)
+    if not allow_rename:
+        raise ValueError(message + " (name each policy by its objective, or pass --allow-rename to rename them)")
+    log.warning("%s -- using the given names (--allow-rename)", message)
+
+
 def check_compatible(policies: Dict[str, str], ref: Optional[str] = None, force: bool = False,
-                     same_reference: bool = True) -> Dict[str, Dict[str, Any]]:
+                     same_reference: bool = True, allow_rename: bool = False) -> Dict[str, Dict[str, Any]]:
     """Read every policy's metadata and refuse mixes that are not defined.
 
-    Checks: each directory is a Moray policy; one tokenizer (same vocabulary and EOS) and one
-    architecture for all (and ``ref``); with ``same_reference``, one reference model and one β, and
-    ``ref`` (if given) is that reference. Returns the metadata by objective name.
+    Checks: each directory is a Moray policy named by its objective (unless ``allow_rename``); one
+    tokenizer (same vocabulary and EOS) and one architecture for all (and ``ref``); with
+    ``same_reference``, one reference model and one β, and ``ref`` (if given) is that reference.
+    Returns the metadata by objective name.
     """
     from trainers.export import read_metadata
 
     meta = {name: read_metadata(path) for name, path in policies.items()}
+    check_names(policies, meta, allow_rename)
     problems = []
     for name, m in meta.items():
         if m.get("kind") not in ("policy", "soup"):

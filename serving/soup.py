@@ -56,7 +56,7 @@ def load_lora_factors(adapter_dir: str) -> LoraFactors:
 
 
 def soup_policies(policies: Mapping[str, str], weights: Sequence[float] | Mapping[str, float], out: str,
-                  lora: bool = False, force: bool = False) -> str:
+                  lora: bool = False, force: bool = False, allow_rename: bool = False) -> str:
     """Merge ``policies`` (objective -> dir) with ``weights`` (normalised onto the simplex) into an
     HF checkpoint at ``out``; its ``moray.json`` records the weights and sources."""
     from serving.policies import check_compatible
@@ -65,7 +65,7 @@ def soup_policies(policies: Mapping[str, str], weights: Sequence[float] | Mappin
 
     names = list(policies)
     w = check_weights(weights, names)
-    meta = check_compatible(dict(policies), force=force)
+    meta = check_compatible(dict(policies), force=force, allow_rename=allow_rename)
     first = policies[names[0]]
     if lora:
         base_path = meta[names[0]]["reference_model"]

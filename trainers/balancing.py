@@ -9,12 +9,16 @@ for one backward of ``Σ_i c_i L_i``.
   (closed form for K = 2, Frank–Wolfe for K > 2).
 - :func:`gapo_coefficients`: ``g̃_i = g_i/(‖g_i‖+ε)^p``, ``α*`` on them, ``c_i = α*_i/(‖g_i‖+ε)^p``.
 - :func:`pgapo_coefficients`: ``c_i = λ_i/(‖g_i‖+ε)`` for a user preference ``λ ∈ Δ``.
+
+ε is relative to the largest ‖g_i‖ and the min-norm solver normalises its Gram matrix, so ``α*``
+does not depend on the gradients' overall scale (LM-head gradients of large models are ~1e-7).
+The coefficients come back on the gradients' device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -22,19 +26,27 @@ Tensor = torch.Tensor
 
 
 def min_norm_weights(gram: Tensor, iters: int = 2000, tol: float = 1e-14, frank_wolfe: bool = False) -> Tensor:
-    """The min-norm point of the convex hull of vectors with Gram matrix ``gram (K, K)``: ``α (K,)``.
+    """The min-norm point of the convex hull of vectors with Gram matrix ``gram (K, K)``: ``α (K,)``
+    (float64, on the CPU: the K×K problem is tiny whatever device the gradients live on).
 
+    Scale-free: ``α*`` of ``s·G`` is ``α*`` of ``G``, so the Gram matrix is divided by its largest
+    diagonal entry first and every tolerance is relative to that.
     K = 2: ``γ = clip(⟨u2−u1, u2⟩ / ‖u1−u2‖², 0, 1)``, ``α = (γ, 1−γ)``, ``γ = ½`` when ``u1 = u2``.
-    K > 2 (or ``frank_wolfe=True``): Frank–Wolfe with away steps and exact line search on the Gram
-    matrix from the uniform point, stopped when the Frank–Wolfe gap is below ``tol``.
+    K > 2 (or ``frank_wolfe=True``): Frank–Wolfe with away steps and exact line search from the
+    uniform point, stopped when the Frank–Wolfe gap is below ``tol``; then the support it found is
+    solved exactly (:func:`_on_face`) and kept when it passes the optimality check.
     """
     K = gram.shape[0]
-    gram = gram.double()
+    gram = gram.detach().double().cpu()
     if K == 1:
         return torch.ones(1, dtype=torch.float64)
+    top = float(gram.diagonal().max())
+    if not (top > 0 and torch.isfinite(gram).all()):  # all gradients zero (or broken): nothing to balance
+        return torch.full((K,), 1.0 / K, dtype=torch.float64)
+    gram = gram / top
     if K == 2 and not frank_wolfe:
         denom = gram[0, 0] + gram[1, 1] - 2 * gram[0, 1]
-        if float(denom) <= 1e-30:
+        if float(denom) <= 1e-15:  # u1 = u2 up to rounding: every γ gives the same point
             return torch.tensor([0.5, 0.5], dtype=torch.float64)
         gamma = float(((gram[1, 1] - gram[0, 1]) / denom).clamp(0.0, 1.0))
         return torch.tensor([gamma, 1.0 - gamma], dtype=torch.float64)
@@ -62,7 +74,32 @@ def min_norm_weights(gram: Tensor, iters: int = 2000, tol: float = 1e-14, frank_
         step = min(max(-float(direction @ grad) / curvature, 0.0), max_step)
         alpha = (alpha + step * direction).clamp_min(0.0)
         alpha = alpha / alpha.sum()
+    exact = _on_face(gram, alpha > 1e-12)
+    return exact if exact is not None and _certified(gram, exact, tol) else alpha
+
+
+def _on_face(gram: Tensor, support: Tensor) -> Optional[Tensor]:
+    """The min-norm point of the affine hull of the ``support``'s vectors:
+    ``α_S = G_S⁻¹1 / 1ᵀG_S⁻¹1`` (None when it leaves the simplex or ``G_S`` is singular)."""
+    idx = torch.nonzero(support).flatten()
+    if len(idx) == 0:
+        return None
+    sub = gram[idx][:, idx]
+    try:
+        x = torch.linalg.solve(sub, torch.ones(len(idx), dtype=torch.float64))
+    except RuntimeError:  # singular: linearly dependent gradients on this face
+        return None
+    if not bool(torch.isfinite(x).all()) or float(x.sum()) <= 0 or bool((x < 0).any()):
+        return None
+    alpha = torch.zeros(gram.shape[0], dtype=torch.float64)
+    alpha[idx] = x / x.sum()
     return alpha
+
+
+def _certified(gram: Tensor, alpha: Tensor, tol: float) -> bool:
+    """KKT on the simplex: ``(Gα)_i ≥ αᵀGα`` for every ``i`` (the Frank–Wolfe gap is ≤ ``tol``)."""
+    grad = gram @ alpha
+    return float(alpha @ grad - grad.min()) <= max(tol, 1e-12)
 
 
 @dataclass
@@ -94,14 +131,13 @@ def gapo_coefficients(grads: Tensor, p: float = 1.0, eps: float = 1e-12) -> Bala
     """
     if p < 0:
         raise ValueError(f"p must be >= 0, got {p}")
-    g = grads.double()
-    gram = g @ g.T
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    scale = (norms + eps) ** p
+    gram, norms = _gram(grads)
+    scale = (norms + _relative(eps, norms)) ** p
     tilde_gram = gram / (scale[:, None] * scale[None, :])
     alpha = min_norm_weights(tilde_gram)
     direction_sq = float(alpha @ tilde_gram @ alpha)
-    return Balance((alpha / scale).detach(), alpha, norms, max(direction_sq, 0.0) ** 0.5, _cosine(gram, norms))
+    return _on(grads, Balance((alpha / scale).detach(), alpha, norms, max(direction_sq, 0.0) ** 0.5,
+                              _cosine(gram, norms)))
 
 
 def pgapo_coefficients(grads: Tensor, preference: Sequence[float], eps: float = 1e-12) -> Balance:
@@ -109,9 +145,27 @@ def pgapo_coefficients(grads: Tensor, preference: Sequence[float], eps: float = 
     lam = torch.as_tensor(list(preference), dtype=torch.float64)
     if lam.shape[0] != grads.shape[0] or bool((lam < 0).any()) or abs(float(lam.sum()) - 1) > 1e-9:
         raise ValueError(f"preference must be {grads.shape[0]} non-negative weights summing to 1, got {list(preference)}")
-    g = grads.double()
-    gram = g @ g.T
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    c = lam / (norms + eps)
-    direction = (c[:, None] * g).sum(0)
-    return Balance(c.detach(), lam, norms, float(direction.norm()), _cosine(gram, norms))
+    gram, norms = _gram(grads)
+    c = lam / (norms + _relative(eps, norms))
+    direction_sq = float(c @ gram @ c)
+    return _on(grads, Balance(c.detach(), lam, norms, max(direction_sq, 0.0) ** 0.5, _cosine(gram, norms)))
+
+
+def _relative(eps: float, norms: Tensor) -> float:
+    """ε as a fraction of the largest norm, so that it guards a zero gradient without moving α at
+    small gradient scales (absolute ε when every gradient is zero)."""
+    return eps * float(norms.max()) or eps
+
+
+def _gram(grads: Tensor):
+    """The K×K Gram matrix of ``grads (K, D)`` (formed on their device) and the norms, in float64
+    on the CPU, where the K×K arithmetic happens."""
+    g = grads.detach().double()
+    gram = (g @ g.T).cpu()
+    return gram, gram.diagonal().clamp_min(0).sqrt()
+
+
+def _on(grads: Tensor, bal: Balance) -> Balance:
+    """The balance with its coefficients on the gradients' device, ready to weight their losses."""
+    bal.coefficients = bal.coefficients.to(grads.device)
+    return bal

@@ -1,5 +1,7 @@
 """The `moray` command line: options documented, bad input rejected before any compute."""
 
+import json
+
 from cluster.cli import main
 from tests.conftest import synthetic_pairs, write_jsonl
 
@@ -173,3 +175,29 @@ def test_moray_help_from_the_shell():
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "95%" in out.stdout and "score policies on held-out prompts" in out.stdout
+
+
+def test_policies_named_by_another_objective_are_refused_before_ray_starts(tmp_path, capsys, tiny_model):
+    """Swapped directories (sentiment=<the conciseness policy>) are refused by serve, mix mpo and
+    mix soup; --allow-rename accepts a deliberate rename."""
+    import ray
+
+    from tests.conftest import make_policy
+
+    s = make_policy(tiny_model, tmp_path / "s", 1, objective="sentiment")
+    c = make_policy(tiny_model, tmp_path / "c", 2, objective="conciseness")
+    swapped = f"sentiment={c},conciseness={s}"
+    for cmd in (["serve", "--policies", swapped],
+                ["mix", "mpo", "--policies", swapped, "--ref", tiny_model, "--prompts", "demo:2",
+                 "--out", str(tmp_path / "w.json")],
+                ["mix", "soup", "--policies", swapped, "--weights", "1,1", "--out", str(tmp_path / "soup")]):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert f"sentiment={c} was trained for 'conciseness'" in err and "--allow-rename" in err
+    assert not ray.is_initialized() and not (tmp_path / "soup").exists()
+    assert main(["mix", "soup", "--policies", f"positive={s},short={c}", "--weights", "1,1",
+                 "--out", str(tmp_path / "soup"), "--allow-rename"]) == 0
+    assert json.loads((tmp_path / "soup" / "moray.json").read_text())["weights"] == {"positive": 0.5, "short": 0.5}
+    assert main(["serve", "--policies", f"sentiment={s},conciseness={c}", "--allow-rename",
+                 "--write-config", str(tmp_path / "serve.yaml")]) == 0
+    assert "allow_rename: true" in (tmp_path / "serve.yaml").read_text()

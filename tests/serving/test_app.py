@@ -116,6 +116,8 @@ def test_chat_completion_streams_role_then_content(server):
     ({"prompt": "coffee " * 600}, "prompt"),
     ({"prompt": PROMPT, "mixing": "median"}, "mixing"),
     ('{"prompt": ', None),
+    ('{"prompt": "x", "objective_weights": {"sentiment": 1e400}}', "objective_weights"),
+    ('{"prompt": "x", "objective_weights": {"sentiment": 1' + "0" * 400 + '}}', "objective_weights"),
 ])
 def test_bad_input_gets_400_and_the_server_keeps_serving(server, raw, param):
     data = raw if isinstance(raw, str) else json.dumps(raw)
@@ -125,6 +127,17 @@ def test_bad_input_gets_400_and_the_server_keeps_serving(server, raw, param):
     assert err["param"] == param and err["message"]
     ok = _post(server, {"prompt": PROMPT, "max_tokens": 4})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("mixing", ["logits", "soup"])
+def test_huge_weights_are_served_as_their_mix(server, mixing):
+    """Weights near the float limit (their sum overflows) mix as their ratio: 1e308 each is 0.5/0.5."""
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "mixing": mixing, "ignore_eos": True}
+    half = _post(server, dict(body, objective_weights={"sentiment": 0.5, "conciseness": 0.5}))
+    huge = _post(server, dict(body, objective_weights={"sentiment": 1e308, "conciseness": 1e308}))
+    assert huge.status_code == 200, huge.text
+    assert huge.json()["moray"]["objective_weights"] == {"sentiment": 0.5, "conciseness": 0.5}
+    assert huge.json()["choices"][0]["text"] == half.json()["choices"][0]["text"]
 
 
 def test_concurrent_logits_requests_share_a_batch_and_match_alone(server):

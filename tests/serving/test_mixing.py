@@ -20,6 +20,28 @@ def test_check_weights_normalises_and_fills_missing_names():
     assert check_weights([1, 1], NAMES, normalize=False) == (1.0, 1.0)
 
 
+@pytest.mark.parametrize("weights", [
+    [1e308, 1e308, 0, 1e308], [1.7e308, 1e-300, 0, 0], [5e-324, 5e-324, 0, 0], [1e-320, 3e-320, 0, 1e-310],
+    [2.2e-308, 1.0, 0, 3e-321], [10 ** 300, 10 ** 300, 10 ** 299, 0], [0.1, 0.2, 0.3, 0.4],
+])
+def test_check_weights_normalises_huge_and_subnormal_entries_exactly(weights):
+    """Each normalised weight is the exact ratio w_i / Σw rounded to float (within 2 ulp), nothing
+    overflows to inf or underflows to an all-zero vector, and the vector sums to 1."""
+    from fractions import Fraction
+
+    names = ("a", "b", "c", "d")
+    got = check_weights(weights, names)
+    exact = [Fraction(float(w)) / sum(Fraction(float(v)) for v in weights) for w in weights]
+    for g, e in zip(got, exact):
+        assert abs(g - float(e)) <= 2 * math.ulp(float(e)), (got, [float(x) for x in exact])
+    assert abs(math.fsum(got) - 1) < 1e-15 and max(got) > 0
+
+
+def test_check_weights_refuses_integers_beyond_float_range():
+    with pytest.raises(WeightError, match="too large"):
+        check_weights({"sentiment": 10 ** 400, "conciseness": 1}, NAMES)
+
+
 @pytest.mark.parametrize("weights, message", [
     ({"helpful": 1.0}, "unknown objective"),
     ({"sentiment": -0.1, "conciseness": 1}, "negative"),
@@ -175,7 +197,7 @@ def test_check_compatible_refuses_other_reference_or_beta(tiny_model, tmp_path):
     a = make_policy(tiny_model, tmp_path / "a", 1, objective="a")
     b = make_policy(tiny_model, tmp_path / "b", 2, objective="b", beta=0.5)
     c = make_policy(tiny_model, tmp_path / "c", 3, objective="c", reference_model="other/model")
-    assert set(check_compatible({"a": a, "a2": a}, ref=tiny_model)) == {"a", "a2"}
+    assert set(check_compatible({"a": a, "a2": a}, ref=tiny_model, allow_rename=True)) == {"a", "a2"}
     with pytest.raises(ValueError, match="different beta"):
         check_compatible({"a": a, "b": b})
     with pytest.raises(ValueError, match="trained from"):

@@ -110,3 +110,56 @@ def test_averaged_worker_gradients_pick_the_union_batch_alpha():
         torch.testing.assert_close(averaged.coefficients, union.coefficients, rtol=1e-12, atol=0)
         per_rank = (gapo_coefficients(g0, p=p).coefficients + gapo_coefficients(g1, p=p).coefficients) / 2
         assert (per_rank - union.coefficients).abs().max() > 1e-3
+
+
+def _exact_min_norm(u):
+    """Exact α* = argmin_{α∈Δ} ‖Σ α_i u_i‖² by enumerating supports S: on the affine hull of S the
+    minimiser is G_S⁻¹1 / 1ᵀG_S⁻¹1; keep the feasible one with the smallest norm (float64, numpy)."""
+    import itertools
+
+    import numpy as np
+
+    u = np.asarray(u, dtype=np.float64)
+    u = u / np.abs(u).max()  # the problem is scale-free; solve it at unit scale
+    G = u @ u.T
+    best, best_val = None, np.inf
+    K = len(G)
+    for r in range(1, K + 1):
+        for S in itertools.combinations(range(K), r):
+            x = np.linalg.solve(G[np.ix_(S, S)], np.ones(r))
+            if x.sum() <= 0 or (x < 0).any():
+                continue
+            a = np.zeros(K)
+            a[list(S)] = x / x.sum()
+            val = a @ G @ a
+            if val < best_val - 1e-15:
+                best, best_val = a, val
+    return best
+
+
+@pytest.mark.parametrize("K", [3, 4])
+@pytest.mark.parametrize("p", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_alpha_does_not_depend_on_the_gradients_scale(K, p, seed):
+    """α* of s·g equals α* of g for every common scale s from 1e-8 to 1e8, and both equal the
+    exact min-norm point (support enumeration) of the normalised gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(K, 12, generator=gen, dtype=D) * torch.tensor([1.0, 3.0, 0.5, 2.0][:K], dtype=D)[:, None]
+    g[1] -= 1.5 * g[0]  # conflicting objectives: an interior or face optimum, not a vertex
+    tilde = g / (g.norm(dim=1, keepdim=True) ** p)
+    exact = torch.tensor(_exact_min_norm(tilde.numpy()), dtype=D)
+    for s in (1e-8, 1e-7, 1e-6, 1e-3, 1.0, 1e3, 1e6, 1e8):
+        b = gapo_coefficients(s * g, p=p)
+        torch.testing.assert_close(b.alpha, exact, rtol=0, atol=1e-9, msg=f"scale {s}")
+        scaled = tilde * s ** (1 - p)  # the vectors the solver balances at this scale
+        assert float(b.direction_norm) == pytest.approx(float((exact[:, None] * scaled).sum(0).norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("s", [1e-8, 1e-6, 1.0, 1e8])
+def test_frank_wolfe_is_scale_free_on_a_gram_matrix(s):
+    u = torch.randn(4, 6, generator=torch.Generator().manual_seed(7), dtype=D)
+    exact = torch.tensor(_exact_min_norm(u.numpy()), dtype=D)
+    torch.testing.assert_close(min_norm_weights(s * (u @ u.T)), exact, rtol=0, atol=1e-9)
+    pair = u[:2]  # K = 2: the closed form and Frank–Wolfe agree at any scale
+    torch.testing.assert_close(min_norm_weights(s * (pair @ pair.T)),
+                               min_norm_weights(s * (pair @ pair.T), frank_wolfe=True), rtol=0, atol=1e-9)
