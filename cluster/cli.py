@@ -51,7 +51,8 @@ DPO_FLAGS = {
 GAPO_FLAGS = {"objectives": "objectives", "p": "p", "preference": "preference", "balance_params": "balance_params",
               "online": "online", "samples_per_prompt": "samples_per_prompt", "kl_coef": "kl_coef",
               "max_new_tokens": "max_new_tokens"}
-MOPO_FLAGS = {"constraints": "constraints", "tau": "tau", "dual_lr": "dual_lr", "lambda_bound": "lambda_bound"}
+MOPO_FLAGS = {"constraints": "constraints", "tau": "tau", "dual_lr": "dual_lr", "lambda_bound": "lambda_bound",
+              "dual_init": "dual_init", "accept_unmet": "accept_unmet"}
 WRPO_FLAGS = {"alpha_max": "alpha_max", "alpha_steps": "alpha_steps"}
 
 
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     mopo.add_argument("--tau", type=float, help="KL weight τ (default 0.1)")
     mopo.add_argument("--dual-lr", dest="dual_lr", type=float, help="dual step size on λ (default 1)")
     mopo.add_argument("--lambda-bound", dest="lambda_bound", type=float, help="stop when a multiplier passes this")
+    mopo.add_argument("--dual-init", dest="dual_init", choices=["solve", "zero"],
+                      help="start λ at the dual's minimiser on the candidates (solve, default) or at 0")
+    mopo.add_argument("--accept-unmet", dest="accept_unmet", action="store_const", const=True,
+                      help="exit 0 even if a constraint's final estimate misses its threshold (moray.json says so)")
     wrpo = train.add_parser("wrpo", help="WRPO: fuse source models' chosen responses into the target (§7)")
     _add_dpo_args(wrpo)
     wrpo.add_argument("--alpha-max", dest="alpha_max", type=float, help="largest source weight (default 0.1)")
@@ -433,6 +438,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"moray: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from trainers.mopo import ConstraintsUnmet
+
+        if not isinstance(e, ConstraintsUnmet):
+            raise
+        print(f"moray: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

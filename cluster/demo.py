@@ -112,9 +112,8 @@ class Pipeline:
             job = load_config(cls, overrides={**self.train, "out": str(self.root / "policies" / name),
                                               "data.path": data, **extra})
             metrics = runner(job)
-            mopo = {k: v for k, v in metrics.items() if k.startswith(("lambda/", "constraint/"))}
-            if mopo:
-                log.info("%s ended with %s", name, ", ".join(f"{k} {v:.3f}" for k, v in mopo.items()))
+            if "constraints_report" in metrics:
+                log.info("%s: %s", name, constraints_text(metrics["constraints_report"]))
             return job.out
         return self.steps(name, run)
 
@@ -138,7 +137,8 @@ class Pipeline:
         from trainers.mopo_job import MOPOJobConfig, run_mopo
 
         return self.fit(f"mopo-{threshold}", MOPOJobConfig, run_mopo, self.made["candidates"], objective="conciseness",
-                        constraints={"sentiment": threshold}, **{"data.skip_invalid": True,
+                        constraints={"sentiment": threshold}, accept_unmet=True,  # reported, not fatal, here
+                        **{"data.skip_invalid": True,
                                                                  "train.micro_batch_size": max(1, self.s.micro_batch_size // 2)})
 
     def mpo_weights(self, policies: Dict[str, str]) -> Dict[str, Any]:
@@ -209,12 +209,29 @@ def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional
 
     mpo = p.mpo_weights(policies)
     table.update(serve_mixes(policies, str(p.root / "mpo_weights.json"), mpo["weights"], p.eval_prompts, s, tok))
+    table["mopo"]["constraints"] = policy_constraints(mopo)
     (p.root / "results.json").write_text(json.dumps(table, indent=2))
     print(format_table(table, len(p.eval_prompts), s.eval_samples, time.perf_counter() - tic))
+    print(f"MOPO constraints on the training candidates: {constraints_text(table['mopo']['constraints'])}")
     print("MPO max-min weights: " + ", ".join(f"{k} {w:.3f}" for k, w in mpo["weights"].items())
           + f" (F {mpo['F']:.4f}; expected log-ratios " + ", ".join(f"{k} {v:.3f}" for k, v in mpo["expected_log_ratio"].items())
           + f"; mean ESS {mpo['ess_mean']:.2f} of 4)")
     return table
+
+
+def constraints_text(report: Optional[Dict[str, Dict[str, Any]]]) -> str:
+    """A MOPO policy's constraints in a line: ``sentiment 0.503 >= 0.5 met``, or what was missed."""
+    if not report:
+        return "constraints not recorded"
+    return "; ".join(f"{k} {c['estimate']:.3f} {'>=' if c['estimate'] >= c['threshold'] else '<'} "
+                     f"{c['threshold']:g} {'met' if c['satisfied'] else 'NOT MET'}" for k, c in report.items())
+
+
+def policy_constraints(policy_dir: str) -> Optional[Dict[str, Dict[str, Any]]]:
+    """The ``constraints_report`` in a policy's moray.json (MOPO policies; None for others)."""
+    from trainers.export import read_metadata
+
+    return read_metadata(policy_dir).get("constraints_report")
 
 
 def table_row(answers, prompts, tok) -> Dict[str, float]:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cluster.demo import OBJECTIVES, pipeline
+from cluster.demo import OBJECTIVES, constraints_text, pipeline, policy_constraints
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
         sources[name] = logits_sampler(per_objective, weights[name], s.max_new_tokens)
         method[name], needs[name] = "MPO logits mixing", both
 
+    constraints = {n: policy_constraints(sources[n]) for n, m in method.items() if m == "MOPO"}
     if plan.in_process:
         sources = {k: local_sampler(v, s.max_new_tokens) if isinstance(v, str) else v for k, v in sources.items()}
     settings = EvalSettings(samples=plan.eval_samples, max_new_tokens=s.max_new_tokens, seed=2, actors=p.cpus)
@@ -208,6 +209,8 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
 
     for name, r in results.items():
         r.update(method=method[name], weights=weights.get(name))
+        if name in constraints:
+            r["constraints"] = constraints[name]
         r["cost_s"], r["cost_samples"] = cost(name)
     reference = (-1.0, -float(s.max_new_tokens))
     points = {n: (r["objectives"]["sentiment"]["mean"], r["objectives"]["conciseness"]["mean"]) for n, r in results.items()}
@@ -246,14 +249,15 @@ def format_study(doc: Dict[str, Any]) -> str:
              f"95% intervals over prompts; * on the Pareto front of all policies. Hypervolume against "
              f"(sentiment {doc['reference_point']['sentiment']:g}, length {-doc['reference_point']['conciseness']:g} tokens). "
              f"Cost: from the base model, including the shared pair sampling and the policies a mix is made of.", "",
-             "| policy | method | mean sentiment | mean length (tokens) | empty | cost (s) | samples |",
-             "|---|---|---|---|---|---|---|"]
+             "| policy | method | mean sentiment | mean length (tokens) | empty | cost (s) | samples | constraints |",
+             "|---|---|---|---|---|---|---|---|"]
     front = set(doc["pareto_front"])
     for name, r in doc["policies"].items():
         o = r["objectives"]
         lines.append(f"| {name}{' *' if name in front else ''} | {r['method']} | {o['sentiment']['mean']:.3f} ± "
                      f"{o['sentiment']['ci95']:.3f} | {-o['conciseness']['mean']:.1f} ± {o['conciseness']['ci95']:.1f} | "
-                     f"{r['empty_fraction']:.0%} | {r['cost_s']:.0f} | {r['cost_samples']} |")
+                     f"{r['empty_fraction']:.0%} | {r['cost_s']:.0f} | {r['cost_samples']} | "
+                     f"{constraints_text(r['constraints']) if 'constraints' in r else ''} |")
     lines += ["", "| method | policies | hypervolume | cost (s, all its policies, shared work once) |", "|---|---|---|---|"]
     for g, m in doc["methods"].items():
         lines.append(f"| {g} | {len(m['policies'])} | {m['hypervolume']:.2f} | {m['cost_s']:.0f} |")

@@ -12,7 +12,10 @@ Each pair carries every objective's label (a multi-objective pair file: ``data.r
    over the response positions, and outside DeepSpeed's backward hooks (DeepSpeed 0.19 runs its
    reduction epilogue after *any* backward through the engine's outputs, ``autograd.grad``
    included). ``all`` (every trainable weight; the only choice with LoRA, whose head is frozen)
-   takes a second forward through the bare module for the K gradients;
+   takes a second forward through the bare module for the K gradients. A head **tied** to the
+   input embeddings (SmolLM2, most small models) is one matrix used twice, so its gradient has an
+   embedding part that only a backward through the whole model reaches: such a head takes the
+   second forward too, with the K gradients restricted to the tied matrix (its full gradient);
 3. the K flattened gradients are **averaged across workers** (``all_reduce``) before the Gram
    matrix is formed, so every worker picks the same α, the α of the whole global batch;
 4. ``c = gapo_coefficients(...)`` (or P-GAPO's ``λ_i/‖g_i‖``) and one ``engine.backward`` of
@@ -20,7 +23,8 @@ Each pair carries every objective's label (a multi-objective pair file: ``data.r
 
 Under ZeRO-3 (**decision**) the head is *gathered* for step 2 (``GatheredParameters``, every
 worker, released right after): one matrix, the same memory a forward's gather takes anyway.
-``balance_params=all`` is refused there -- gathering every weight would undo the partitioning.
+``balance_params=all`` is refused there -- gathering every weight would undo the partitioning --
+and so is a tied head, whose full gradient needs that same backward through every layer.
 """
 
 from __future__ import annotations
@@ -69,6 +73,14 @@ class GAPOJobConfig(DPOJobConfig):
             self.data.objective_labels = {k: f"better_{k}" for k in self.objectives}
         return super().validate()
 
+    def _tied_head(self) -> bool:
+        from trainers.models import ties_embeddings
+
+        try:
+            return ties_embeddings(self.model.name_or_path, self.model.trust_remote_code)
+        except (OSError, ValueError):  # no readable config here: the model load reports it
+            return False
+
     def labelled_objectives(self) -> List[str]:
         return [] if self.online else list(self.objectives)
 
@@ -98,6 +110,10 @@ class GAPOJobConfig(DPOJobConfig):
         if self.train.zero_stage == 3 and self.balance_params == "all":
             errors.append("under ZeRO-3 GAPO balances the LM head only (balance_params=head): gathering every "
                           "weight for K extra gradients would undo the partitioning")
+        elif self.train.zero_stage == 3 and self.model.name_or_path and self._tied_head():
+            errors.append(f"{self.model.name_or_path} ties its LM head to the input embeddings: the head's full "
+                          "gradient needs K backward passes through the whole partitioned model, which ZeRO-3 GAPO "
+                          "does not do; use train.zero_stage=2 (or lower)")
         if self.train.loss != "dpo":
             errors.append("GAPO balances DPO losses (train.loss=dpo)")
         return errors
@@ -155,13 +171,14 @@ class GAPOTask(PolicyTask):
         cfg = self.cfg
         batch = self.prepare(engine, batch)
         keep = logits_needed(batch["response_mask"])
-        head_only = cfg.balance_params == "head"
+        module = engine.module
+        head = module.get_output_embeddings() if cfg.balance_params == "head" else None
+        tied = head is not None and head.weight is module.get_input_embeddings().weight
+        head_only = head is not None and not tied
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                      logits_to_keep=keep, output_hidden_states=head_only)
         per_pair, rc, rr = self.objective_losses(out.logits, batch)
-        module = engine.module
         if head_only:  # the head on the detached final hidden states: exact head gradients, no DeepSpeed hooks
-            head = module.get_output_embeddings()
             params = [p for p in head.parameters() if p.requires_grad]
             hidden = out.hidden_states[-1][:, -keep:].detach()
             # ZeRO-3: every worker gathers the (partitioned) head for these K gradients, then lets it go;
@@ -169,8 +186,8 @@ class GAPOTask(PolicyTask):
             with _gathered(params):
                 side = self.objective_losses(F.linear(hidden, head.weight, head.bias), batch)[0]
                 grads = _objective_grads(side, params)
-        else:  # a second forward through the bare module
-            params = [p for p in module.parameters() if p.requires_grad]
+        else:  # a second forward through the bare module: every weight, or the tied head's full gradient
+            params = [p for p in (head if head is not None else module).parameters() if p.requires_grad]
             side = self.objective_losses(module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          use_cache=False, logits_to_keep=keep).logits, batch)[0]
             grads = _objective_grads(side, params)

@@ -46,9 +46,20 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False,
         name_or_path, trust_remote_code=trust_remote_code, dtype=dtype)
 
 
+def ties_embeddings(name_or_path: str, trust_remote_code: bool = False) -> bool:
+    """Whether the model's LM head is its input embedding matrix (read from its config alone)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
 def build_tiny_model(out_dir: str, texts: Iterable[str], vocab_size: int = 512, hidden: int = 64,
-                     layers: int = 2, heads: int = 4, seed: int = 0, max_positions: int = 512) -> str:
-    """Write a tiny random-weight Llama and a BPE tokenizer trained on ``texts`` to ``out_dir``."""
+                     layers: int = 2, heads: int = 4, seed: int = 0, max_positions: int = 512,
+                     tie_word_embeddings: bool = False) -> str:
+    """Write a tiny random-weight Llama and a BPE tokenizer trained on ``texts`` to ``out_dir``
+    (``tie_word_embeddings``: one matrix as input embedding and LM head, as in SmolLM2)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -74,7 +85,7 @@ def build_tiny_model(out_dir: str, texts: Iterable[str], vocab_size: int = 512, 
                          num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=heads, max_position_embeddings=max_positions,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=tie_word_embeddings)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)

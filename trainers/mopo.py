@@ -11,8 +11,11 @@ A prompt comes with ``n`` candidate responses (dataset responses or samples from
 
 Prompts with fewer candidates than others (unscorable samples dropped) pass a ``mask (B, n)``.
 - :func:`constraint_values`, :func:`dual_step`: ``Ê_{π_λ}[q̄]`` and ``λ ← max(0, λ + η(b − Ê))``.
-- :func:`check_feasible`, :func:`check_multipliers`: infeasible thresholds fail before training,
-  and a multiplier past its bound stops training, naming the constraint.
+- :func:`check_feasible`, :func:`check_multipliers`: thresholds that cannot be met together (a
+  linear programme over the candidates) or only on the boundary fail before training, and a
+  multiplier past its bound stops training, naming the constraint.
+- :func:`solve_dual`: the multipliers the dual steps converge to, solved on the whole candidate set;
+  :func:`constraint_report`: each constraint's final estimate against its threshold.
 """
 
 from __future__ import annotations
@@ -95,13 +98,91 @@ def best_achievable(q_bar: Tensor) -> Tensor:
     return torch.nan_to_num(q_bar, nan=float("-inf")).max(dim=1).values.mean(0)
 
 
-def check_feasible(q_bar: Tensor, thresholds: Tensor, names: Sequence[str]) -> None:
-    """Refuse thresholds no policy over the candidates can meet (each constraint alone)."""
+def joint_margins(q_bar: Tensor, thresholds: Tensor):
+    """The best margin every constraint can keep at once: ``t* = max_π min_j (E_π[q̄_j] − b_j)``
+    over per-prompt distributions ``π_b`` on the candidates (a linear programme), and each
+    constraint's margin ``E_π*[q̄_j] − b_j`` at the maximiser. NaN marks an absent candidate.
+
+    ``t* < 0``: the thresholds cannot be met together; ``t* = 0``: only on the boundary."""
+    import numpy as np
+    from scipy import sparse
+    from scipy.optimize import linprog
+
+    q = q_bar.detach().double().cpu().numpy()
+    b = thresholds.detach().double().cpu().numpy()
+    B, n, J = q.shape
+    prompt, cand = np.nonzero(np.isfinite(q[:, :, 0]))  # one variable per present candidate, then t
+    V = len(prompt)
+    values = q[prompt, cand, :]  # (V, J)
+    # E_π[q̄_j] − b_j ≥ t  ⇔  −(1/B) Σ π q̄_j + t ≤ −b_j
+    A_ub = sparse.hstack([sparse.csr_matrix(-values.T / B), sparse.csr_matrix(np.ones((J, 1)))]).tocsr()
+    A_eq = sparse.csr_matrix((np.ones(V), (prompt, np.arange(V))), shape=(B, V + 1))
+    cost = np.zeros(V + 1)
+    cost[-1] = -1.0
+    res = linprog(cost, A_ub=A_ub, b_ub=-b, A_eq=A_eq, b_eq=np.ones(B),
+                  bounds=[(0, None)] * V + [(None, None)], method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"the MOPO feasibility programme failed: {res.message}")
+    margins = values.T @ res.x[:V] / B - b
+    return float(res.x[-1]), torch.tensor(margins, dtype=torch.float64)
+
+
+def check_feasible(q_bar: Tensor, thresholds: Tensor, names: Sequence[str], tol: float = 1e-9) -> float:
+    """Refuse thresholds no policy over the candidates can meet together, or only on the boundary;
+    returns the joint margin ``t*`` (see :func:`joint_margins`).
+
+    On the boundary (``t* = 0``, e.g. a threshold at its best achievable win-rate) only a policy
+    that puts all its mass on the best candidates meets the constraints; with ``τ > 0`` π_λ never
+    does, and the multiplier would grow without bound, so that is refused as degenerate too."""
     best = best_achievable(q_bar)
-    bad = [f"{n}: threshold {float(b):.4f} > best achievable {float(v):.4f}"
-           for n, b, v in zip(names, thresholds, best) if float(b) > float(v)]
-    if bad:
-        raise ValueError("infeasible MOPO thresholds (win-rates against the candidates): " + "; ".join(bad))
+    alone = [f"{n}: threshold {float(b):.4f} > best achievable {float(v):.4f}"
+             for n, b, v in zip(names, thresholds, best) if float(b) > float(v)]
+    if alone:
+        raise ValueError("infeasible MOPO thresholds (win-rates against the candidates): " + "; ".join(alone))
+    t, margins = joint_margins(q_bar, thresholds)
+    reached = "; ".join(f"{n} {float(b + m):.4f} (threshold {float(b):.4f}, margin {float(m):+.4f}, "
+                        f"alone up to {float(v):.4f})" for n, b, m, v in zip(names, thresholds, margins, best))
+    if t < -tol:
+        raise ValueError("infeasible MOPO thresholds: each is within reach alone but not together; the best "
+                         f"any policy over the candidates does for all at once (worst margin {t:+.4f}): {reached}")
+    if t <= tol:
+        raise ValueError("degenerate MOPO thresholds: they can only be met exactly on the boundary, by a policy "
+                         "putting all its probability on the best candidates, which the KL term (tau > 0) never "
+                         f"reaches -- the multipliers would grow without bound. Lower them below: {reached}")
+    return t
+
+
+def solve_dual(p_bar: Tensor, q_bar: Tensor, thresholds: Tensor, tau: float, mask: Optional[Tensor] = None,
+               iters: int = 20000, tol: float = 1e-12) -> Tensor:
+    """``λ* = argmin_{λ≥0} D(λ)``, ``D(λ) = mean_b τ log mean_i exp((p̄_bi + λᵀq̄_bi)/τ) − λᵀb``: the
+    fixed point of :func:`dual_step` on these prompts (``∇D = Ê_{π_λ}[q̄] − b``). Projected gradient
+    descent with step ``4τ/J`` (``∇D`` is ``J/(4τ)``-Lipschitz since ``q̄ ∈ [0, 1]``). ``(J,)``."""
+    J = q_bar.shape[-1]
+    lam = torch.zeros(J, dtype=torch.float64)
+    p, q, b = p_bar.double(), q_bar.double(), thresholds.double()
+    step = 4.0 * tau / J
+    for _ in range(iters):
+        values = constraint_values(mopo_ratios(p, q, lam, tau, mask), q, mask)
+        new = (lam - step * (values - b)).clamp_min(0.0)
+        moved = float((new - lam).abs().max())
+        lam = new
+        if moved <= tol * max(1.0, float(lam.abs().max())):
+            break
+    return lam
+
+
+class ConstraintsUnmet(RuntimeError):
+    """A MOPO job ended with constraint estimates below their thresholds (the policy was exported)."""
+
+
+def constraint_report(p_bar: Tensor, q_bar: Tensor, lam: Tensor, thresholds: Tensor, tau: float,
+                      names: Sequence[str], slack: float, mask: Optional[Tensor] = None) -> dict:
+    """Per constraint: its threshold, the estimate ``Ê_{π_λ}[q̄_j]`` over every prompt at the
+    multipliers ``lam``, the multiplier, and whether ``estimate ≥ threshold − slack``."""
+    values = constraint_values(mopo_ratios(p_bar, q_bar, lam, tau, mask), q_bar, mask)
+    return {n: {"threshold": float(b), "estimate": float(v), "lambda": float(x),
+                "satisfied": bool(float(v) >= float(b) - slack)}
+            for n, b, v, x in zip(names, thresholds, values, lam)}
 
 
 def check_multipliers(lam: Tensor, bound: float, names: Sequence[str], values: Tensor, thresholds: Tensor) -> None:

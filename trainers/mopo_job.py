@@ -24,6 +24,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -33,8 +34,8 @@ import torch
 from trainers.config import DPOJobConfig, DataConfig, opt
 from trainers.export import PolicyTask
 from trainers.logps import pair_logps
-from trainers.mopo import (check_feasible, check_multipliers, dual_step, mopo_policy_loss, mopo_ratios,
-                           prompt_values, win_rates)
+from trainers.mopo import (ConstraintsUnmet, check_feasible, check_multipliers, constraint_report, dual_step,
+                           mopo_policy_loss, mopo_ratios, prompt_values, solve_dual, win_rates)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,14 @@ class MOPOJobConfig(DPOJobConfig):
     ratchet_every: int = opt(0, "Every N optimizer steps, set each threshold to ratchet_relax x the value "
                              "reached over those steps (0: thresholds stay fixed).")
     ratchet_relax: float = opt(0.95, "β_relax of the ratchet.")
+    dual_init: str = opt("solve", "Starting multipliers: 'solve' (the dual's minimiser on the training candidates, "
+                         "solved on the driver before Ray starts: the point the dual steps converge to) or 'zero'.")
+    initial_lambda: Dict[str, float] = opt({}, "Starting multipliers per constraint when dual_init=zero "
+                                           "(missing: 0). With dual_init=solve the job fills them in.")
+    constraint_slack: float = opt(0.01, "A constraint counts as met when its final estimate is at least "
+                                  "threshold - slack (the estimate moves with the last steps' batches).")
+    accept_unmet: bool = opt(False, "Exit 0 even when a constraint's final estimate misses its threshold "
+                             "(the policy is exported and moray.json says which constraints were missed either way).")
 
     def labelled_objectives(self) -> List[str]:
         return []
@@ -71,6 +80,15 @@ class MOPOJobConfig(DPOJobConfig):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 errors.append(f"{name} must be a positive finite number, got {v}")
+        if self.dual_init not in ("solve", "zero"):
+            errors.append(f"dual_init must be 'solve' or 'zero', got {self.dual_init!r}")
+        unknown = sorted(set(self.initial_lambda) - set(self.constraints))
+        if unknown:
+            errors.append(f"initial_lambda names {unknown}, which are not constraints")
+        if any(not (math.isfinite(v) and v >= 0) for v in self.initial_lambda.values()):
+            errors.append("initial_lambda values must be finite and >= 0")
+        if not (math.isfinite(self.constraint_slack) and 0 <= self.constraint_slack < 1):
+            errors.append(f"constraint_slack must be in [0, 1), got {self.constraint_slack}")
         if self.ratchet_every < 0 or not 0 < self.ratchet_relax <= 1:
             errors.append("ratchet_every must be >= 0 and ratchet_relax in (0, 1]")
         if self.data.objective_labels:
@@ -165,6 +183,13 @@ def load_candidates(cfg: MOPOJobConfig):
     return table, report
 
 
+def candidate_win_rates(table, cfg: MOPOJobConfig):
+    """``p̄ (B, n)``, ``q̄ (B, n, J)`` (0 where absent) and the candidate ``mask (B, n)`` of a table."""
+    w = win_rate_tensor(table, [cfg.objective, *cfg.constraints])
+    mask = torch.isfinite(w[:, :, 0])
+    return w[:, :, 0].nan_to_num(0.0), w[:, :, 1:].nan_to_num(0.0), mask
+
+
 def win_rate_tensor(table, names: List[str]) -> torch.Tensor:
     """``(prompts, n, len(names))`` win-rates of a candidate table (NaN: absent)."""
     return torch.stack([torch.tensor(table.column(f"winrate_{k}").to_pylist(), dtype=torch.float64)
@@ -180,7 +205,7 @@ class MOPOTask(PolicyTask):
 
     def __init__(self, cfg: MOPOJobConfig):
         self.cfg, self.names = cfg, list(cfg.constraints)
-        self.lam = torch.zeros(len(self.names), dtype=torch.float64)
+        self.lam = torch.tensor([float(cfg.initial_lambda.get(k, 0.0)) for k in self.names], dtype=torch.float64)
         self.thresholds = torch.tensor([cfg.constraints[k] for k in self.names], dtype=torch.float64)
         self.steps = 0
         self._sum = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # Σ prompt values, prompts
@@ -238,18 +263,50 @@ class MOPOTask(PolicyTask):
 
 def run_mopo(job: MOPOJobConfig, address: Optional[str] = None, run_name: Optional[str] = None,
              failure_marker: str = "") -> Dict[str, Any]:
-    """Train one MOPO policy and export it to ``job.out``. Returns the final metrics.
+    """Train one MOPO policy and export it to ``job.out``. Returns the final metrics, with each
+    constraint's final estimate under ``constraints_report`` (also in ``moray.json``).
 
     Fails before Ray starts on bad rows, unknown objectives and thresholds no policy over the
-    candidates can reach."""
+    candidates can reach together (or only on the boundary). Raises :class:`ConstraintsUnmet`
+    after exporting when a final estimate misses its threshold, unless ``accept_unmet``."""
+    import dataclasses
+
+    from trainers.export import METADATA_FILE
     from trainers.launcher import train_on_rows
 
     job.validate()
     table, report = load_candidates(job)
-    q_bar = win_rate_tensor(table, list(job.constraints))
-    check_feasible(q_bar, torch.tensor(list(job.constraints.values()), dtype=torch.float64), list(job.constraints))
+    names = list(job.constraints)
+    thresholds = torch.tensor([job.constraints[k] for k in names], dtype=torch.float64)
+    p_bar, q_bar, mask = candidate_win_rates(table, job)
+    check_feasible(q_bar.masked_fill(~mask[:, :, None], float("nan")), thresholds, names)
+    if job.dual_init == "solve":
+        lam0 = solve_dual(p_bar, q_bar, thresholds, job.tau, mask)
+        log.info("MOPO multipliers start at the dual's minimiser on the %d prompts' candidates: %s", len(p_bar),
+                 {k: round(float(v), 4) for k, v in zip(names, lam0)})
+        job = dataclasses.replace(job, initial_lambda={k: float(v) for k, v in zip(names, lam0)})
     metadata = {"kind": "policy", "method": "mopo", "objective": job.objective, "loss": "mopo",
                 "constraints": job.constraints, "tau": job.tau, "dual_lr": job.dual_lr,
-                "candidates": int(q_bar.shape[1])}
-    return train_on_rows("mopo", job, table, report, metadata, run_name or f"mopo-{job.objective}", address,
-                         failure_marker, with_reference=False)
+                "dual_init": job.dual_init, "candidates": int(q_bar.shape[1])}
+    metrics = train_on_rows("mopo", job, table, report, metadata, run_name or f"mopo-{job.objective}", address,
+                            failure_marker, with_reference=False)
+    lam = torch.tensor([metrics[f"lambda/{k}"] for k in names], dtype=torch.float64)
+    final_b = torch.tensor([metrics[f"threshold/{k}"] for k in names], dtype=torch.float64)  # ratcheted, maybe
+    done = constraint_report(p_bar, q_bar, lam, final_b, job.tau, names, job.constraint_slack, mask)
+    meta_path = Path(job.out) / METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    meta.update(constraints_report=done, constraints_met=all(c["satisfied"] for c in done.values()),
+                constraint_slack=job.constraint_slack)
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    metrics.update(constraints_report=done, constraints_met=meta["constraints_met"])
+    for k, c in done.items():
+        log.info("MOPO constraint %s: final estimate %.4f against threshold %.4f (lambda %.3f): %s", k, c["estimate"],
+                 c["threshold"], c["lambda"], "met" if c["satisfied"] else "NOT MET")
+    missed = [f"{k} {c['estimate']:.4f} < {c['threshold']:.4f}" for k, c in done.items() if not c["satisfied"]]
+    if missed:
+        message = (f"MOPO ended with its constraints unmet ({'; '.join(missed)}, slack {job.constraint_slack}); "
+                   f"the policy was exported to {job.out} and its {METADATA_FILE} records the miss")
+        if not job.accept_unmet:
+            raise ConstraintsUnmet(message + " (accept_unmet=true exits 0 with it)")
+        log.warning("%s -- accepted (accept_unmet)", message)
+    return metrics

@@ -132,6 +132,47 @@ def test_gapo_step_at_the_reference_head_gradients_and_pgapo(tiny_model):
     assert plog["alpha/sentiment"] == 1.0 and plog["alpha/conciseness"] == 0.0
 
 
+def test_tied_head_balances_the_full_gradient_of_the_tied_matrix(tmp_path):
+    """A model whose LM head is its input embedding (SmolLM2-style), K = 3: each objective's
+    gradient norm and α* equal those of full autograd on the tied matrix (head and embedding uses
+    together) to 1e-6, not the head-only part; ZeRO-3 refuses such a model before training."""
+    from reward_models.prompts import tiny_corpus
+    from trainers.balancing import gapo_coefficients
+    from trainers.gapo import GAPOTask
+    from trainers.models import build_tiny_model, load_causal_lm, load_tokenizer
+
+    path = build_tiny_model(str(tmp_path / "tied"), tiny_corpus(200, seed=0), tie_word_embeddings=True)
+    model = load_causal_lm(path)
+    tied = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is tied
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy off the reference so the three objectives disagree
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tok = load_tokenizer(path)
+    rows = _multi_rows(6)
+    batch = _batch(tok, rows, load_causal_lm(path).eval())
+    batch["sign_relevance"] = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
+    names = ["sentiment", "conciseness", "relevance"]
+    cfg = GAPOJobConfig(objectives=names)
+    cfg.train.beta = 0.1
+    task = GAPOTask(cfg)
+    task.losses(BareEngine(model), batch)
+    logged = task.end_step()
+    per_pair = task.objective_losses(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                     batch)[0]
+    full = torch.stack([torch.autograd.grad(per_pair[k].mean(), tied, retain_graph=True)[0].reshape(-1)
+                        for k in range(3)])
+    want = gapo_coefficients(full.double(), p=1.0)
+    for k, name in enumerate(names):
+        assert abs(logged[f"grad_norm/{name}"] - float(want.norms[k])) < 1e-6 * float(want.norms[k]), name
+        assert abs(logged[f"alpha/{name}"] - float(want.alpha[k])) < 1e-6, name
+    job = GAPOJobConfig(objectives=["sentiment", "conciseness"], out=str(tmp_path / "o"))
+    job.model.name_or_path, job.data.path, job.train.zero_stage = path, "pairs.jsonl", 3
+    with pytest.raises(ValueError, match="ties its LM head to the input embeddings"):
+        job.validate()
+
+
 def test_online_gapo_samples_scores_and_balances_policy_gradients(tiny_model):
     """One online micro-batch without Ray: n samples per prompt from the policy, each objective's
     rewards equal its scorer on the decoded samples, each objective's loss is the leave-one-out

@@ -105,7 +105,7 @@ def test_rho_is_normalised_per_prompt():
 def test_infeasible_thresholds_and_runaway_multipliers_are_named():
     p_bar, q_bar = _bandit()
     best = float(q_bar.max())
-    check_feasible(q_bar, torch.tensor([best], dtype=D), ["sentiment"])
+    check_feasible(q_bar, torch.tensor([best - 0.01], dtype=D), ["sentiment"])
     with pytest.raises(ValueError, match="sentiment: threshold"):
         check_feasible(q_bar, torch.tensor([best + 0.01], dtype=D), ["sentiment"])
     lam, _ = _dual(p_bar, q_bar, torch.tensor([best + 0.05], dtype=D), 0.1, steps=300)
@@ -137,3 +137,88 @@ def test_a_mask_is_the_same_as_dropping_the_absent_candidates():
     q_nan[1, ~mask[1]] = float("nan")
     expect = (q_bar[0].max(0).values + q_bar[1, keep].max(0).values) / 2
     torch.testing.assert_close(best_achievable(q_nan), expect, rtol=0, atol=1e-15)
+
+
+def _opposed(B=6, n=5, seed=0):
+    """Two secondary objectives in exact opposition on every prompt (q̄_2 = 1 − q̄_1)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, n, generator=g, dtype=D) * 2
+    q1 = win_rates(s)
+    return torch.stack([q1, 1 - q1], -1)
+
+
+def _maxmin_by_grid(q_bar, b):
+    """t* = min_{μ∈Δ_2} mean_b max_i μᵀ(q̄_bi) − μᵀb (the LP's dual), on a fine grid of μ."""
+    mu = torch.linspace(0, 1, 200001, dtype=D)
+    M = torch.stack([mu, 1 - mu], 1)  # (G, 2)
+    inner = torch.einsum("bnj,gj->gbn", q_bar, M).max(-1).values.mean(-1)
+    return float((inner - M @ b).min())
+
+
+def test_thresholds_each_reachable_alone_but_not_together_are_refused_with_the_joint_margins():
+    from trainers.mopo import joint_margins
+
+    q_bar = _opposed()
+    best = best_achievable(q_bar)
+    b = best - 0.05  # each alone: 0.05 to spare
+    t, margins = joint_margins(q_bar, b)
+    assert abs(t - _maxmin_by_grid(q_bar, b)) < 1e-6 and t < -0.05
+    assert float(margins.min()) == pytest.approx(t, abs=1e-9)
+    with pytest.raises(ValueError, match=r"not together.*worst margin -0\.\d+.*sentiment .*alone up to"):
+        check_feasible(q_bar, b, ["sentiment", "conciseness"])
+    easy = torch.tensor([0.45, 0.45], dtype=D)  # the uniform policy gives 0.5 on both
+    assert check_feasible(q_bar, easy, ["sentiment", "conciseness"]) == pytest.approx(
+        _maxmin_by_grid(q_bar, easy), abs=1e-6)
+
+
+def test_thresholds_on_the_boundary_are_refused_as_degenerate():
+    """At the best achievable win-rate, alone or jointly, no finite λ meets the constraint (λ grows
+    without bound under the dual steps): refused before training, saying so."""
+    p_bar, q_bar = _bandit()
+    best = best_achievable(q_bar)
+    lam, _ = _dual(p_bar, q_bar, best, 0.1, steps=2000)
+    lam_longer, _ = _dual(p_bar, q_bar, best, 0.1, steps=4000)
+    assert float(lam_longer) > float(lam) + 0.1  # still climbing: no fixed point
+    with pytest.raises(ValueError, match="degenerate MOPO thresholds.*grow without bound"):
+        check_feasible(q_bar, best, ["sentiment"])
+    from trainers.mopo import joint_margins
+
+    q2 = _opposed(seed=3)
+    t, _ = joint_margins(q2, torch.tensor([0.3, 0.3], dtype=D))
+    on_edge = torch.tensor([0.3, 0.3], dtype=D) + t  # the max-min point's margins are now exactly 0
+    with pytest.raises(ValueError, match="degenerate"):
+        check_feasible(q2, on_edge, ["sentiment", "conciseness"])
+    check_feasible(q2, on_edge - 1e-3, ["sentiment", "conciseness"])
+
+
+def test_solve_dual_is_the_fixed_point_of_the_dual_steps():
+    from trainers.mopo import constraint_report, solve_dual
+
+    p_bar, q_bar = _bandit()
+    tau = 0.1
+    unconstrained = constraint_values(mopo_ratios(p_bar, q_bar, torch.zeros(1, dtype=D), tau), q_bar)
+    b = torch.tensor([float(unconstrained) + 0.1], dtype=D)
+    lam_steps, _ = _dual(p_bar, q_bar, b, tau)
+    lam = solve_dual(p_bar, q_bar, b, tau)
+    assert abs(float(lam) - float(lam_steps)) < 1e-6 and float(lam) > 0.1
+    assert torch.equal(dual_step(lam, b, constraint_values(mopo_ratios(p_bar, q_bar, lam, tau), q_bar), 2.0)
+                       .sub(lam).abs().lt(1e-9), torch.tensor([True]))
+    slack = torch.tensor([float(q_bar.min())], dtype=D)
+    assert float(solve_dual(p_bar, q_bar, slack, tau)) == 0.0
+    # two constraints on several prompts, with a mask: both multipliers where the dual steps go
+    g = torch.Generator().manual_seed(5)
+    P, Q = torch.rand(3, 6, generator=g, dtype=D), torch.rand(3, 6, 2, generator=g, dtype=D)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    b2 = torch.tensor([0.62, 0.6], dtype=D)
+    lam2 = solve_dual(P, Q, b2, 0.2, mask)
+    steps = torch.zeros(2, dtype=D)
+    for _ in range(40000):
+        steps = dual_step(steps, b2, constraint_values(mopo_ratios(P, Q, steps, 0.2, mask), Q, mask), 0.5)
+    torch.testing.assert_close(lam2, steps, rtol=0, atol=1e-6)
+    rep = constraint_report(P, Q, lam2, b2, 0.2, ["a", "b"], slack=0.0, mask=mask)
+    for k, thr in zip("ab", b2.tolist()):
+        assert rep[k]["threshold"] == thr and (rep[k]["estimate"] >= thr - 1e-6) and rep[k]["lambda"] >= 0
+    low = constraint_report(P, Q, torch.zeros(2, dtype=D), torch.tensor([0.99, 0.0], dtype=D), 0.2, ["a", "b"],
+                            slack=0.01, mask=mask)
+    assert low["a"]["satisfied"] is False and low["b"]["satisfied"] is True

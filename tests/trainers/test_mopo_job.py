@@ -75,6 +75,14 @@ def test_bad_rows_unknown_objectives_and_infeasible_thresholds_fail_before_ray(t
         run_mopo(_job(good, tmp_path / "o", constraints={"harmlessness": 0.5}))
     with pytest.raises(ValueError, match="sentiment: threshold 0.9900 > best achievable"):
         run_mopo(_job(good, tmp_path / "o", constraints={"sentiment": 0.99}))
+    opposed = _candidates(4)  # harmlessness is sentiment reversed: 0.6 on both is out of reach together
+    for r in opposed:
+        r["scores"]["harmlessness"] = [-v for v in r["scores"]["sentiment"]]
+    both = write_jsonl(tmp_path / "opposed.jsonl", opposed)
+    with pytest.raises(ValueError, match="each is within reach alone but not together"):
+        run_mopo(_job(both, tmp_path / "o", constraints={"sentiment": 0.6, "harmlessness": 0.6}))
+    with pytest.raises(ValueError, match="degenerate"):  # exactly the best achievable: only on the boundary
+        run_mopo(_job(both, tmp_path / "o", constraints={"sentiment": 0.5, "harmlessness": 0.5}))
     with pytest.raises(ValueError, match="win-rate in"):
         run_mopo(_job(good, tmp_path / "o", constraints={"sentiment": 1.5}))
     with pytest.raises(ValueError, match="cannot also be a constraint"):
@@ -104,6 +112,9 @@ def test_mopo_two_workers_zero2_binds_the_constraint_and_resumes_lambda(ray_loca
     meta = json.loads((out / "moray.json").read_text())
     assert meta["method"] == "mopo" and meta["constraints"] == {"sentiment": 0.5} and meta["candidates"] == 4
     assert metrics["step"] == 8 and metrics["lambda/sentiment"] > 0.1
+    assert meta["dual_init"] == "solve" and meta["constraints_met"] is True
+    report = meta["constraints_report"]["sentiment"]
+    assert report["estimate"] >= 0.5 - 0.01 and report["lambda"] == metrics["lambda/sentiment"]
     assert metrics["threshold/sentiment"] == 0.5 and 0 < metrics["constraint/sentiment"] < 1
     states = sorted(Path(out, "ray_storage").glob("*/step_*/trainer_state.json"))
     last = json.loads(states[-1].read_text())
@@ -148,3 +159,28 @@ def test_mopo_task_step_takes_the_dual_step_on_the_batch_values(tiny_model, tmp_
     task.losses(engine, batches[0])  # now with λ > 0: the secondary objective weighs in
     again = task.end_step()
     assert again["constraint/sentiment"] > float(constraint_values(rho[:2], w[:2, :, 1:].nan_to_num(0), mask[:2])[0])
+
+
+@pytest.mark.slow
+def test_mopo_that_ends_with_its_constraint_unmet_says_so_and_exits_non_zero(ray_local, tiny_model, tmp_path,
+                                                                              capsys):
+    """From λ = 0 with a small dual step, one epoch leaves sentiment below its threshold: the
+    policy is exported, moray.json records the miss per constraint, the CLI exits 1 naming it;
+    --accept-unmet exits 0 with the same record."""
+    from cluster.cli import main
+
+    data = write_jsonl(tmp_path / "cands.jsonl", _candidates(8))
+    common = ["train", "mopo", "--objective", "conciseness", "--constraints", "sentiment=0.5", "--data", data,
+              "--model", tiny_model, "--workers", "1", "--epochs", "1", "--micro-batch-size", "4",
+              "--dual-init", "zero", "--dual-lr", "0.01", "--set", "train.checkpoint_every=0"]
+    assert main([*common, "--out", str(tmp_path / "unmet")]) == 1
+    err = capsys.readouterr().err
+    assert "MOPO ended with its constraints unmet (sentiment 0." in err and "< 0.5000" in err
+    meta = json.loads((tmp_path / "unmet" / "moray.json").read_text())
+    report = meta["constraints_report"]["sentiment"]
+    assert meta["constraints_met"] is False and report["satisfied"] is False
+    assert report["threshold"] == 0.5 and report["estimate"] < 0.49 and report["lambda"] < 0.05
+    assert (tmp_path / "unmet" / "model.safetensors").exists()
+    assert main([*common, "--out", str(tmp_path / "accepted"), "--accept-unmet"]) == 0
+    again = json.loads((tmp_path / "accepted" / "moray.json").read_text())
+    assert again["constraints_met"] is False and again["constraints_report"] == meta["constraints_report"]
