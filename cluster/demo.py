@@ -220,11 +220,11 @@ def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional
 
 
 def constraints_text(report: Optional[Dict[str, Dict[str, Any]]]) -> str:
-    """A MOPO policy's constraints in a line: ``sentiment 0.503 >= 0.5 met``, or what was missed."""
+    """A MOPO policy's constraints in a line: ``sentiment 0.503 (threshold 0.5) met``, or NOT MET."""
     if not report:
         return "constraints not recorded"
-    return "; ".join(f"{k} {c['estimate']:.3f} {'>=' if c['estimate'] >= c['threshold'] else '<'} "
-                     f"{c['threshold']:g} {'met' if c['satisfied'] else 'NOT MET'}" for k, c in report.items())
+    return "; ".join(f"{k} {c['estimate']:.3f} (threshold {c['threshold']:g}) {'met' if c['satisfied'] else 'NOT MET'}"
+                     for k, c in report.items())
 
 
 def policy_constraints(policy_dir: str) -> Optional[Dict[str, Dict[str, Any]]]:

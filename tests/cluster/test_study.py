@@ -58,7 +58,7 @@ def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
         assert all(torch.allclose(gapo[k], pgapo[k], atol=1e-5) for k in gapo)
         for thr in ("0.5", "0.55"):  # each MOPO row carries its constraint's final estimate, met or not
             report = policies[f"mopo-{thr}"]["constraints"]["sentiment"]
-            assert report["threshold"] == float(thr) and f"{float(thr):g} {'met' if report['satisfied'] else 'NOT MET'}" in table
+            assert report["threshold"] == float(thr) and f"(threshold {float(thr):g}) {'met' if report['satisfied'] else 'NOT MET'}" in table
         soup = json.loads((root / "policies" / "soup-0.25" / "moray.json").read_text())
         assert soup["weights"] == pytest.approx({"sentiment": 0.25, "conciseness": 0.75})
 
