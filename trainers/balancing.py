@@ -136,8 +136,8 @@ def gapo_coefficients(grads: Tensor, p: float = 1.0, eps: float = 1e-12) -> Bala
     tilde_gram = gram / (scale[:, None] * scale[None, :])
     alpha = min_norm_weights(tilde_gram)
     direction_sq = float(alpha @ tilde_gram @ alpha)
-    return _on(grads, Balance((alpha / scale).detach(), alpha, norms, max(direction_sq, 0.0) ** 0.5,
-                              _cosine(gram, norms)))
+    return Balance((alpha / scale).to(grads.device), alpha, norms, max(direction_sq, 0.0) ** 0.5,
+                   _cosine(gram, norms))
 
 
 def pgapo_coefficients(grads: Tensor, preference: Sequence[float], eps: float = 1e-12) -> Balance:
@@ -148,7 +148,7 @@ def pgapo_coefficients(grads: Tensor, preference: Sequence[float], eps: float = 
     gram, norms = _gram(grads)
     c = lam / (norms + _relative(eps, norms))
     direction_sq = float(c @ gram @ c)
-    return _on(grads, Balance(c.detach(), lam, norms, max(direction_sq, 0.0) ** 0.5, _cosine(gram, norms)))
+    return Balance(c.to(grads.device), lam, norms, max(direction_sq, 0.0) ** 0.5, _cosine(gram, norms))
 
 
 def _relative(eps: float, norms: Tensor) -> float:
@@ -163,9 +163,3 @@ def _gram(grads: Tensor):
     g = grads.detach().double()
     gram = (g @ g.T).cpu()
     return gram, gram.diagonal().clamp_min(0).sqrt()
-
-
-def _on(grads: Tensor, bal: Balance) -> Balance:
-    """The balance with its coefficients on the gradients' device, ready to weight their losses."""
-    bal.coefficients = bal.coefficients.to(grads.device)
-    return bal

@@ -64,8 +64,12 @@ def save_hf(model: torch.nn.Module, tokenizer, out_dir: str, metadata: Dict[str,
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    write_metadata(str(out), metadata)
     return str(out)
+
+
+def write_metadata(policy_dir: str, metadata: Dict[str, Any]) -> None:
+    (Path(policy_dir) / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
 
 
 def read_metadata(policy_dir: str) -> Dict[str, Any]:

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -183,11 +182,10 @@ def load_candidates(cfg: MOPOJobConfig):
     return table, report
 
 
-def candidate_win_rates(table, cfg: MOPOJobConfig):
-    """``p̄ (B, n)``, ``q̄ (B, n, J)`` (0 where absent) and the candidate ``mask (B, n)`` of a table."""
-    w = win_rate_tensor(table, [cfg.objective, *cfg.constraints])
-    mask = torch.isfinite(w[:, :, 0])
-    return w[:, :, 0].nan_to_num(0.0), w[:, :, 1:].nan_to_num(0.0), mask
+def masked_win_rates(p_bar: torch.Tensor, q_bar: torch.Tensor):
+    """NaN-marked win-rates ``p̄ (B, n)``, ``q̄ (B, n, J)`` -> the same with 0 where a candidate is
+    absent, and the candidate ``mask (B, n)``."""
+    return p_bar.nan_to_num(0.0), q_bar.nan_to_num(0.0), torch.isfinite(p_bar)
 
 
 def win_rate_tensor(table, names: List[str]) -> torch.Tensor:
@@ -213,10 +211,8 @@ class MOPOTask(PolicyTask):
         self._device = torch.device("cpu")
 
     def losses(self, engine, batch: Dict[str, torch.Tensor]):
-        p_bar = batch[f"winrate_{self.cfg.objective}"]
-        mask = torch.isfinite(p_bar)
-        q_bar = torch.stack([batch[f"winrate_{k}"] for k in self.names], -1).nan_to_num(0.0)
-        p_bar = p_bar.nan_to_num(0.0)
+        p_bar, q_bar, mask = masked_win_rates(batch[f"winrate_{self.cfg.objective}"],
+                                              torch.stack([batch[f"winrate_{k}"] for k in self.names], -1))
         logps = torch.stack(pair_logps(engine, batch, responses=p_bar.shape[1]), 1)  # (B, n)
         rho = mopo_ratios(p_bar, q_bar, self.lam.to(p_bar.device), self.cfg.tau, mask)
         losses = mopo_policy_loss(logps, rho.to(logps.dtype), mask)
@@ -271,15 +267,16 @@ def run_mopo(job: MOPOJobConfig, address: Optional[str] = None, run_name: Option
     after exporting when a final estimate misses its threshold, unless ``accept_unmet``."""
     import dataclasses
 
-    from trainers.export import METADATA_FILE
+    from trainers.export import METADATA_FILE, read_metadata, write_metadata
     from trainers.launcher import train_on_rows
 
     job.validate()
     table, report = load_candidates(job)
     names = list(job.constraints)
     thresholds = torch.tensor([job.constraints[k] for k in names], dtype=torch.float64)
-    p_bar, q_bar, mask = candidate_win_rates(table, job)
-    check_feasible(q_bar.masked_fill(~mask[:, :, None], float("nan")), thresholds, names)
+    w = win_rate_tensor(table, [job.objective, *names])
+    check_feasible(w[:, :, 1:], thresholds, names)
+    p_bar, q_bar, mask = masked_win_rates(w[:, :, 0], w[:, :, 1:])
     if job.dual_init == "solve":
         lam0 = solve_dual(p_bar, q_bar, thresholds, job.tau, mask)
         log.info("MOPO multipliers start at the dual's minimiser on the %d prompts' candidates: %s", len(p_bar),
@@ -293,11 +290,10 @@ def run_mopo(job: MOPOJobConfig, address: Optional[str] = None, run_name: Option
     lam = torch.tensor([metrics[f"lambda/{k}"] for k in names], dtype=torch.float64)
     final_b = torch.tensor([metrics[f"threshold/{k}"] for k in names], dtype=torch.float64)  # ratcheted, maybe
     done = constraint_report(p_bar, q_bar, lam, final_b, job.tau, names, job.constraint_slack, mask)
-    meta_path = Path(job.out) / METADATA_FILE
-    meta = json.loads(meta_path.read_text())
+    meta = read_metadata(job.out)
     meta.update(constraints_report=done, constraints_met=all(c["satisfied"] for c in done.values()),
                 constraint_slack=job.constraint_slack)
-    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    write_metadata(job.out, meta)
     metrics.update(constraints_report=done, constraints_met=meta["constraints_met"])
     for k, c in done.items():
         log.info("MOPO constraint %s: final estimate %.4f against threshold %.4f (lambda %.3f): %s", k, c["estimate"],
