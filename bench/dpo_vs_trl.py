@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reward_models.prompts import FILLERS, NEGATIVE, POSITIVE, tiny_corpus  # noqa: E402
-from trainers.models import build_tiny_model  # noqa: E402
+from cluster.base_models import build_tiny_model  # noqa: E402
 
 
 def make_pairs(n: int, seed: int = 0):
@@ -54,7 +54,7 @@ def run_trl(model_dir: str, rows, args) -> dict:
     import torch
     from trl import DPOConfig, DPOTrainer
 
-    from trainers.models import load_causal_lm, load_tokenizer
+    from trainers.core.models import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -72,8 +72,8 @@ def run_trl(model_dir: str, rows, args) -> dict:
 
 
 def run_moray(model_dir: str, data: str, out: str, args) -> dict:
-    from trainers.config import DPOJobConfig, load_config
-    from trainers.launcher import run_dpo
+    from trainers.core.config import load_config
+    from trainers.jobs.dpo import DPOJobConfig, run as run_dpo
 
     tic = time.perf_counter()
     job = load_config(DPOJobConfig, overrides={

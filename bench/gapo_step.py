@@ -4,7 +4,7 @@ The model is the DPO benchmark's small Llama (4 layers x 256, vocabulary 2,048);
 ``--batch-size`` pairs shaped like real preference data, each with a second objective's label
 (random orientation). A step is forward + loss + backward + AdamW step; GAPO adds its per-objective
 head gradients (``balance_params=head``), or a second forward with ``--balance all``. The
-DeepSpeed engine is replaced by the bare module (``trainers.engine.BareEngine``): the figure is the
+DeepSpeed engine is replaced by the bare module (``tests.helpers.BareEngine``): the figure is the
 algorithm's own overhead. Alternating, best of ``--repeats``.
 
     python bench/gapo_step.py [--batch-size 8] [--steps 20] [--threads 2] [--balance head|all]
@@ -25,40 +25,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.dpo_vs_trl import make_pairs  # noqa: E402
+from cluster.base_models import build_tiny_model  # noqa: E402
 from reward_models.prompts import tiny_corpus  # noqa: E402
-from trainers.models import build_tiny_model, load_causal_lm, load_tokenizer  # noqa: E402
+from tests.helpers import BareEngine, preference_batch  # noqa: E402
+from trainers.core.models import load_causal_lm, load_tokenizer  # noqa: E402
+from trainers.jobs.dpo import DPOJobConfig, DPOTask  # noqa: E402
+from trainers.jobs.gapo import GAPOJobConfig, GAPOTask  # noqa: E402
 
 
 def batches(tok, ref, n_batches, batch_size):
-    from trainers.data import tokenize_pair
-    from trainers.logps import pad_pairs, pair_logps
-
     rows = make_pairs(n_batches * batch_size, seed=1)
     out = []
     g = torch.Generator().manual_seed(0)
     for b in range(n_batches):
-        cols = {"chosen_ids": [], "rejected_ids": [], "chosen_start": [], "rejected_start": []}
-        for r in rows[b * batch_size:(b + 1) * batch_size]:
-            t = tokenize_pair(tok, r["prompt"], r["chosen"], r["rejected"], False, 256, 256)
-            for k in cols:
-                cols[k].append(t[k])
-        batch = pad_pairs(cols, tok.pad_token_id)
-        with torch.no_grad():
-            rc, rr = pair_logps(ref, batch)
-        batch.update(ref_chosen_logps=rc.double(), ref_rejected_logps=rr.double(),
-                     sign_conciseness=torch.randint(0, 2, (batch_size,), generator=g).double() * 2 - 1)
+        batch = preference_batch(tok, rows[b * batch_size:(b + 1) * batch_size], ref, max_length=256)
+        batch["sign_conciseness"] = torch.randint(0, 2, (batch_size,), generator=g).double() * 2 - 1
         out.append(batch)
     return out
 
 
 def timed(task, model, data, lr=1e-5) -> float:
-    from trainers.engine import BareEngine
-
     engine = BareEngine(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     tic = time.perf_counter()
     for batch in data:
-        losses, _, _ = task.losses(engine, batch)
+        losses, _ = task.losses(engine, batch)
         opt.zero_grad(set_to_none=True)
         losses.mean().backward()
         opt.step()
@@ -74,10 +65,6 @@ def main() -> None:
     p.add_argument("--balance", choices=["head", "all"], default="head")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-
-    from trainers.config import DPOJobConfig
-    from trainers.dpo import DPOTask
-    from trainers.gapo import GAPOJobConfig, GAPOTask
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(str(Path(tmp) / "model"), tiny_corpus(2000, seed=0), vocab_size=2048,

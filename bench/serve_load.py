@@ -30,15 +30,16 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
 from reward_models.prompts import demo_prompts, tiny_corpus  # noqa: E402
-from trainers.models import build_tiny_model, nudged_copy  # noqa: E402
+from cluster.base_models import build_tiny_model  # noqa: E402
+from tests.helpers import make_policy  # noqa: E402
 
 SOUP_VECTORS = [{"sentiment": w, "conciseness": 1 - w} for w in (0.0, 0.25, 0.5, 0.75, 1.0)]
 
 
 def tiny_policies(root: Path) -> dict:
     base = build_tiny_model(str(root / "base"), tiny_corpus(400, seed=0))
-    return {"sentiment": nudged_copy(base, str(root / "sentiment"), 1),
-            "conciseness": nudged_copy(base, str(root / "conciseness"), 2)}
+    return {"sentiment": make_policy(base, str(root / "sentiment"), 1),
+            "conciseness": make_policy(base, str(root / "conciseness"), 2)}
 
 
 def request_body(i: int, max_tokens: int, prompts) -> dict:
@@ -118,9 +119,9 @@ def main() -> None:
     from ray import serve
 
     from serving.config import ServeConfig
-    from serving.launch import free_port, run_serve_file, serve_file
-    from trainers.config import load_config
-    from trainers.launcher import init_ray
+    from serving.deploy import run_serve_file, serve_file
+    from trainers.core.config import load_config
+    from trainers.core.runtime import free_port, init_ray
 
     init_ray(num_cpus=2)
     with tempfile.TemporaryDirectory() as tmp:

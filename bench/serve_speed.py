@@ -32,7 +32,9 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 
 from bench.serve_load import tiny_policies  # noqa: E402
-from trainers.models import load_causal_lm, load_tokenizer, nudged_copy, smollm2_dir  # noqa: E402
+from cluster.base_models import smollm2_dir  # noqa: E402
+from tests.helpers import make_policy  # noqa: E402
+from trainers.core.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -59,9 +61,9 @@ def main() -> None:
 
     from serving.config import ServeConfig
     from serving.decode import LockstepDecoder, Row, Sampling
-    from serving.launch import free_port, run_serve_file, serve_file
-    from trainers.config import load_config
-    from trainers.launcher import init_ray
+    from serving.deploy import run_serve_file, serve_file
+    from trainers.core.config import load_config
+    from trainers.core.runtime import free_port, init_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -69,8 +71,8 @@ def main() -> None:
             policies = tiny_policies(root)
         else:
             base = smollm2_dir()
-            policies = {"sentiment": nudged_copy(base, str(root / "sentiment"), 1, noise=1e-3),
-                        "conciseness": nudged_copy(base, str(root / "conciseness"), 2, noise=1e-3)}
+            policies = {"sentiment": make_policy(base, str(root / "sentiment"), 1, noise=1e-3),
+                        "conciseness": make_policy(base, str(root / "conciseness"), 2, noise=1e-3)}
         tok = load_tokenizer(policies["sentiment"])
         models = [load_causal_lm(d).eval() for d in policies.values()]
         ids = tok(PROMPT, return_tensors="pt")["input_ids"]

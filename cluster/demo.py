@@ -22,11 +22,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from cluster.base_models import build_tiny_model, smollm2_dir, warm_start
 from reward_models import GENERATE_TOP_K
+from reward_models.pairs import make_pairs, mean_scores
+from reward_models.prompts import demo_prompts, tiny_corpus, tiny_dialogues
+from reward_models.sampling import sample_responses
+from serving.config import ServeConfig
+from serving.deploy import run_serve_file, serve_file
+from serving.mpo import compute_mpo_weights
+from trainers.core.config import load_config
+from trainers.core.export import read_metadata
+from trainers.core.models import load_tokenizer
+from trainers.core.runtime import free_port, init_ray
+from trainers.job import Job
+from trainers.jobs import JOBS
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +68,6 @@ FULL = DemoSettings(train_prompts=48, eval_prompts=16, samples=4, eval_samples=2
 
 
 def base_model(tiny: bool, out: Path) -> str:
-    from reward_models.prompts import tiny_corpus, tiny_dialogues
-    from trainers.models import build_tiny_model, smollm2_dir, warm_start
-
     if not tiny:
         return smollm2_dir()
     path = build_tiny_model(str(out / "base"), tiny_corpus(600, seed=1), vocab_size=512)
@@ -104,46 +115,34 @@ class Pipeline:
     sampling: Dict[str, Any]
     cpus: int
 
-    def fit(self, name: str, cls: type, runner: Callable, data: str, **extra) -> str:
-        """Train policy ``name`` (a step) into ``root/policies/name``; returns its directory."""
-        from trainers.config import load_config
-
+    def fit(self, name: str, job: Job, data: str, **extra) -> str:
+        """Train policy ``name`` with ``job`` (a step) into ``root/policies/name``; returns its directory."""
         def run() -> str:
-            job = load_config(cls, overrides={**self.train, "out": str(self.root / "policies" / name),
-                                              "data.path": data, **extra})
-            metrics = runner(job)
+            cfg = load_config(job.config, overrides={**self.train, "out": str(self.root / "policies" / name),
+                                                     "data.path": data, **extra})
+            metrics = job.run(cfg)
             if "constraints_report" in metrics:
                 log.info("%s: %s", name, constraints_text(metrics["constraints_report"]))
-            return job.out
+            return cfg.out
         return self.steps(name, run)
 
     def dpo(self, objective: str) -> str:
-        from trainers.config import DPOJobConfig
-        from trainers.launcher import run_dpo
-
         log.info("%s: %d pairs (best vs worst of %d samples; ties dropped)", objective,
                  self.made["counts"][objective], self.s.samples)
-        return self.fit(f"dpo-{objective}", DPOJobConfig, run_dpo, self.made["pairs"][objective], objective=objective)
+        return self.fit(f"dpo-{objective}", JOBS["dpo"], self.made["pairs"][objective], objective=objective)
 
     def gapo(self, name: str = "gapo", preference: Optional[Dict[str, float]] = None) -> str:
-        from trainers.gapo import GAPOJobConfig, run_gapo
-
         extra: Dict[str, Any] = {"objectives": list(OBJECTIVES), "train.zero_stage": min(self.train["train.zero_stage"], 2)}
         if preference:
             extra["preference"] = preference
-        return self.fit(name, GAPOJobConfig, run_gapo, self.made["pairs_multi"], **extra)
+        return self.fit(name, JOBS["gapo"], self.made["pairs_multi"], **extra)
 
     def mopo(self, threshold: float) -> str:
-        from trainers.mopo_job import MOPOJobConfig, run_mopo
-
-        return self.fit(f"mopo-{threshold}", MOPOJobConfig, run_mopo, self.made["candidates"], objective="conciseness",
+        return self.fit(f"mopo-{threshold}", JOBS["mopo"], self.made["candidates"], objective="conciseness",
                         constraints={"sentiment": threshold}, accept_unmet=True,  # reported, not fatal, here
-                        **{"data.skip_invalid": True,
-                                                                 "train.micro_batch_size": max(1, self.s.micro_batch_size // 2)})
+                        **{"data.skip_invalid": True, "train.micro_batch_size": max(1, self.s.micro_batch_size // 2)})
 
     def mpo_weights(self, policies: Dict[str, str]) -> Dict[str, Any]:
-        from serving.mpo import compute_mpo_weights
-
         def run() -> Dict[str, Any]:
             log.info("MPO: max-min weights by mirror descent on %d prompts x 4 samples from the base", self.s.mpo_prompts)
             got = compute_mpo_weights(policies, self.base, self.train_prompts[: self.s.mpo_prompts],
@@ -156,10 +155,6 @@ class Pipeline:
 def pipeline(tiny: bool, out: str, workers: Optional[int], zero_stage: int, eval_prompts: int) -> Pipeline:
     """Start Ray; the base model, prompts and on-policy pairs (steps, reused when done)."""
     import ray
-
-    from reward_models.pairs import make_pairs
-    from reward_models.prompts import demo_prompts
-    from trainers.launcher import init_ray
 
     s = TINY if tiny else FULL
     root = Path(out).resolve()
@@ -186,9 +181,6 @@ def pipeline(tiny: bool, out: str, workers: Optional[int], zero_stage: int, eval
 
 def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional[int] = None,
              zero_stage: int = 2) -> Dict[str, Dict[str, float]]:
-    from reward_models.pairs import sample_responses
-    from trainers.models import load_tokenizer
-
     tic = time.perf_counter()
     p = pipeline(tiny, out, workers, zero_stage, (TINY if tiny else FULL).eval_prompts)
     s = p.s
@@ -229,14 +221,10 @@ def constraints_text(report: Optional[Dict[str, Dict[str, Any]]]) -> str:
 
 def policy_constraints(policy_dir: str) -> Optional[Dict[str, Dict[str, Any]]]:
     """The ``constraints_report`` in a policy's moray.json (MOPO policies; None for others)."""
-    from trainers.export import read_metadata
-
     return read_metadata(policy_dir).get("constraints_report")
 
 
 def table_row(answers, prompts, tok) -> Dict[str, float]:
-    from reward_models.pairs import mean_scores
-
     means = mean_scores(OBJECTIVES, prompts, answers, tok)
     empty = sum(not a.strip() for rs in answers for a in rs) / sum(len(rs) for rs in answers)
     return {"mean_sentiment": means["sentiment"], "mean_length_tokens": -means["conciseness"],
@@ -246,14 +234,9 @@ def table_row(answers, prompts, tok) -> Dict[str, float]:
 def serve_mixes(policies: Dict[str, str], mpo_file: str, mpo_weights: Dict[str, float], prompts, s: DemoSettings,
                 tok) -> Dict[str, Dict[str, float]]:
     """Start the Serve app on loopback and ask every prompt at each weight vector in both modes."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import requests
     from ray import serve
 
-    from serving.config import ServeConfig
-    from serving.launch import free_port, run_serve_file, serve_file
-    from trainers.config import load_config
 
     port = free_port()
     cfg = load_config(ServeConfig, overrides={"policies": policies, "mpo_weights": mpo_file, "threads": 2,

@@ -29,8 +29,17 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from cluster.demo import OBJECTIVES, constraints_text, pipeline, policy_constraints
+from reward_models.evaluate import EvalSettings, evaluate, hypervolume, pareto_mask, plot, write_json
+from reward_models.pairs import best_vs_worst, make_wrpo_pairs, scalarise, write_jsonl
+from reward_models.sampling import Generate
+from serving.decode import LockstepDecoder, Row, Sampling
+from serving.soup import soup_policies
+from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.core.prompts import ask, encode
+from trainers.jobs import JOBS
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +80,6 @@ def read_candidates(path: str) -> Tuple[List[str], List[List[str]], Dict[str, np
 def scalarised_pairs(candidates: str, weights: Dict[str, float], out: str) -> Tuple[str, int]:
     """Best vs worst per prompt under ``Σ_k w_k z_k`` (:func:`reward_models.pairs.scalarise`):
     the linear-scalarisation baseline's DPO data. Returns the file and its pair count."""
-    from reward_models.pairs import best_vs_worst, scalarise, write_jsonl
-
     prompts, responses, scores = read_candidates(candidates)
     pairs = best_vs_worst(prompts, responses, list(scalarise(scores, weights)))
     for p in pairs:
@@ -83,10 +90,8 @@ def scalarised_pairs(candidates: str, weights: Dict[str, float], out: str) -> Tu
 # -- sampling for evaluation -----------------------------------------------------------------
 
 def local_sampler(path: str, max_new_tokens: int) -> Callable:
-    """Samples from a policy directory in this process (``reward_models.pairs.Generate``)."""
+    """Samples from a policy directory in this process (``reward_models.sampling.Generate``)."""
     def sample(prompts: Sequence[str], n: int, s) -> List[List[str]]:
-        from reward_models.pairs import Generate
-
         gen = Generate(path, n, max_new_tokens, s.temperature, 1.0, s.seed, threads=2, top_k=s.top_k)
         out: List[List[str]] = []
         for i in range(0, len(prompts), 16):
@@ -101,12 +106,6 @@ def logits_sampler(policies: Dict[str, str], weights: Dict[str, float], max_new_
     """Samples from the MPO per-token mixture ``softmax(Σ_k w_k logits_k)`` of ``policies``
     (:class:`serving.decode.LockstepDecoder`, the decoder the Serve app runs), seeded per row."""
     def sample(prompts: Sequence[str], n: int, s) -> List[List[str]]:
-        import torch
-
-        from reward_models.pairs import render_prompt
-        from serving.decode import LockstepDecoder, Row, Sampling
-        from trainers.models import load_causal_lm, load_tokenizer
-
         torch.set_num_threads(2)
         names = list(policies)
         tok = load_tokenizer(policies[names[0]])
@@ -116,7 +115,7 @@ def logits_sampler(policies: Dict[str, str], weights: Dict[str, float], max_new_
         w = [weights.get(k, 0.0) for k in names]
         rows = []
         for i, p in enumerate(prompts):
-            ids = tok(render_prompt(tok, p), add_special_tokens=not tok.chat_template)["input_ids"]
+            ids = encode(tok, ask(tok, p))
             rows += [Row(ids, w, Sampling(max_tokens=max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                           seed=s.seed * 1_000_003 + i * n + j)) for j in range(n)]
         out = []
@@ -133,13 +132,6 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
               zero_stage: int = 2) -> Dict[str, Any]:
     """Run (or, in a directory where ``moray demo``/``moray study`` already ran with the same
     settings, finish) the study; write ``study.md``, ``study.json`` and ``study.png`` to ``out``."""
-    from reward_models.evaluate import EvalSettings, evaluate, hypervolume, pareto_mask, plot, write_json
-    from reward_models.pairs import make_wrpo_pairs
-    from serving.soup import soup_policies
-    from trainers.config import DPOJobConfig
-    from trainers.launcher import run_dpo
-    from trainers.wrpo import WRPOJobConfig, run_wrpo
-
     plan = PLANS[tiny]
     tic = time.perf_counter()
     p = pipeline(tiny, out, workers, zero_stage, plan.eval_prompts)
@@ -162,7 +154,7 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
         data = steps(f"data ls-{w}", lambda: scalarised_pairs(p.made["candidates"], ws,
                                                                str(root / "data" / f"pairs_ls_{w}.jsonl")))
         log.info("study: %d linear-scalarisation pairs at w_sentiment=%s", data[1], w)
-        sources[f"ls-{w}"] = p.fit(f"ls-{w}", DPOJobConfig, run_dpo, data[0], objective=f"ls-{w}")
+        sources[f"ls-{w}"] = p.fit(f"ls-{w}", JOBS["dpo"], data[0], objective=f"ls-{w}")
         method[f"ls-{w}"] = "linear scalarisation (DPO)"
     sources["gapo"], method["gapo"] = p.gapo(), "GAPO"
     for w in WEIGHTS:
@@ -175,7 +167,7 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
         p.base, list(per_objective.values()), p.train_prompts, list(OBJECTIVES), n_wrpo, str(root / "data" / "wrpo"),
         seed=4, weights={"sentiment": 0.5, "conciseness": 0.5}, **p.sampling))
     log.info("study: %d WRPO rows (base as target, both DPO policies as sources)", wrpo["count"])
-    sources["wrpo"] = p.fit("wrpo", WRPOJobConfig, run_wrpo, wrpo["wrpo"], objective="sentiment+conciseness")
+    sources["wrpo"] = p.fit("wrpo", JOBS["wrpo"], wrpo["wrpo"], objective="sentiment+conciseness")
     method["wrpo"], needs["wrpo"] = "WRPO", both
     samples["wrpo"] = len(p.train_prompts) * n_wrpo * (1 + len(per_objective))
 

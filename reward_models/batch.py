@@ -13,20 +13,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reward_models.objectives import check_objectives, get_scorer, score_checked
+from trainers.core.models import load_tokenizer
+
 
 class ScoreBatch:
     """``map_batches`` callable class: adds ``score_<objective>`` columns."""
 
     def __init__(self, objectives: Sequence[str], tokenizer_path: Optional[str] = None):
-        from reward_models.rules import get_scorer
-        from trainers.models import load_tokenizer
-
         tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
         self.scorers = {k: get_scorer(k, tok) for k in objectives}
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
-        from reward_models.rules import score_checked
-
         prompts = [str(p) for p in batch["prompt"]]
         responses = [r if isinstance(r, str) else "" for r in batch["response"]]
         out = dict(batch)
@@ -53,8 +51,6 @@ def score_file(objectives: Sequence[str], data: str, out: str, tokenizer_path: O
                actors: int = 1, batch_size: int = 64) -> int:
     """Score every row of ``data`` with each objective and write ``out`` (jsonl or parquet)."""
     import ray.data
-
-    from reward_models.rules import check_objectives
 
     check_objectives(objectives)  # before Ray Data starts any actor
     ray.data.DataContext.get_current().execution_options.preserve_order = True

@@ -17,6 +17,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from reward_models import GENERATE_TOP_K
+from reward_models.objectives import check_objectives
+from reward_models.pairs import score_candidates
+from reward_models.sampling import sample_responses
+from trainers.core.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +112,6 @@ class EvalSettings:
 def generate_for(source: Any, prompts: Sequence[str], s: EvalSettings) -> List[List[str]]:
     """Samples from a policy directory (Ray Data actors), or from a callable
     ``fn(prompts, samples, settings) -> responses`` (e.g. an MPO logits mix)."""
-    from reward_models.pairs import sample_responses
-
     if callable(source):
         return source(prompts, s.samples, s)
     return sample_responses(source, prompts, s.samples, max_new_tokens=s.max_new_tokens,
@@ -121,10 +123,6 @@ def evaluate(policies: Mapping[str, Any], prompts: Sequence[str], objectives: Se
              on_policy: Optional[Callable[[str, Dict[str, Any]], None]] = None) -> Dict[str, Dict[str, Any]]:
     """Each policy's per-objective summary on ``prompts`` (same seed for every policy), its empty
     fraction and first answer. ``policies``: name -> directory or sampling callable."""
-    from reward_models.pairs import score_candidates
-    from reward_models.rules import check_objectives
-    from trainers.models import load_tokenizer
-
     check_objectives(objectives)
     if not prompts:
         raise ValueError("no prompts to evaluate on")

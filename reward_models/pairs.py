@@ -1,94 +1,20 @@
-"""On-policy preference pairs: sample responses on Ray Data actors, score them, pair best vs worst.
-
-``sample_responses`` runs a causal LM as a Ray Data actor pool (the model loads once per actor)
-and draws ``n`` seeded samples per prompt. ``best_vs_worst`` turns per-objective scores into one
-pair per prompt (ties dropped, the score margin kept).
+"""On-policy preference data: samples of a policy (:mod:`reward_models.sampling`), scored by every
+objective, become best-vs-worst pairs per objective (ties dropped, the score margin kept),
+pairs labelled by every objective (GAPO), candidate files (MOPO) and WRPO rows.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 
-from reward_models import GENERATE_TOP_K
-
-
-def render_prompt(tokenizer, prompt: str) -> str:
-    """The text a chat model continues: the chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
-    return prompt
-
-
-class Generate:
-    """``map_batches`` callable class: ``prompt`` rows -> ``responses`` (a JSON list of ``n`` samples).
-
-    ``top_k``: :data:`reward_models.GENERATE_TOP_K` unless given; 0 samples from the whole distribution.
-    ``keep_ids``: also ``prompt_ids`` (the rendered prompt's tokens) and ``response_ids`` (each
-    sample's tokens up to and including its EOS), as JSON, for teacher-forced scoring of exactly
-    the sampled tokens.
-    """
-
-    def __init__(self, model_path: str, n: int, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, threads: int = 1, trust_remote_code: bool = False, keep_ids: bool = False,
-                 top_k: int = GENERATE_TOP_K):
-        from trainers.models import load_causal_lm, load_tokenizer
-
-        torch.set_num_threads(threads)
-        self.tok = load_tokenizer(model_path, trust_remote_code)
-        self.tok.padding_side = "left"
-        self.model = load_causal_lm(model_path, trust_remote_code).eval()
-        self.n, self.max_new_tokens = n, max_new_tokens
-        self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
-        self.keep_ids = keep_ids
-
-    @torch.no_grad()
-    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
-        prompts = [str(p) for p in batch["prompt"]]
-        texts = [render_prompt(self.tok, p) for p in prompts]
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.tok.chat_template)
-        # seed from the batch's first row id: the same rows give the same samples on any actor
-        torch.manual_seed(self.seed * 1_000_003 + int(batch["row"][0]))
-        out = self.model.generate(**enc, do_sample=self.temperature > 0, temperature=self.temperature or None,
-                                  top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
-                                  num_return_sequences=self.n, pad_token_id=self.tok.pad_token_id)
-        gen = out[:, enc["input_ids"].shape[1]:]
-        decoded = self.tok.batch_decode(gen, skip_special_tokens=True)
-        responses = [json.dumps([d.strip() for d in decoded[i * self.n:(i + 1) * self.n]]) for i in range(len(prompts))]
-        out = {"row": batch["row"], "prompt": np.array(prompts, dtype=object), "responses": np.array(responses, dtype=object)}
-        if self.keep_ids:
-            eos = self.tok.eos_token_id
-            ids = [_until_eos(g, eos) for g in gen.tolist()]
-            mask = enc["attention_mask"].bool()
-            out["prompt_ids"] = np.array([json.dumps(enc["input_ids"][i][mask[i]].tolist()) for i in range(len(prompts))], dtype=object)
-            out["response_ids"] = np.array([json.dumps(ids[i * self.n:(i + 1) * self.n]) for i in range(len(prompts))], dtype=object)
-        return out
-
-
-def _until_eos(tokens: List[int], eos: Optional[int]) -> List[int]:
-    """A generated row cut after its first EOS (generate pads finished rows)."""
-    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
-
-
-def sample_responses(model_path: str, prompts: Sequence[str], n: int, max_new_tokens: int = 48,
-                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, actors: int = 1,
-                     threads_per_actor: int = 1, batch_size: int = 8,
-                     top_k: int = GENERATE_TOP_K) -> List[List[str]]:
-    """``n`` samples for each prompt, in prompt order, from a Ray Data actor pool."""
-    import ray.data
-
-    ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)])
-    ds = ds.map_batches(Generate, fn_constructor_args=(model_path, n, max_new_tokens, temperature, top_p, seed,
-                                                       threads_per_actor),
-                        fn_constructor_kwargs={"top_k": top_k},
-                        batch_size=batch_size, num_cpus=threads_per_actor,
-                        compute=ray.data.ActorPoolStrategy(size=actors))
-    rows = sorted(ds.take_all(), key=lambda r: r["row"])
-    return [json.loads(r["responses"]) for r in rows]
+from reward_models.objectives import check_objectives, score_all
+from reward_models.sampling import sample_responses
+from trainers.core.models import load_tokenizer
+from trainers.core.prompts import user_turn
 
 
 def best_vs_worst(prompts: Sequence[str], responses: Sequence[Sequence[str]], scores: Sequence[np.ndarray],
@@ -117,8 +43,6 @@ def best_vs_worst(prompts: Sequence[str], responses: Sequence[Sequence[str]], sc
 def score_candidates(names: Sequence[str], prompts: Sequence[str], responses: Sequence[Sequence[str]],
                      tokenizer: Optional[object] = None) -> Dict[str, np.ndarray]:
     """Scores ``(prompts, n)`` per objective; empty samples get NaN instead of failing the batch."""
-    from reward_models.rules import score_all
-
     n = max((len(r) for r in responses), default=0)
     if any(len(r) != n for r in responses):
         raise ValueError("every prompt needs the same number of samples")
@@ -135,10 +59,6 @@ def score_candidates(names: Sequence[str], prompts: Sequence[str], responses: Se
 def _output_dir(objectives: Sequence[str], n: int, prompts: Sequence[str], out_dir: str):
     """Check what every sampling job needs (known objectives, n >= 2 samples, some prompts) and
     create the output directory."""
-    from pathlib import Path
-
-    from reward_models.rules import check_objectives
-
     check_objectives(objectives)
     if n < 2:
         raise ValueError(f"samples per prompt must be >= 2 to make pairs, got {n}")
@@ -163,8 +83,6 @@ def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str
     Returns ``{"pairs": {objective: path}, "counts": {objective: n_pairs, "multi": n}, "candidates": path,
     "pairs_multi": path}`` (the ``multi`` entries only with several objectives).
     """
-    from trainers.models import load_tokenizer
-
     out = _output_dir(objectives, n, prompts, out_dir)
     tok = load_tokenizer(model_path)
     responses = sample_responses(model_path, prompts, n, seed=seed, **sampling)
@@ -173,14 +91,14 @@ def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str
     for k in objectives:
         pairs = best_vs_worst(prompts, responses, list(scores[k]))
         for p in pairs:
-            p["prompt"] = [{"role": "user", "content": p["prompt"]}]
+            p["prompt"] = user_turn(p["prompt"])
         result["pairs"][k] = write_jsonl(str(out / f"pairs_{k}.jsonl"), pairs)
         result["counts"][k] = len(pairs)
     if len(objectives) > 1:
         multi = labelled_pairs(prompts, responses, scores, objectives)
         result["pairs_multi"] = write_jsonl(str(out / "pairs_multi.jsonl"), multi)
         result["counts"]["multi"] = len(multi)
-    candidates = [{"prompt": [{"role": "user", "content": p}], "responses": rs, "scores": {k: [None if np.isnan(v) else float(v) for v in scores[k][i]]
+    candidates = [{"prompt": user_turn(p), "responses": rs, "scores": {k: [None if np.isnan(v) else float(v) for v in scores[k][i]]
                                                            for k in objectives}}
                   for i, (p, rs) in enumerate(zip(prompts, responses))]
     result["candidates"] = write_jsonl(str(out / "candidates.jsonl"), candidates)
@@ -212,7 +130,7 @@ def labelled_pairs(prompts: Sequence[str], responses: Sequence[Sequence[str]], s
                     break
                 labels[f"better_{j}"] = 0 if a > b else 1
             else:
-                rows.append({"prompt": [{"role": "user", "content": prompt}], "response_0": resp[hi],
+                rows.append({"prompt": user_turn(prompt), "response_0": resp[hi],
                              "response_1": resp[lo], **labels})
     return rows
 
@@ -247,7 +165,7 @@ def wrpo_rows(prompts: Sequence[str], target: Sequence[Sequence[str]], source: S
         hi, lo, src = int(np.nanargmax(t)), int(np.nanargmin(t)), int(np.nanargmax(s))
         if not (t[hi] > t[lo] and s[src] > t[lo]) or target[i][hi] == target[i][lo] or source[i][src] == target[i][lo]:
             continue
-        rows.append({"prompt": [{"role": "user", "content": prompt}], "chosen": target[i][hi],
+        rows.append({"prompt": user_turn(prompt), "chosen": target[i][hi],
                      "rejected": target[i][lo], "source": source[i][src],
                      "scores": {"source": float(s[src]), "chosen": float(t[hi]), "rejected": float(t[lo])}})
     return rows
@@ -259,8 +177,6 @@ def make_wrpo_pairs(target: str, sources: Sequence[str], prompts: Sequence[str],
     """``moray pairs --wrpo``: ``n`` samples per prompt from the target and from each source model,
     scored by the objectives (several: :func:`scalarise`d, standardised over all samples of this
     run), written as ``wrpo.jsonl`` (:func:`wrpo_rows`) for ``moray train wrpo``."""
-    from trainers.models import load_tokenizer
-
     if not sources:
         raise ValueError("WRPO needs at least one source model")
     out = _output_dir(objectives, n, prompts, out_dir)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from serving.decode import Sampling
-from serving.mixing import WeightError, check_weights
+from serving.mixing import MIXING_MODES
+from trainers.core.prompts import encode
+from trainers.core.weights import WeightError, check_weights
 
 ROLES = ("system", "user", "assistant")
 
@@ -90,7 +92,8 @@ def _flag(body: Mapping[str, Any], key: str) -> bool:
     return v
 
 
-def render_chat(tokenizer, messages: Any) -> str:
+def chat_messages(tokenizer, messages: Any) -> List[Dict[str, str]]:
+    """The request's messages, checked (each refusal names the field), as the renderer takes them."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content}", "messages")
     for i, m in enumerate(messages):
@@ -98,8 +101,7 @@ def render_chat(tokenizer, messages: Any) -> str:
             raise RequestError(f"messages[{i}] must be {{role: one of {list(ROLES)}, content: string}}", "messages")
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model has no chat template; use /v1/completions", "messages")
-    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def parse_request(body: Any, chat: bool, tokenizer, limits: Limits) -> Parsed:
@@ -107,8 +109,7 @@ def parse_request(body: Any, chat: bool, tokenizer, limits: Limits) -> Parsed:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     if chat:
-        text = render_chat(tokenizer, body.get("messages"))
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = encode(tokenizer, chat_messages(tokenizer, body.get("messages")))
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -117,7 +118,7 @@ def parse_request(body: Any, chat: bool, tokenizer, limits: Limits) -> Parsed:
             raise RequestError("prompt must be a string (one prompt per request)", "prompt")
         if not prompt:
             raise RequestError("prompt is empty", "prompt")
-        prompt_ids = tokenizer(prompt)["input_ids"]
+        prompt_ids = encode(tokenizer, prompt)
     n = _integer(body, "n", 1)
     if n != 1:
         raise RequestError(f"n must be 1 (one choice per request), got {n}", "n")
@@ -139,8 +140,8 @@ def parse_request(body: Any, chat: bool, tokenizer, limits: Limits) -> Parsed:
         raise RequestError("stop must be a non-empty string or a list of at most 4 of them", "stop")
     stream = _flag(body, "stream")
     mixing = body.get("mixing") or limits.default_mixing
-    if mixing not in ("logits", "soup"):
-        raise RequestError(f"mixing must be 'logits' or 'soup', got {mixing!r}", "mixing")
+    if not isinstance(mixing, str) or mixing not in MIXING_MODES:
+        raise RequestError(f"mixing must be {' or '.join(repr(m) for m in MIXING_MODES)}, got {mixing!r}", "mixing")
     raw = body.get("objective_weights")
     if raw is None:
         weights = limits.default_weights

@@ -28,6 +28,11 @@ from ray import serve
 
 from serving.api import Limits, RequestError, chunk_body, completion_body, error_body, new_id, parse_request
 from serving.config import ServeConfig, load_serve_config
+from serving.engine import MixEngine
+from serving.metrics import ServingMetrics
+from serving.mixing import MIXING_MODES
+from serving.policies import check_compatible
+from trainers.core.config import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +68,6 @@ class _Timing:
 @serve.ingress(api)
 class MixedPolicyServer:
     def __init__(self, config: Dict[str, Any]):
-        from cluster.metrics import ServingMetrics
-        from serving.engine import MixEngine
-
         self.cfg: ServeConfig = load_serve_config(config)
         self.metrics = ServingMetrics()
         self.engine = MixEngine(self.cfg, on_batch=self.metrics.batch)
@@ -102,7 +104,7 @@ class MixedPolicyServer:
             return denied
         return {"objectives": self.names, "default_weights": dict(zip(self.names, self.limits.default_weights)),
                 "default_source": "config" if self.cfg.default_weights else "mpo" if self.cfg.mpo_weights else "uniform",
-                "mixing": ["logits", "soup"], "default_mixing": self.cfg.default_mixing,
+                "mixing": list(MIXING_MODES), "default_mixing": self.cfg.default_mixing,
                 "max_context": self.engine.max_context, "max_tokens_limit": self.cfg.max_tokens_limit,
                 "soup_cache": {"size": self.cfg.soup_cache_size, "hits": self.engine.soups.hits,
                                "misses": self.engine.soups.misses}}
@@ -203,9 +205,6 @@ def bind_app(args: Dict[str, Any], deployment_overrides: Optional[Dict[str, Any]
     """The bound deployment for ServeConfig ``args``. Checks the policies (directories, one
     tokenizer, one reference and β unless ``force``) here, before any replica starts; the config's
     autoscaling and resource options apply, then ``deployment_overrides`` (a Serve file's entry)."""
-    from serving.policies import check_compatible
-    from trainers.config import to_dict
-
     cfg = load_serve_config(args)
     check_compatible(cfg.policies, force=cfg.force, allow_rename=cfg.allow_rename)
     options = dict(cfg.deployment_options(), **(deployment_overrides or {}))

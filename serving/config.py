@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple
 
-from trainers.config import from_dict, opt
+from serving.mixing import MIXING_MODES, check_mixing
+from trainers.core.config import from_dict, opt
+from trainers.core.weights import check_weights
 
 
 @dataclass
@@ -23,8 +25,8 @@ class ServeConfig:
     default_weights: Dict[str, float] = opt({}, "Weights used when a request gives none. Empty: the MPO "
                                             "max-min weights from `mpo_weights`, else equal weights.")
     mpo_weights: str = opt("", "weights.json written by `moray mix mpo` (served as the default weights).")
-    default_mixing: str = opt("logits", "Mixing when a request gives none: 'logits' (MPO per-token "
-                              "log-linear mixture, K models in lock-step) or 'soup' (merged weights).")
+    default_mixing: str = opt("logits", "Mixing when a request gives none: " + "; ".join(
+        f"'{k}' ({v})" for k, v in MIXING_MODES.items()) + ".")
     max_batch_size: int = opt(8, "Logits mode: most concurrent requests decoded in one batch.")
     batch_wait_ms: float = opt(5.0, "Logits mode: how long the first request waits for others to batch with.")
     soup_cache_size: int = opt(4, "Soup mode: merged models kept, least recently used evicted.")
@@ -56,8 +58,7 @@ class ServeConfig:
         for name, path in self.policies.items():
             if not Path(path).is_dir():
                 raise ValueError(f"policy {name!r}: {path} is not a directory")
-        if self.default_mixing not in ("logits", "soup"):
-            raise ValueError(f"default_mixing must be 'logits' or 'soup', got {self.default_mixing!r}")
+        check_mixing(self.default_mixing, "default_mixing")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -72,8 +73,6 @@ class ServeConfig:
         return self
 
     def default_weight_vector(self) -> Tuple[float, ...]:
-        from serving.mixing import check_weights
-
         names = list(self.policies)
         if self.default_weights:
             return check_weights(self.default_weights, names)

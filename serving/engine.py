@@ -23,7 +23,8 @@ import torch
 from serving.api import Parsed
 from serving.config import ServeConfig
 from serving.decode import LockstepDecoder, Row
-from serving.mixing import soup_state_dicts
+from serving.mixing import MIXING_MODES, soup_state_dicts
+from trainers.core.models import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,6 @@ def round_weights(weights: Sequence[float], decimals: int) -> Tuple[float, ...]:
 class MixEngine:
     def __init__(self, cfg: ServeConfig, on_batch: Optional[Callable[[str, int, Optional[bool]], None]] = None):
         """``on_batch(mode, size, soup_cache_hit)``: called after every decoded batch (metrics)."""
-        from trainers.models import load_causal_lm, load_tokenizer
-
         torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.on_batch = on_batch
@@ -136,6 +135,12 @@ class MixEngine:
         eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_ids = sorted(eos_ids)
         self.soups = SoupCache(self.models, cfg.soup_cache_size)
+        # each mixing mode: its batch key (requests with equal keys decode together) and its decoder
+        self.modes: Dict[str, Tuple[Callable[[Parsed], Tuple], Callable[[List[Job]], Tuple]]] = {
+            "logits": (lambda p: ("logits",), self._logits),
+            "soup": (lambda p: ("soup", round_weights(p.weights, cfg.soup_decimals)), self._soup),
+        }
+        assert set(self.modes) == set(MIXING_MODES), "every mixing mode needs a decoder here"
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.pending: Deque[Job] = collections.deque()
         self.running = True
@@ -147,8 +152,7 @@ class MixEngine:
     def submit(self, parsed: Parsed, emit: Callable[[Dict[str, Any]], None]) -> Job:
         if not self.running:
             raise RuntimeError("the engine is shutting down")
-        key: Tuple = ("logits",) if parsed.mixing == "logits" else ("soup", round_weights(parsed.weights, self.cfg.soup_decimals))
-        job = Job(parsed, emit, key)
+        job = Job(parsed, emit, self.modes[parsed.mixing][0](parsed))
         self.queue.put(job)
         return job
 
@@ -196,16 +200,20 @@ class MixEngine:
                 for j in batch:
                     j.emit({"type": "error", "message": f"generation failed: {e}"})
 
+    def _logits(self, batch: List[Job]):
+        """The K policies in lock-step, each row with its own weights."""
+        decoder = LockstepDecoder(self.models, self.tokenizer.pad_token_id, self.eos_ids, self.device)
+        return decoder, [Row(j.parsed.prompt_ids, j.parsed.weights, j.parsed.sampling) for j in batch], None
+
+    def _soup(self, batch: List[Job]):
+        """The batch's merged model (one weight vector per batch), from the cache when it is there."""
+        model, cache_hit = self.soups.get(batch[0].key[1])
+        decoder = LockstepDecoder([model], self.tokenizer.pad_token_id, self.eos_ids, self.device)
+        return decoder, [Row(j.parsed.prompt_ids, (1.0,), j.parsed.sampling) for j in batch], cache_hit
+
     def _run(self, batch: List[Job]) -> None:
-        mode = batch[0].key[0]
-        cache_hit = None
-        if mode == "soup":
-            model, cache_hit = self.soups.get(batch[0].key[1])
-            decoder = LockstepDecoder([model], self.tokenizer.pad_token_id, self.eos_ids, self.device)
-            rows = [Row(j.parsed.prompt_ids, (1.0,), j.parsed.sampling) for j in batch]
-        else:
-            decoder = LockstepDecoder(self.models, self.tokenizer.pad_token_id, self.eos_ids, self.device)
-            rows = [Row(j.parsed.prompt_ids, j.parsed.weights, j.parsed.sampling) for j in batch]
+        mode = batch[0].parsed.mixing
+        decoder, rows, cache_hit = self.modes[mode][1](batch)
         streams = [TextStream(self.tokenizer, j.parsed.stop) for j in batch]
 
         def on_token(i: int, token: int) -> bool:

@@ -1,6 +1,7 @@
-"""Post-hoc mixing of per-objective policies as pure functions (ALGORITHMS.md §3a and §6).
+"""Post-hoc mixing of per-objective policies as pure functions (docs/algorithms.md §3a and §6), and
+the table of mixing modes (:data:`MIXING_MODES`). Weight vectors are checked by
+:func:`trainers.core.weights.check_weights`.
 
-- :func:`check_weights`: a request's ``{objective: weight}`` -> a weight vector, or a clear error.
 - :func:`mix_logits`: MPO's per-token log-linear mixture
   ``Σ_k w_k · logits_k + (1 − Σw) · logits_ref``; shapes ``(K, B, V)`` -> ``(B, V)``.
 - :func:`soup_state_dicts`: Personalized Soups on full weights, ``θ = Σ_k w_k θ_k``.
@@ -10,56 +11,23 @@
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 
-class WeightError(ValueError):
-    """Invalid objective weights (the server answers 400 with this message)."""
+# the mixing modes a request or a config names; validation, /v1/objectives, help and the engine read it
+MIXING_MODES: Dict[str, str] = {
+    "logits": "MPO's per-token log-linear mixture softmax(Σ_k w_k logits_k): the K policies decode in lock-step",
+    "soup": "Personalized Soups: the weights Σ_k w_k θ_k merged per vector, then one model decodes",
+}
 
 
-def check_weights(weights: Mapping[str, float] | Sequence[float], names: Sequence[str],
-                  normalize: bool = True) -> Tuple[float, ...]:
-    """Weights in the order of ``names``; a mapping may leave objectives out (weight 0).
-
-    Refuses unknown names, a wrong length, non-numbers, non-finite or negative weights, integers
-    beyond float range and an all-zero vector. ``normalize``: scale onto the simplex (Σw = 1;
-    π_ref then cancels), dividing by the largest weight first so that huge and subnormal entries
-    normalise as exactly as moderate ones.
-    """
-    if isinstance(weights, Mapping):
-        unknown = sorted(set(weights) - set(names))
-        if unknown:
-            raise WeightError(f"unknown objective(s) {unknown}; this server mixes {list(names)}")
-        values = [weights.get(n, 0.0) for n in names]
-    else:
-        values = list(weights)
-        if len(values) != len(names):
-            raise WeightError(f"{len(values)} weights for {len(names)} objectives {list(names)}")
-    out = []
-    for name, v in zip(names, values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise WeightError(f"weight of {name!r} must be a number, got {v!r}")
-        try:
-            v = float(v)
-        except OverflowError:  # a JSON integer beyond float range
-            raise WeightError(f"weight of {name!r} is too large for a float") from None
-        if not math.isfinite(v):
-            raise WeightError(f"weight of {name!r} is not finite: {v}")
-        if v < 0:
-            raise WeightError(f"weight of {name!r} is negative: {v}")
-        out.append(v)
-    largest = max(out, default=0.0)
-    if largest <= 0:
-        raise WeightError(f"objective weights are all zero; give at least one of {list(names)} a positive weight")
-    if not normalize:
-        return tuple(out)
-    # divide by the largest first: a plain sum overflows for huge entries (1e308 + 1e308 = inf)
-    scaled = [v / largest for v in out]
-    total = math.fsum(scaled)
-    return tuple(v / total for v in scaled)
+def check_mixing(mode: str, what: str = "mixing") -> str:
+    """``mode`` if it names a mixing mode, else a ValueError naming ``what`` and the modes."""
+    if mode not in MIXING_MODES:
+        raise ValueError(f"{what} must be {' or '.join(repr(m) for m in MIXING_MODES)}, got {mode!r}")
+    return mode
 
 
 def mix_logits(logits: torch.Tensor, weights: torch.Tensor, ref_logits: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""MPO max-min weights by batch stochastic mirror descent (ALGORITHMS.md §3b).
+"""MPO max-min weights by batch stochastic mirror descent (docs/algorithms.md §3b).
 
 Pure functions on log-ratio arrays ``ell (P, m, K)`` -- ``ell[p, j, k] = log π_k(y_j|x_p) −
 log π_ref(y_j|x_p)`` for ``m`` responses ``y_j ~ π_ref`` of prompt ``x_p`` -- all in float64 and
@@ -25,6 +25,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from reward_models.sampling import Generate
+from serving.policies import check_compatible
+from trainers.core.logps import pad_sequences, sequence_logps
+from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.core.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +116,6 @@ class SequenceLogps:
 
     def __init__(self, model_path: str, name: str, micro_batch_size: int = 16, threads: int = 1,
                  trust_remote_code: bool = False):
-        from trainers.models import load_causal_lm, load_tokenizer
-
         torch.set_num_threads(threads)
         self.pad_id = load_tokenizer(model_path, trust_remote_code).pad_token_id
         self.model = load_causal_lm(model_path, trust_remote_code).eval()
@@ -119,8 +123,6 @@ class SequenceLogps:
 
     @torch.no_grad()
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        from trainers.logps import pad_sequences, sequence_logps
-
         seqs, starts, owner = [], [], []
         for row, (p, rs) in enumerate(zip(batch["prompt_ids"], batch["response_ids"])):
             prompt = json.loads(p)
@@ -147,8 +149,6 @@ def sample_log_ratios(policies: Dict[str, str], ref: str, prompts: Sequence[str]
     import ray
     import ray.data
 
-    from reward_models.pairs import Generate
-
     cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
     share = min(1.0, cpus / (len(policies) + 2))  # sampler and K+1 scorers stream side by side
     ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)])
@@ -173,9 +173,6 @@ def compute_mpo_weights(policies: Dict[str, str], ref: str, prompts: Sequence[st
     (JSON) if given. Returns the weights, F̂ at them, each objective's expected log-ratio under the
     mixture and the mean effective sample size. Checks the inputs before Ray starts (or joins
     ``address``)."""
-    from serving.policies import check_compatible
-    from trainers.launcher import init_ray
-
     check_compatible(policies, ref, force=force, allow_rename=allow_rename)
     if samples_per_prompt < 2:
         raise ValueError("samples per prompt must be >= 2")

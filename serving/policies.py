@@ -13,22 +13,15 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from trainers.core.config import parse_assignments
+from trainers.core.export import read_metadata
+
 log = logging.getLogger(__name__)
 
 
 def parse_policies(spec: str) -> Dict[str, str]:
     """``"sentiment=DIR,conciseness=DIR"`` -> ``{"sentiment": DIR, ...}`` (order kept)."""
-    out: Dict[str, str] = {}
-    for item in [s for s in spec.split(",") if s.strip()]:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"policy {item!r} is not NAME=DIR")
-        if name.strip() in out:
-            raise ValueError(f"objective {name.strip()!r} is given twice")
-        out[name.strip()] = path.strip()
-    if not out:
-        raise ValueError("no policies given (NAME=DIR,NAME=DIR)")
-    return out
+    return parse_assignments(spec, "NAME=DIR", "policies")
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -74,8 +67,6 @@ def check_compatible(policies: Dict[str, str], ref: Optional[str] = None, force:
     ``same_reference``, one reference model and one β, and ``ref`` (if given) is that reference.
     Returns the metadata by objective name.
     """
-    from trainers.export import read_metadata
-
     meta = {name: read_metadata(path) for name, path in policies.items()}
     check_names(policies, meta, allow_rename)
     problems = []

@@ -1,4 +1,4 @@
-"""Personalized Soups (§6): merge per-objective policies' weights into one HF checkpoint.
+"""Personalized Soups (docs/algorithms.md §6): merge per-objective policies' weights into one HF checkpoint.
 
 ``moray mix soup --policies a=DIR,b=DIR --weights 0.3,0.7 --out DIR``. Full-weight policies merge
 ``Σ_k w_k θ_k``; policies trained with LoRA also carry their adapter (``adapter/``), and with
@@ -15,25 +15,13 @@ from typing import Dict, Mapping, Sequence, Tuple
 
 import torch
 
-from serving.mixing import LoraFactors, check_weights, merge_lora, soup_state_dicts
+from serving.mixing import LoraFactors, merge_lora, soup_state_dicts
+from serving.policies import check_compatible
+from trainers.core.export import ADAPTER_DIR, load_matching_state, load_state, read_metadata, save_hf
+from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.core.weights import check_weights
 
 log = logging.getLogger(__name__)
-
-ADAPTER_DIR = "adapter"
-
-
-def load_state(path: str) -> Dict[str, torch.Tensor]:
-    """A checkpoint's tensors from its safetensors files (never a pickle)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no .safetensors weights")
-    state: Dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
 
 def load_lora_factors(adapter_dir: str) -> LoraFactors:
     """A peft adapter directory -> ``{base weight name: (A, B, scaling)}``."""
@@ -59,10 +47,6 @@ def soup_policies(policies: Mapping[str, str], weights: Sequence[float] | Mappin
                   lora: bool = False, force: bool = False, allow_rename: bool = False) -> str:
     """Merge ``policies`` (objective -> dir) with ``weights`` (normalised onto the simplex) into an
     HF checkpoint at ``out``; its ``moray.json`` records the weights and sources."""
-    from serving.policies import check_compatible
-    from trainers.export import load_matching_state, read_metadata, save_hf
-    from trainers.models import load_causal_lm, load_tokenizer
-
     names = list(policies)
     w = check_weights(weights, names)
     meta = check_compatible(dict(policies), force=force, allow_rename=allow_rename)

@@ -1,4 +1,4 @@
-"""Gradient balancing across objectives (ALGORITHMS.md §5: GAPO and P-GAPO) as pure functions.
+"""Gradient balancing across objectives (docs/algorithms.md §5: GAPO and P-GAPO) as pure functions.
 
 Inputs are the per-objective gradients on the balancing parameter set, flattened: ``grads (K, D)``
 (under data parallelism: already averaged across workers -- the Gram matrix of the averaged

@@ -1,26 +1,22 @@
-"""Job configuration: frozen-by-convention dataclasses, one help string per field.
-
-A config comes from three layers, later wins: the dataclass defaults, a YAML file whose sections
-mirror the dataclasses (``model:``, ``data:``, ``train:``), and command-line overrides given as
-dotted keys (``train.lr=1e-5``). :func:`load_config` does all three and type-checks each value.
+"""Training jobs' configuration: the model, the data, the optimisation, and :class:`JobConfig`,
+which every job's config extends. Each field carries its documentation (``moray config <job>``);
+YAML files and ``--set`` overrides fill them (:mod:`trainers.core.config`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Dict, Iterable, List
 
-import yaml
+from trainers.core.config import opt
+from trainers.losses import LOSSES
 
 
-def opt(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field carrying its documentation (``metadata['help']``)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+def one_of(names: Iterable[str]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 @dataclass
@@ -65,7 +61,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, distribution and checkpointing."""
 
-    loss: str = opt("dpo", "Preference loss: dpo | ipo.")
+    loss: str = opt("dpo", f"Preference loss: {' | '.join(LOSSES)}.")
     beta: float = opt(0.1, "β of the implicit reward r = β (log π_θ − log π_ref).")
     epochs: int = opt(1, "Passes over the pairs.")
     lr: float = opt(5e-6, "Peak learning rate (AdamW).")
@@ -98,8 +94,9 @@ class TrainConfig:
 
 
 @dataclass
-class DPOJobConfig:
-    """`moray train dpo`: one policy for one objective."""
+class JobConfig:
+    """What every training job has: the objective it serves, where its output goes, the model, the
+    data and the optimisation. Each job (``trainers/jobs/<name>.py``) extends it with its own fields."""
 
     objective: str = opt("", "Name of the objective this policy is aligned to (e.g. sentiment).")
     out: str = opt("", "Output directory: the exported HF policy and run files.")
@@ -107,8 +104,17 @@ class DPOJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "DPOJobConfig":
-        """Fail fast, before any compute, on values no run could use."""
+    def validate(self) -> "JobConfig":
+        """Fail fast, before any compute, on values no run could use. Returns the config the job
+        runs (:meth:`resolved`); this one is never changed."""
+        return self.resolved()._checked()
+
+    def resolved(self) -> "JobConfig":
+        """This config with the defaults a job derives from its other fields filled in (a copy;
+        itself when there are none)."""
+        return self
+
+    def _checked(self) -> "JobConfig":
         errors = []
         if not self.objective:
             errors.append("objective is required")
@@ -119,8 +125,8 @@ class DPOJobConfig:
         if not self.data.path:
             errors.append("data.path is required")
         t = self.train
-        if t.loss not in ("dpo", "ipo"):
-            errors.append(f"train.loss must be dpo or ipo, got {t.loss!r}")
+        if t.loss not in LOSSES:
+            errors.append(f"train.loss must be {one_of(LOSSES)}, got {t.loss!r}")
         if not (t.beta > 0 and math.isfinite(t.beta)):
             errors.append(f"train.beta must be a positive finite number, got {t.beta}")
         if t.zero_stage not in (0, 1, 2, 3):
@@ -152,109 +158,5 @@ class DPOJobConfig:
         return [self.objective]
 
     def extra_errors(self) -> List[str]:
-        """Checks of a job kind built on this config (none for DPO)."""
+        """Checks of a job's own fields (none here)."""
         return []
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise ValueError(f"{key}: expected a boolean, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected an integer, got {value!r}") from None
-    if tp is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if origin in (list, List):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, key) for v in value]
-    if origin in (dict, Dict):
-        if isinstance(value, str):
-            value = yaml.safe_load(value) or {}
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        _, inner = typing.get_args(tp)
-        return {str(k): _coerce(v, inner, key) for k, v in value.items()}
-    return value
-
-
-def _field_types(cls: type) -> Dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def apply_overrides(cfg: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """Set nested dataclass fields from a mapping (YAML section or dotted CLI keys).
-
-    Unknown keys raise, naming the key and the valid ones -- a typo never passes silently.
-    """
-    types = _field_types(type(cfg))
-    for key, value in values.items():
-        head, _, rest = key.partition(".")
-        full = f"{prefix}{head}"
-        if head not in types:
-            raise ValueError(f"unknown config key {full!r}; valid: {sorted(types)}")
-        current = getattr(cfg, head)
-        if dataclasses.is_dataclass(current):
-            if rest:
-                apply_overrides(current, {rest: value}, prefix=full + ".")
-            elif isinstance(value, Mapping):
-                apply_overrides(current, value, prefix=full + ".")
-            else:
-                raise ValueError(f"{full}: expected a mapping of fields, got {value!r}")
-        else:
-            if rest:
-                raise ValueError(f"{full} is not a section; cannot set {full}.{rest}")
-            setattr(cfg, head, _coerce(value, types[head], full))
-    return cfg
-
-
-def parse_dotted(pairs: List[str]) -> Dict[str, Any]:
-    """``["train.lr=1e-5", "data.columns={prompt: q}"]`` -> ``{"train.lr": 1e-5, ...}`` (YAML values)."""
-    out: Dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"override {pair!r} is not KEY=VALUE")
-        key, raw = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-    return out
-
-
-def load_config(cls: type, path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> Any:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` (dotted keys)."""
-    cfg = cls()
-    if path:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: top level must be a mapping")
-        apply_overrides(cfg, loaded)
-    if overrides:
-        apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
-    return cfg
-
-
-def to_dict(cfg: Any) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type, values: Mapping[str, Any]) -> Any:
-    return apply_overrides(cls(), values)

@@ -27,7 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trainers.batches import response_names
 from trainers.config import DataConfig
+from trainers.core.models import load_tokenizer
+from trainers.core.prompts import encode, encode_response
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,7 @@ def _is_messages(v: Any) -> bool:
         and m["content"].strip() for m in v))
 
 
-def _field_problem(v: Any) -> Optional[str]:
+def field_problem(v: Any) -> Optional[str]:
     if v is None:
         return "missing"
     if isinstance(v, str):
@@ -162,7 +165,7 @@ def map_row(row: Dict[str, Any], cfg: DataConfig, objective: str, also: Sequence
             out = {"prompt": out["chosen"][:-1], "chosen": out["chosen"][-1:], "rejected": out["rejected"][-1:]}
     out.update({k: get(k) for k in extra})
     for k in (*FIELDS, *extra):
-        problem = _field_problem(out[k])
+        problem = field_problem(out[k])
         if problem:
             return None, f"{k} {problem}"
     if out["chosen"] == out["rejected"]:
@@ -236,18 +239,6 @@ def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = (),
     return table, report
 
 
-def _render(tokenizer, prompt: Any, response: Any, is_chat: bool) -> Tuple[str, str]:
-    if not is_chat:
-        return prompt, response
-    p, r = json.loads(prompt), json.loads(response)
-    prompt_text = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(p + r, tokenize=False)
-    if not full.startswith(prompt_text):
-        raise PreferenceDataError("chat template does not render the prompt as a prefix of the "
-                                  "conversation; pass plain-string columns instead")
-    return prompt_text, full[len(prompt_text):]
-
-
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, is_chat: bool,
                   max_prompt_length: int, max_response_length: int) -> Dict[str, Any]:
     """Token ids for one pair (see :func:`tokenize_responses`)."""
@@ -258,23 +249,18 @@ def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, is_chat: b
 def tokenize_responses(tokenizer, prompt: str, responses: Dict[str, str], is_chat: bool,
                        max_prompt_length: int, max_response_length: int) -> Dict[str, Any]:
     """``<name>_ids`` (prompt + response token ids) and ``<name>_start`` for each response of one
-    prompt: the prompt truncated from the left, responses from the right.
-
-    Plain-string responses end with EOS (added if missing) so a policy learns where to stop.
-    """
-    add_special = not is_chat  # a chat template already carries BOS where the model wants it
-    prompt_ids = None
-    out: Dict[str, Any] = {}
-    for name, response in responses.items():
-        prompt_text, text = _render(tokenizer, prompt, response, is_chat)
-        if prompt_ids is None:
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"][-max_prompt_length:]
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not is_chat and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids = ids + [tokenizer.eos_token_id]
-        ids = ids[:max_response_length]
-        out[f"{name}_ids"] = np.asarray(prompt_ids + ids, dtype=np.int64)
-        out[f"{name}_start"] = len(prompt_ids)
+    prompt (chat rows: JSON message lists), rendered by :mod:`trainers.core.prompts`: the prompt
+    truncated from the left, responses from the right; plain-string responses end with EOS."""
+    p = json.loads(prompt) if is_chat else prompt
+    try:
+        prompt_ids = encode(tokenizer, p, max_prompt_length)
+        out: Dict[str, Any] = {}
+        for name, response in responses.items():
+            ids = encode_response(tokenizer, p, json.loads(response) if is_chat else response, max_response_length)
+            out[f"{name}_ids"] = np.asarray(prompt_ids + ids, dtype=np.int64)
+            out[f"{name}_start"] = len(prompt_ids)
+    except ValueError as e:  # a chat template that does not render the prompt as a prefix
+        raise PreferenceDataError(str(e)) from None
     return out
 
 
@@ -284,15 +270,11 @@ class Tokenize:
 
     def __init__(self, tokenizer_path: str, max_prompt_length: int, max_response_length: int,
                  trust_remote_code: bool = False):
-        from trainers.models import load_tokenizer
-
         self.tok = load_tokenizer(tokenizer_path, trust_remote_code)
         self.max_prompt_length = max_prompt_length
         self.max_response_length = max_response_length
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
-        from trainers.logps import response_names
-
         names = response_names(k for k in batch if k not in ("prompt", "is_chat", "idx") and not k.endswith("_ids"))
         cols: Dict[str, List[Any]] = {f"{k}_{part}": [] for k in names for part in ("ids", "start")}
         for i, (p, chat) in enumerate(zip(batch["prompt"], batch["is_chat"])):
@@ -305,12 +287,12 @@ class Tokenize:
             # multi-objective labels and win-rates ride along
             **{k: v for k, v in batch.items() if k.startswith(("sign_", "winrate_"))},
             "idx": batch["idx"],
-            **{f"{k}_ids": _ragged(cols[f"{k}_ids"]) for k in names},
+            **{f"{k}_ids": ragged(cols[f"{k}_ids"]) for k in names},
             **{f"{k}_start": np.asarray(cols[f"{k}_start"], dtype=np.int64).reshape(n) for k in names},
         }
 
 
-def _ragged(arrays: List[np.ndarray]) -> np.ndarray:
+def ragged(arrays: List[np.ndarray]) -> np.ndarray:
     out = np.empty(len(arrays), dtype=object)
     for i, a in enumerate(arrays):
         out[i] = a

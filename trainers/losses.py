@@ -1,17 +1,19 @@
-"""Preference losses as pure functions (ALGORITHMS.md §0–§1).
+"""Every loss Moray trains with, as pure functions (docs/algorithms.md §1, §2, §4, §5, §7).
 
-Every function takes per-pair sequence log-probabilities -- the *sum* of the response tokens'
-log-probs, prompt and padding masked out -- and returns per-pair tensors; the caller takes the
-batch mean. Shapes: all inputs ``(B,)``; outputs ``(B,)``.
+Inputs are sequence log-probabilities -- the *sum* of the response tokens' log-probs, prompt and
+padding masked out -- or scores; outputs are per-row losses (the caller takes the batch mean).
 
-The registry ``LOSSES`` maps a name (``dpo``, ``ipo``) to its function so configs can pick one.
-:func:`wrpo_loss` (§7) takes a third response (the source models' chosen one) and α.
-:func:`policy_gradient_loss` (online GAPO's per-objective loss) takes ``n`` samples per prompt.
+:data:`LOSSES` is the table of pair losses a job picks by name (``train.loss``: validation, the
+CLI's ``--loss`` choices and its help all read it). Each takes four ``(B,)`` tensors (policy and
+reference log-probs of chosen and rejected) and β, and returns ``(losses, chosen_rewards,
+rejected_rewards)``, each ``(B,)``. The other losses belong to one job each: :func:`wrpo_loss`
+(§7), :func:`bt_loss` (reward models, §2), :func:`weighted_bc_loss` (MOPO, §4),
+:func:`policy_gradient_loss` (online GAPO, §5).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +123,23 @@ def policy_gradient_loss(policy_logps: Tensor, rewards: Tensor, ref_logps: Tenso
     return -loo_advantages(penalised).detach() * policy_logps
 
 
+def bt_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
+    """Bradley–Terry loss per pair (§2): ``-log σ(s_w - s_l)``. Shapes ``(B,)`` -> ``(B,)``."""
+    return -F.logsigmoid(chosen_scores - rejected_scores)
+
+
+def weighted_bc_loss(policy_logps: Tensor, rho: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """MOPO's policy step (§4), weighted behaviour cloning per prompt ``(B,)``:
+    ``−Σ_i sg(ρ_bi) log π_θ(y_bi|x_b) / n_b``. ``policy_logps (B, n)``: summed response log-probs of
+    every candidate; ``rho (B, n)`` the closed-form ratios; ``mask (B, n)`` (bool, optional): which
+    candidates exist (absent ones weigh nothing, ``n_b`` counts the present ones)."""
+    weights = rho.detach() if mask is None else rho.detach().masked_fill(~mask, 0.0)
+    counts = (torch.full_like(policy_logps[:, 0], policy_logps.shape[1]) if mask is None
+              else mask.sum(1).to(policy_logps.dtype))
+    return -(weights * policy_logps).sum(1) / counts
+
+
+# the pair losses a job picks by name (train.loss); a new one is a function above and a line here
 LOSSES: Dict[str, Callable[..., LossOutput]] = {"dpo": dpo_loss, "ipo": ipo_loss}
 
 

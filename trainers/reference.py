@@ -13,7 +13,8 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from trainers.logps import length_buckets, pad_pairs, pair_logps, response_names
+from trainers.batches import length_buckets, pad_pairs, pair_logps, response_names, to_device
+from trainers.core.models import load_causal_lm
 
 
 class ReferenceLogps:
@@ -21,8 +22,6 @@ class ReferenceLogps:
 
     def __init__(self, model_path: str, pad_id: int, micro_batch_size: int = 8, threads: int = 1,
                  trust_remote_code: bool = False, device: str = "cpu"):
-        from trainers.models import load_causal_lm
-
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -36,7 +35,7 @@ class ReferenceLogps:
         names = response_names(k for k in rows if k.endswith("_ids"))
         out = {name: np.zeros(n, dtype=np.float64) for name in names}
         for index in length_buckets(rows, self.micro_batch_size, seed=(0,), shuffle=False):
-            batch = {k: v.to(self.device) for k, v in pad_pairs(rows, self.pad_id, index).items()}
+            batch = to_device(pad_pairs(rows, self.pad_id, index), self.device)
             for name, lp in zip(names, pair_logps(self.model, batch, len(names))):
                 out[name][index] = lp.double().cpu().numpy()
         return {**rows, **{f"ref_{name}_logps": v for name, v in out.items()}}

@@ -1,5 +1,7 @@
 import pytest
 
+from cluster.demo import run_demo
+
 
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
@@ -9,7 +11,6 @@ def tiny_demo(tmp_path_factory):
 
     import ray
 
-    from cluster.demo import run_demo
 
     root = tmp_path_factory.mktemp("demo") / "demo"
     printed = io.StringIO()

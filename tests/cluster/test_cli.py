@@ -3,7 +3,10 @@
 import json
 
 from cluster.cli import main
-from tests.conftest import synthetic_pairs, write_jsonl
+from cluster.parser import build_parser
+from serving.deploy import load_serve_file
+from tests.helpers import candidates as _candidates
+from tests.helpers import make_policy, synthetic_pairs, write_jsonl
 
 
 def test_config_lists_every_option(capsys):
@@ -51,7 +54,6 @@ def test_unknown_objective_fails_before_ray_starts(tmp_path, capsys):
 def test_mix_and_serve_refuse_mismatched_policies_before_ray_starts(tmp_path, capsys, tiny_model):
     import ray
 
-    from tests.conftest import make_policy
 
     a = make_policy(tiny_model, tmp_path / "a", 1, objective="a")
     b = make_policy(tiny_model, tmp_path / "b", 2, objective="b", beta=0.5)
@@ -70,8 +72,6 @@ def test_mix_and_serve_refuse_mismatched_policies_before_ray_starts(tmp_path, ca
 
 
 def test_serve_writes_a_config_file_that_moray_reads_back(tmp_path, tiny_model):
-    from serving.launch import load_serve_file
-    from tests.conftest import make_policy
 
     a = make_policy(tiny_model, tmp_path / "a", 1, objective="a")
     out = tmp_path / "serve.yaml"
@@ -100,7 +100,6 @@ def test_gapo_refuses_pairs_without_every_label_before_ray_starts(tmp_path, caps
 def test_mopo_and_wrpo_refuse_bad_input_before_ray_starts(tmp_path, capsys, tiny_model):
     import ray
 
-    from tests.trainers.test_mopo_job import _candidates
 
     cands = write_jsonl(tmp_path / "c.jsonl", _candidates(4))
     base = ["train", "mopo", "--objective", "conciseness", "--data", cands, "--model", tiny_model,
@@ -156,7 +155,6 @@ def _command_paths(parser, prefix=()):
 def test_help_of_every_command_and_sub_command(capsys):
     import pytest
 
-    from cluster.cli import build_parser
 
     paths = list(_command_paths(build_parser()))
     assert ("train", "mopo") in paths and ("jobs", "logs") in paths and ("mix", "soup") in paths
@@ -182,7 +180,6 @@ def test_policies_named_by_another_objective_are_refused_before_ray_starts(tmp_p
     mix soup; --allow-rename accepts a deliberate rename."""
     import ray
 
-    from tests.conftest import make_policy
 
     s = make_policy(tiny_model, tmp_path / "s", 1, objective="sentiment")
     c = make_policy(tiny_model, tmp_path / "c", 2, objective="conciseness")

@@ -12,6 +12,11 @@ import pytest
 import ray
 import yaml
 
+from cluster.parser import build_parser
+from serving.config import ServeConfig
+from serving.deploy import DEPLOYMENT, IMPORT_PATH
+from trainers.core.config import load_config
+
 CONFIGS = Path(__file__).resolve().parents[2] / "cluster" / "configs"
 
 # ray.io/v1 spec fields (KubeRay's RayJob / RayService / RayCluster CRDs): anything else is a typo
@@ -95,7 +100,6 @@ def test_launcher_config_passes_rays_cluster_schema():
 
 
 def test_rayjob_fields_and_its_moray_command_line():
-    from cluster.cli import build_parser
 
     job = _load("kuberay-rayjob.yaml")
     assert kuberay_problems(job) == []
@@ -112,9 +116,6 @@ def test_rayjob_fields_and_its_moray_command_line():
 def test_rayservice_embeds_a_valid_serve_config(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.config import ServeConfig
-    from serving.launch import DEPLOYMENT, IMPORT_PATH
-    from trainers.config import load_config
 
     svc = _load("kuberay-rayservice.yaml")
     assert kuberay_problems(svc) == []

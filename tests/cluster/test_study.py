@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from cluster.cli import main
+from cluster.study import run_study
 from reward_models.evaluate import hypervolume, pareto_mask
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,6 @@ SHARED = ("base", "pairs", "dpo-sentiment", "dpo-conciseness", "gapo", "mopo-0.5
 def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
     import ray
 
-    from cluster.study import run_study
 
     root = tiny_demo["dir"]
     before = json.loads((root / "steps.json").read_text())["steps"]

@@ -5,7 +5,13 @@ import itertools
 import numpy as np
 import pytest
 
-from reward_models.evaluate import front_report, hypervolume, pareto_mask, plot, summarise
+from reward_models.evaluate import (
+    front_report,
+    hypervolume,
+    pareto_mask,
+    plot,
+    summarise,
+)
 
 
 def test_pareto_mask_dominated_duplicate_and_nan_points():

@@ -6,8 +6,19 @@ import math
 import numpy as np
 import pytest
 
-from reward_models.pairs import best_vs_worst, score_candidates
-from reward_models.rules import check_objectives, get_scorer, score_all, score_checked
+from cluster.cli import main
+from reward_models.batch import score_file
+from reward_models.objectives import (
+    check_objectives,
+    get_scorer,
+    score_all,
+    score_checked,
+)
+from reward_models.pairs import best_vs_worst, labelled_pairs, score_candidates
+from reward_models.prompts import demo_prompts, load_prompts
+from reward_models.sampling import Generate
+from trainers.core.models import load_tokenizer
+from trainers.core.runtime import init_ray
 
 
 def test_sentiment_orders_positive_above_negative():
@@ -16,7 +27,6 @@ def test_sentiment_orders_positive_above_negative():
 
 
 def test_conciseness_is_minus_token_count_and_bounded_variant(tiny_model):
-    from trainers.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     resp = ["The movie was great.", "The movie was great. It felt fine."]
@@ -86,9 +96,6 @@ def test_empty_samples_score_nan_not_fail():
 def test_batch_scoring_equals_one_by_one_and_pairs_command(tmp_path, tiny_model):
     import ray
 
-    from cluster.cli import main
-    from reward_models.batch import score_file
-    from trainers.launcher import init_ray
 
     rows = [{"prompt": f"Tell me about the park {i}.", "response": r}
             for i, r in enumerate(["Lovely and green.", "Awful, noisy and dirty.", "It is a park.",
@@ -132,7 +139,6 @@ def test_load_prompts_from_every_source(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from reward_models.prompts import demo_prompts, load_prompts
 
     want = ["How was the trip?", "Describe the cafe."]
     (tmp_path / "p.txt").write_text("\n".join(want) + "\n\n")
@@ -151,7 +157,6 @@ def test_load_prompts_from_every_source(tmp_path):
 
 
 def test_labelled_pairs_carry_every_objectives_preference():
-    from reward_models.pairs import labelled_pairs
 
     responses = [["a", "bb", "ccc"], ["x", "y"], ["p", "q"]]
     scores = {"sentiment": [np.array([0.9, 0.1, 0.5]), np.array([0.2, 0.2]), np.array([0.3, 0.1])],
@@ -168,7 +173,6 @@ def test_labelled_pairs_carry_every_objectives_preference():
 def test_generate_passes_top_k_to_hf_generate(tiny_model):
     """Sampling at temperature 1 with ``top_k=1`` is greedy decoding (the knob reaches ``generate``);
     the default stays HF's 50, which the Serve decoder and ``moray study``'s mixes are given."""
-    from reward_models.pairs import Generate
 
     batch = {"prompt": np.array(["Tell me about the park.", "Hi"], dtype=object), "row": np.arange(2)}
     greedy = Generate(tiny_model, 1, 12, 0.0, 1.0, seed=3)(batch)["responses"].tolist()

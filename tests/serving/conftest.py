@@ -1,6 +1,6 @@
 import pytest
 
-from tests.conftest import make_policy
+from tests.helpers import make_policy
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,13 @@ import pytest
 import requests
 import torch
 
+from cluster.metrics import node_metrics_urls, read_metrics, total
 from serving.config import ServeConfig
-from serving.launch import free_port, load_serve_file, run_serve_file, serve_file, write_serve_file
-from trainers.config import load_config
-from trainers.models import load_causal_lm, load_tokenizer
+from serving.deploy import load_serve_file, run_serve_file, serve_file, write_serve_file
+from serving.metrics import SERVE
+from trainers.core.config import load_config
+from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.core.runtime import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -174,7 +177,6 @@ def test_requests_reach_the_metrics_endpoint(server):
     endpoint exports them, by exactly their counts, tokens and weights."""
     import time
 
-    from cluster.metrics import SERVE, node_metrics_urls, read_metrics, total
 
     url = node_metrics_urls()[0]
     where = {"route": "completions", "mixing": "soup"}

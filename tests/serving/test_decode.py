@@ -9,7 +9,7 @@ from serving.api import Limits, RequestError, parse_request
 from serving.decode import LockstepDecoder, Row, Sampling, next_token_probs, sample_next
 from serving.engine import TextStream, round_weights
 from serving.mixing import mix_logits
-from trainers.models import load_causal_lm, load_tokenizer
+from trainers.core.models import load_causal_lm, load_tokenizer
 
 PROMPTS = ["Write about the coffee.", "Hi", "Tell me a long story about a park and a song."]
 
@@ -74,8 +74,12 @@ def test_seeded_sampling_repeats_and_top_p_keeps_the_nucleus():
 def test_next_token_distribution_equals_hf_generates_warpers(temperature, top_k, top_p):
     """Temperature, top-k, then top-p on what top-k kept: the distribution HF ``generate`` samples
     from, so a policy sampled by ``generate`` and a mix sampled here are comparable."""
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     logits = torch.randn(300, generator=torch.Generator().manual_seed(top_k + 7), dtype=torch.float64) * 3
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])

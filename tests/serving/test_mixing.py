@@ -1,4 +1,4 @@
-"""§3a log-linear mixing and §6 Personalized Soups: the oracles in float64, weight validation,
+"""§3a log-linear mixing and §6 Personalized Soups: the oracles in float64, sets of policies,
 and soups of exported checkpoints (full weights and LoRA)."""
 
 import itertools
@@ -7,55 +7,16 @@ import math
 import pytest
 import torch
 
-from serving.mixing import WeightError, check_weights, merge_lora, mix_logits, soup_state_dicts
+from serving.mixing import merge_lora, mix_logits, soup_state_dicts
 from serving.policies import check_compatible, parse_policies
-from tests.conftest import make_policy
+from serving.soup import soup_policies
+from tests.helpers import make_policy
+from trainers.config import ModelConfig
+from trainers.core.export import read_metadata
+from trainers.core.models import load_causal_lm
+from trainers.task import build_policy, export_policy
 
 NAMES = ("sentiment", "conciseness")
-
-
-def test_check_weights_normalises_and_fills_missing_names():
-    assert check_weights({"sentiment": 3, "conciseness": 1}, NAMES) == (0.75, 0.25)
-    assert check_weights({"conciseness": 2.0}, NAMES) == (0.0, 1.0)
-    assert check_weights([1, 1], NAMES, normalize=False) == (1.0, 1.0)
-
-
-@pytest.mark.parametrize("weights", [
-    [1e308, 1e308, 0, 1e308], [1.7e308, 1e-300, 0, 0], [5e-324, 5e-324, 0, 0], [1e-320, 3e-320, 0, 1e-310],
-    [2.2e-308, 1.0, 0, 3e-321], [10 ** 300, 10 ** 300, 10 ** 299, 0], [0.1, 0.2, 0.3, 0.4],
-])
-def test_check_weights_normalises_huge_and_subnormal_entries_exactly(weights):
-    """Each normalised weight is the exact ratio w_i / Σw rounded to float (within 2 ulp), nothing
-    overflows to inf or underflows to an all-zero vector, and the vector sums to 1."""
-    from fractions import Fraction
-
-    names = ("a", "b", "c", "d")
-    got = check_weights(weights, names)
-    exact = [Fraction(float(w)) / sum(Fraction(float(v)) for v in weights) for w in weights]
-    for g, e in zip(got, exact):
-        assert abs(g - float(e)) <= 2 * math.ulp(float(e)), (got, [float(x) for x in exact])
-    assert abs(math.fsum(got) - 1) < 1e-15 and max(got) > 0
-
-
-def test_check_weights_refuses_integers_beyond_float_range():
-    with pytest.raises(WeightError, match="too large"):
-        check_weights({"sentiment": 10 ** 400, "conciseness": 1}, NAMES)
-
-
-@pytest.mark.parametrize("weights, message", [
-    ({"helpful": 1.0}, "unknown objective"),
-    ({"sentiment": -0.1, "conciseness": 1}, "negative"),
-    ({"sentiment": float("nan")}, "not finite"),
-    ({"sentiment": float("inf")}, "not finite"),
-    ({"sentiment": 0, "conciseness": 0}, "all zero"),
-    ({}, "all zero"),
-    ([0.5, 0.3, 0.2], "3 weights for 2 objectives"),
-    ({"sentiment": "a lot"}, "must be a number"),
-    ({"sentiment": True}, "must be a number"),
-])
-def test_check_weights_refuses_bad_vectors(weights, message):
-    with pytest.raises(WeightError, match=message):
-        check_weights(weights, NAMES)
 
 
 def _bandit(K=3, N=7, beta=0.5, seed=0):
@@ -148,8 +109,6 @@ def test_parse_policies():
 
 
 def test_soup_checkpoint_unit_weights_give_the_policy_logits(tiny_model, tmp_path):
-    from serving.soup import soup_policies
-    from trainers.models import load_causal_lm
 
     a = make_policy(tiny_model, tmp_path / "a", 1, objective="a")
     b = make_policy(tiny_model, tmp_path / "b", 2, objective="b")
@@ -161,15 +120,10 @@ def test_soup_checkpoint_unit_weights_give_the_policy_logits(tiny_model, tmp_pat
     sa, sb, sh = (load_causal_lm(p).state_dict() for p in (a, b, half))
     key = "model.layers.0.mlp.up_proj.weight"
     assert torch.allclose(sh[key], 0.5 * sa[key] + 0.5 * sb[key], atol=1e-6)
-    from trainers.export import read_metadata
     assert read_metadata(half)["weights"] == {"a": 0.5, "b": 0.5}
 
 
 def test_lora_soup_of_exported_adapters(tiny_model, tmp_path):
-    from serving.soup import soup_policies
-    from trainers.config import ModelConfig
-    from trainers.export import build_policy, export_policy
-    from trainers.models import load_causal_lm
 
     cfg = ModelConfig(name_or_path=tiny_model, lora=True, lora_r=4, lora_alpha=8)
     dirs = {}

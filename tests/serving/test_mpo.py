@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from serving.mpo import bsmd, bsmd_direction, mpo_objective
+from cluster.cli import main
+from serving.mpo import bsmd, bsmd_direction, mpo_objective, sample_log_ratios
+from tests.helpers import make_policy
 
 
 def _bandit(K=2, N=6, beta=0.5, seed=0, uniform_ref=True):
@@ -108,9 +110,6 @@ def test_non_finite_log_ratios_are_refused():
 def test_moray_mix_mpo_end_to_end(ray_local, tiny_model, tmp_path):
     """Ray Data stages sample from the reference and teacher-force K+1 models: a policy equal to
     the reference has log-ratio 0 on every sample; the CLI writes weights on the simplex."""
-    from cluster.cli import main
-    from serving.mpo import sample_log_ratios
-    from tests.conftest import make_policy
 
     same = make_policy(tiny_model, tmp_path / "same", 0, noise=0.0, objective="same")
     other = make_policy(tiny_model, tmp_path / "other", 1, noise=0.1, objective="other")

@@ -2,7 +2,9 @@
 
 import pytest
 
-from trainers.config import DPOJobConfig, load_config, parse_dotted
+from trainers.config import DataConfig, ModelConfig, TrainConfig
+from trainers.core.config import load_config, parse_dotted
+from trainers.jobs.dpo import DPOJobConfig
 
 BASE = {"objective": "sentiment", "out": "o", "model.name_or_path": "m", "data.path": "d.jsonl"}
 
@@ -19,7 +21,6 @@ def test_yaml_then_cli_overrides(tmp_path):
 def test_every_field_is_documented():
     import dataclasses
 
-    from trainers.config import DataConfig, ModelConfig, TrainConfig
 
     for cls in (ModelConfig, DataConfig, TrainConfig):
         for f in dataclasses.fields(cls):

@@ -8,11 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import synthetic_pairs, write_jsonl
+from tests.helpers import synthetic_pairs, write_jsonl
+from trainers.batches import length_buckets, logits_needed, pad_pairs, pair_logps
 from trainers.config import DataConfig
+from trainers.core.logps import sequence_logps
+from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.data import PreferenceDataError, Tokenize, load_pairs, tokenize_pair
-from trainers.logps import length_buckets, pad_pairs, sequence_logps
-from trainers.models import load_tokenizer
 
 
 def test_jsonl_and_parquet_give_the_same_pairs(tmp_path):
@@ -157,8 +158,6 @@ def test_tokenize_map_batches_callable(tiny_model, pairs_file):
 
 
 def test_logits_to_keep_gives_the_same_logps(tiny_model):
-    from trainers.logps import logits_needed, pair_logps
-    from trainers.models import load_causal_lm
 
     tok = load_tokenizer(tiny_model)
     rows = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_start", "rejected_start")}

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from trainers.losses import dpo_loss, get_loss, ipo_loss
+from trainers.losses import (
+    bt_loss,
+    dpo_loss,
+    get_loss,
+    ipo_loss,
+    loo_advantages,
+    policy_gradient_loss,
+    wrpo_alpha,
+    wrpo_loss,
+)
 
 D = torch.float64
 
@@ -78,7 +87,6 @@ def _six(seed=3, n=5):
 
 
 def test_wrpo_alpha_zero_and_one_are_dpo_on_the_matching_pair():
-    from trainers.losses import wrpo_loss
 
     ws, wt, l, rws, rwt, rl = _six()
     zero, _, _ = wrpo_loss(ws, wt, l, rws, rwt, rl, 0.1, 0.0)
@@ -88,7 +96,6 @@ def test_wrpo_alpha_zero_and_one_are_dpo_on_the_matching_pair():
 
 
 def test_wrpo_same_chosen_is_alpha_free_and_log2_at_the_reference():
-    from trainers.losses import wrpo_loss
 
     ws, _, l, rws, _, rl = _six(4)
     a = wrpo_loss(ws, ws, l, rws, rws, rl, 0.2, 0.1)[0]
@@ -99,7 +106,6 @@ def test_wrpo_same_chosen_is_alpha_free_and_log2_at_the_reference():
 
 
 def test_wrpo_worked_value_and_schedule():
-    from trainers.losses import wrpo_alpha, wrpo_loss
 
     t = lambda v: torch.tensor([v], dtype=D)  # noqa: E731
     loss, _, _ = wrpo_loss(t(-50), t(-40), t(-45), t(-52), t(-41), t(-44), 0.1, 0.5)
@@ -111,7 +117,6 @@ def test_wrpo_worked_value_and_schedule():
 
 
 def test_leave_one_out_advantages_and_the_policy_gradient_loss():
-    from trainers.losses import loo_advantages, policy_gradient_loss
 
     r = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     a = loo_advantages(r)
@@ -129,3 +134,13 @@ def test_leave_one_out_advantages_and_the_policy_gradient_loss():
     # π = π_ref and equal rewards: no signal
     flat = policy_gradient_loss(ref.clone().requires_grad_(), torch.ones(2, 3, dtype=torch.float64), ref, 0.5)
     assert float(flat.abs().max()) == 0.0
+
+
+def test_bt_loss_oracles():
+    s = torch.tensor([0.3, -1.2, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(bt_loss(s, s.clone()), torch.full((3,), math.log(2), dtype=torch.float64), rtol=0, atol=1e-15)
+    w = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    loss = bt_loss(w, torch.tensor([0.5], dtype=torch.float64))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-15)
+    loss.sum().backward()
+    assert w.grad.item() == pytest.approx(-1 / (1 + math.exp(1.5)), abs=1e-15)  # -σ(-(s_w - s_l))

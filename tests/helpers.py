@@ -1,0 +1,119 @@
+"""Shared test helpers: synthetic preference data, policy-shaped directories without training,
+and the DeepSpeed engine's calling surface over a bare module."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+
+from trainers.batches import pad_pairs, pair_logps
+from trainers.core.export import save_hf
+from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.data import tokenize_responses
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def synthetic_pairs(n: int, seed: int = 0):
+    """Pairs labelled by a known rule: the chosen response is positive, the rejected negative."""
+    rng = random.Random(seed)
+    pos = ["great", "lovely", "wonderful", "happy", "good"]
+    neg = ["awful", "terrible", "sad", "bad", "boring"]
+    rows = []
+    for i in range(n):
+        topic = rng.choice(["coffee", "movie", "book", "park", "song"])
+        k = 1 + i % 4
+        rows.append({"prompt": f"Write about the {topic}.",
+                     "chosen": f"The {topic} is " + " and ".join(rng.choices(pos, k=k)) + ".",
+                     "rejected": f"The {topic} is " + " and ".join(rng.choices(neg, k=1 + (i + 1) % 4)) + "."})
+    return rows
+
+
+def multi_rows(n, seed=5):
+    """Pairs labelled by two objectives (``response_0/1``, ``better_sentiment``, ``better_conciseness``)."""
+    rows = []
+    for i, r in enumerate(synthetic_pairs(n, seed)):
+        a, b = (r["chosen"], r["rejected"]) if i % 2 == 0 else (r["rejected"], r["chosen"])
+        rows.append({"prompt": r["prompt"], "response_0": a, "response_1": b,
+                     "better_sentiment": 0 if a == r["chosen"] else 1,
+                     "better_conciseness": 0 if len(a.split()) <= len(b.split()) else 1})
+    return rows
+
+
+POS = ["great", "lovely", "wonderful", "happy", "good", "fine"]
+
+
+def candidates(n_prompts, seed=0):
+    """MOPO candidate rows. Each prompt: 4 candidates where longer means more positive -- conciseness
+    and sentiment conflict. Scores: conciseness = -words, sentiment = positive words."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_prompts):
+        topic = ["coffee", "movie", "book", "park"][i % 4]
+        texts = [f"The {topic}." if k == 0 else f"The {topic} is " + " and ".join(rng.choice(POS, k)) + "."
+                 for k in range(4)]
+        rows.append({"prompt": f"Write about the {topic}.", "responses": texts,
+                     "scores": {"conciseness": [-len(t.split()) for t in texts],
+                                "sentiment": [sum(w.strip(".") in POS for w in t.split()) for t in texts]}})
+    return rows
+
+
+def make_policy(src: str, out, seed: int, noise: float = 0.05, metadata: Optional[dict] = None, **meta) -> str:
+    """A policy-shaped directory without training: ``src`` with every weight plus ``noise`` times
+    seeded standard-normal noise (0 keeps ``src``), saved with its tokenizer and ``moray.json``
+    saying it was trained from ``src`` with β = 0.1 unless ``meta`` says otherwise."""
+    model = load_causal_lm(src)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    meta = dict({"kind": "policy", "reference_model": src, "beta": 0.1}, **(metadata or {}), **meta)
+    return save_hf(model, load_tokenizer(src), str(out), meta)
+
+
+def preference_batch(tok, rows, ref_model, names=("chosen", "rejected"), columns=None, max_length=64):
+    """A padded micro-batch of plain-string rows: the responses ``names`` (read from ``columns`` of
+    each row, default the same names) after each row's prompt, with the reference log-probs of
+    ``ref_model`` as the reference pass would add them."""
+    columns = columns or names
+    cols = {f"{k}_{p}": [] for k in names for p in ("ids", "start")}
+    for r in rows:
+        t = tokenize_responses(tok, r["prompt"], {k: r[c] for k, c in zip(names, columns)}, False, max_length,
+                               max_length)
+        for k in cols:
+            cols[k].append(t[k])
+    batch = pad_pairs(cols, tok.pad_token_id)
+    with torch.no_grad():
+        for k, lp in zip(names, pair_logps(ref_model, batch, len(names))):
+            batch[f"ref_{k}_logps"] = lp.double()
+    return batch
+
+
+def multi_batch(tok, rows, ref_model):
+    """:func:`preference_batch` of :func:`multi_rows` rows (response_0 as chosen) with the second
+    objective's sign."""
+    batch = preference_batch(tok, rows, ref_model, columns=("response_0", "response_1"))
+    batch["sign_conciseness"] = torch.tensor([1.0 if r["better_conciseness"] == 0 else -1.0 for r in rows],
+                                             dtype=torch.float64)
+    return batch
+
+
+class BareEngine(torch.nn.Module):
+    """The DeepSpeed engine's calling surface (``engine(**batch)``, ``engine.module``) over a plain
+    module, without DeepSpeed: unit tests of tasks, and measuring a task's own cost."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)

@@ -1,0 +1,36 @@
+"""HF export: metadata, LoRA merged into full weights, plain from_pretrained reload."""
+
+import json
+
+import torch
+
+from trainers.config import ModelConfig
+from trainers.core.export import read_metadata
+from trainers.core.models import load_causal_lm
+from trainers.task import build_policy, export_policy
+
+
+def test_lora_export_merges_adapters_and_reloads(tiny_model, tmp_path):
+    cfg = ModelConfig(name_or_path=tiny_model, lora=True, lora_r=4, lora_alpha=8)
+    policy = build_policy(cfg)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)  # a non-zero adapter (B starts at zero)
+    ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
+    with torch.no_grad():
+        expected = policy(input_ids=ids).logits
+    out = export_policy(policy.state_dict(), cfg, str(tmp_path / "p"), {"objective": "sentiment", "beta": 0.1})
+    reloaded = load_causal_lm(out).eval()
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    base = load_causal_lm(tiny_model).eval()
+    with torch.no_grad():
+        assert (base(input_ids=ids).logits - got).abs().max() > 1e-3  # the adapter really moved it
+    assert read_metadata(out) == {"objective": "sentiment", "beta": 0.1}
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["model_type"] == "llama"

@@ -1,0 +1,107 @@
+"""Checkpoints and recovery for the training loop, and its final export.
+
+Every ``train.checkpoint_every`` optimizer steps each worker reports its DeepSpeed shard and rank 0
+the trainer state (micro-batches done, step, the task's own state); a restarted run restores both.
+At the end rank 0 exports the gathered model through its task and reports it as the ``final``
+checkpoint, with the trained engine's logits on fixed token ids (tests compare the export with them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from trainers.deepspeed_setup import gathered_state_dict
+
+STATE_FILE = "trainer_state.json"
+DS_TAG = "deepspeed"
+
+
+def resume_state() -> Dict[str, Any]:
+    """The trainer state of the run Ray Train restores (``{}`` on a fresh start)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return {}
+    with ckpt.as_directory() as d:
+        return json.loads((Path(d) / STATE_FILE).read_text())
+
+
+def load_engine_state(engine) -> None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            # our own run's checkpoint in our storage path: DeepSpeed's torch.load of it is trusted
+            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
+
+
+def report(metrics: Dict[str, Any], engine, rank: int, save: bool, state: Dict[str, Any]) -> None:
+    """Report ``metrics`` to Ray Train, with a checkpoint (every worker's shard) when ``save``."""
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
+        if rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{state['step']:07d}")
+
+
+def export_final(task, engine, rank: int, metadata: Dict[str, Any], metrics: Dict[str, Any]) -> None:
+    """Gather the trained weights, export them through the task on rank 0 and report the export."""
+    import ray.train
+
+    metrics = {**metrics, "probe_logits": probe_logits(engine), "exported": True}
+    state = gathered_state_dict(engine, rank)
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            task.export(state, tmp, metadata)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+                         checkpoint_dir_name="final")
+
+
+def maybe_fail(fail_at_step: int, step: int, rank: int, world: int, marker: str) -> None:
+    """Fault injection for recovery tests (``train.fail_at_step``): one worker process dies, once."""
+    if fail_at_step != step or rank != min(1, world - 1) or not marker or os.path.exists(marker):
+        return
+    Path(marker).write_text(f"worker {rank} killed at step {step}\n")
+    os._exit(1)
+
+
+def quiet_report_logs() -> None:
+    """Ray Train logs every report (with its whole metrics dict) at INFO under a logger named by
+    its file path, outside the 'ray.train' hierarchy that LoggingConfig sets; the progress bar
+    already says it."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def probe_input_ids(vocab: int) -> torch.Tensor:
+    return (torch.arange(1, 17) * 7919 % vocab).unsqueeze(0)
+
+
+@torch.no_grad()
+def probe_logits(engine) -> List[float]:
+    """Last-position logits of the trained engine on fixed token ids (every rank runs it: under
+    ZeRO-3 the forward gathers parameters)."""
+    module = engine.module
+    device = next(module.parameters()).device
+    ids = probe_input_ids(module.config.vocab_size).to(device)
+    was_training = module.training
+    module.eval()
+    logits = module(input_ids=ids).logits[0, -1].reshape(-1)[:16].float().cpu()
+    module.train(was_training)
+    return logits.tolist()

@@ -1,0 +1,43 @@
+"""Sequence log-probabilities (docs/algorithms.md §0): the sum of the response tokens' log-probs,
+prompt and padding never counted.
+
+Shapes: ``N`` sequences right-padded to ``T``; ``response_mask (N, T)`` is true on response tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad token sequences into ``input_ids``, ``attention_mask`` ``(N, T)`` (T = longest) and a
+    ``response_mask`` that is true from each row's ``starts[i]`` (its first response token) on."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    T = int(lengths.max())
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        input_ids[r, : len(s)] = torch.tensor(np.asarray(s, dtype=np.int64))
+    pos = torch.arange(T)[None, :]
+    attention_mask = pos < lengths[:, None]
+    response_mask = attention_mask & (pos >= torch.tensor([int(s) for s in starts])[:, None])
+    return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "response_mask": response_mask}
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum over response tokens of ``log p(token | prefix)``.
+
+    ``input_ids`` and ``response_mask`` are ``(N, T)``; ``logits (N, K, V)`` are a causal LM's
+    logits for the last ``K <= T`` positions (``K = T``: all of them). The logits at position
+    ``t`` predict token ``t+1``. Returns ``(N,)`` in float32 (float64 if the logits are float64).
+    """
+    K = logits.shape[1]
+    logits = logits[:, :-1]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    labels = input_ids[:, input_ids.shape[1] - K + 1:].unsqueeze(-1)
+    token_logps = torch.gather(logits, 2, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    mask = response_mask[:, response_mask.shape[1] - K + 1:].to(token_logps.dtype)
+    return (token_logps * mask).sum(-1)

@@ -1,0 +1,102 @@
+"""The one place that sets up DeepSpeed: config, optimizer, schedule, engine, ZeRO-3 gathering.
+
+Every training job builds its engine here, inside a Ray Train worker whose torch process group
+Ray Train already created (gloo on CPU, nccl on GPU). On CPU: ``DS_ACCELERATOR=cpu``, fp32 and a plain ``torch.optim.AdamW`` (no compiled
+DeepSpeed optimizer). On GPU: bf16 unless turned off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from trainers.config import TrainConfig
+
+
+def use_bf16(cfg: TrainConfig, on_gpu: bool) -> bool:
+    return cfg.bf16 == "true" or (cfg.bf16 == "auto" and on_gpu)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for a TrainConfig."""
+    zero: Dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero.update(contiguous_gradients=True, overlap_comm=on_gpu)
+    if cfg.zero_stage == 3:
+        # small models: keep tiny params (norms, biases) unpartitioned; gather weights for export
+        zero.update(stage3_param_persistence_threshold=10_000, stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(cfg, on_gpu)},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Linear warm-up to ``cfg.lr``, then cosine, linear or no decay to 0 at ``total_steps``."""
+    warm = max(0, cfg.warmup_steps)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.lr_schedule == "constant" or total_steps <= warm:
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, on_gpu: bool):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW, the schedule and the ZeRO stage of ``cfg``."""
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    backend = "nccl" if on_gpu else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world, on_gpu), dist_init_required=False)
+    return engine
+
+
+def gathered_state_dict(engine, rank: int) -> Optional[Dict[str, torch.Tensor]]:
+    """Full-precision-as-trained state dict on rank 0 (None elsewhere), gathering ZeRO-3 shards.
+
+    Under ZeRO-3 each parameter is gathered in turn (``GatheredParameters``), so peak memory is
+    one full parameter beyond the shard, not one full model per rank.
+    """
+    module = engine.module
+    if engine.zero_optimization_stage() != 3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    import deepspeed
+
+    out: Dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                out[name] = param.detach().cpu().clone()
+    if rank == 0:
+        persistent = set(module.state_dict().keys())  # non-persistent buffers (rotary tables) stay out
+        for name, buf in module.named_buffers():
+            if name in persistent:
+                out[name] = buf.detach().cpu().clone()
+    return out if rank == 0 else None

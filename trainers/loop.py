@@ -1,0 +1,199 @@
+"""The training loop, run by every Ray Train worker. It knows no method: a task
+(:class:`trainers.task.Task`) builds the model, turns a micro-batch into per-row losses and
+statistics, and exports the result; the loop feeds it, steps the DeepSpeed engine, checkpoints,
+reports, and exports at the end.
+
+Each worker reads its own shard (``get_dataset_shard(f"rank{r}")``, split deterministically on the
+driver); a window of ``bucket_batches`` batches is grouped by length before being cut into
+micro-batches. The data position is the count of micro-batches done, which with the seeded order
+makes a resumed run see exactly the rows an uninterrupted run would. Losses and statistics stay
+on the device and are read once per optimizer step (one all-reduce, one copy to the host).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+import torch
+
+from trainers.batches import length_buckets, to_device
+from trainers.checkpoints import (export_final, load_engine_state, maybe_fail, quiet_report_logs, report,
+                                  resume_state)
+from trainers.deepspeed_setup import build_engine
+from trainers.metrics import TrainingMetrics
+
+
+def train_loop(config: Dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``make_task`` (job config -> task), ``job`` (the job's
+    config), ``rows_per_rank``, ``pad_id``, ``metadata`` (for the export), ``run`` (the run's name),
+    ``failure_marker`` (recovery tests)."""
+    import ray.train
+    from ray.experimental.tqdm_ray import tqdm
+
+    quiet_report_logs()
+    task = config["make_task"](config["job"])
+    t = task.cfg.train
+    torch.set_num_threads(t.cpus_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = t.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    torch.manual_seed(t.seed)
+
+    sched = Schedule.of(config["rows_per_rank"], t.micro_batch_size, t.grad_accum, t.epochs)
+    resumed = resume_state()
+    micro = int(resumed.get("micro_batches_done", 0))
+    task.load_state(resumed.get("task") or {})
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    batches_of = lambda epoch: epoch_batches(shard, epoch, t, config["pad_id"], task.collate)  # noqa: E731
+    first_epoch = micro // sched.micro_per_epoch
+    ahead = Ahead(batches_of(first_epoch))  # Ray Data starts while the model loads
+    engine = build_engine(task.build(), t, sched.total_steps, on_gpu)
+    load_engine_state(engine)
+
+    step = math.ceil(micro / t.grad_accum)
+    bar = tqdm(total=sched.total_steps, desc=f"{task.name} {task.cfg.objective}") if rank == 0 else None
+    if bar is not None:
+        bar.update(step)
+    published = TrainingMetrics(config.get("run", task.name), task.name, task.cfg.objective) if rank == 0 else None
+    sums = StepSums(device)
+    history: List[Dict[str, Any]] = []
+    metrics: Dict[str, Any] = {}
+    loop_start = tic = time.perf_counter()
+    rows_trained = 0
+    for epoch in range(first_epoch, t.epochs):
+        skip = micro - epoch * sched.micro_per_epoch
+        for i, batch in enumerate(ahead if epoch == first_epoch else batches_of(epoch)):
+            if i < skip:
+                continue
+            if micro % t.grad_accum == 0:
+                task.start_step(step, sched.total_steps)
+            boundary = (micro + 1) % t.grad_accum == 0 or micro + 1 == sched.total_micro
+            engine.set_gradient_accumulation_boundary(boundary)
+            batch = to_device(batch, device)
+            losses, stats = task.losses(engine, batch)
+            engine.backward(losses.mean())
+            sums.add(losses, stats, batch["attention_mask"])
+            rows_trained += losses.numel()
+            micro += 1
+            if not boundary:
+                continue
+
+            engine.step()
+            step += 1
+            maybe_fail(t.fail_at_step, step, rank, world, config.get("failure_marker", ""))
+            now = time.perf_counter()
+            metrics = sums.reduce(now - tic, world)
+            metrics.update(step=step, epoch=epoch, lr=engine.get_lr()[0], **task.end_step())
+            tic = now
+            history.append(metrics)
+            if published is not None:
+                published.record(metrics)
+            last = micro == sched.total_micro
+            save = not last and t.checkpoint_every > 0 and step % t.checkpoint_every == 0
+            if save or last or step % t.log_every == 0:
+                # one report per window: Ray Train's report is a barrier polled every few hundred ms
+                report({**metrics, "history": history}, engine, rank, save,
+                       {"micro_batches_done": micro, "step": step, "epoch": epoch, "task": task.state()})
+                history = []
+            if bar is not None:
+                bar.set_description(f"{task.name} {task.cfg.objective} loss={metrics['loss']:.4f} "
+                                    f"{metrics['pairs_per_s']:.1f} rows/s")
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    # this attempt's training-loop throughput (all ranks' rows; rank 0's clock)
+    metrics.update(train_seconds=time.perf_counter() - loop_start, pairs_trained=rows_trained * world, step=step)
+    export_final(task, engine, rank, config["metadata"], metrics)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Counts every rank agrees on: micro-batches per epoch and in all, optimizer steps."""
+
+    micro_per_epoch: int
+    total_micro: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, rows_per_rank: int, micro_batch_size: int, grad_accum: int, epochs: int) -> "Schedule":
+        per_epoch = math.ceil(rows_per_rank / micro_batch_size)
+        return cls(per_epoch, per_epoch * epochs, math.ceil(per_epoch * epochs / grad_accum))
+
+
+def epoch_batches(shard, epoch: int, t, pad_id: int, collate: Callable):
+    """Yield the micro-batches of one epoch, in a deterministic, seeded order (``collate``: rows ->
+    tensors, the task's)."""
+    window = t.micro_batch_size * t.bucket_batches
+
+    def cut(rows: Dict[str, np.ndarray]) -> List[Dict[str, torch.Tensor]]:
+        seed = (t.seed, epoch, int(rows["idx"][0]))
+        return [collate(rows, pad_id, index) for index in length_buckets(rows, t.micro_batch_size, seed, t.shuffle)]
+
+    kwargs: Dict[str, Any] = {}
+    if t.shuffle:
+        kwargs = {"local_shuffle_buffer_size": window, "local_shuffle_seed": t.seed * 100_003 + epoch}
+    for batches in shard.iter_torch_batches(batch_size=window, collate_fn=cut, prefetch_batches=1, **kwargs):
+        yield from batches
+
+
+class Ahead:
+    """Pull a generator's first item on a background thread, so that Ray Data's start-up for the
+    shard overlaps with model loading and DeepSpeed set-up."""
+
+    def __init__(self, gen):
+        self.gen, self.first, self.error = gen, [], None
+        self.thread = threading.Thread(target=self._pull, daemon=True)
+        self.thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self.first.append(next(self.gen))
+        except StopIteration:
+            pass
+        except BaseException as e:  # re-raised on the training thread
+            self.error = e
+
+    def __iter__(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        yield from self.first
+        yield from self.gen
+
+
+class StepSums:
+    """An optimizer step's sums on the device -- loss, each task statistic, tokens -- and the rows
+    counted on the host; their means over every worker's rows, read once per step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.names, self.total, self.rows = device, [], None, 0
+
+    def add(self, losses: torch.Tensor, stats: Dict[str, torch.Tensor], attention_mask: torch.Tensor) -> None:
+        if self.total is None:
+            self.names = list(stats)
+            self.total = torch.zeros(len(self.names) + 2, dtype=torch.float64, device=self.device)
+        parts = [losses.detach().sum()] + [stats[k].detach().sum() for k in self.names] + [attention_mask.sum()]
+        self.total += torch.stack([p.to(torch.float64) for p in parts])
+        self.rows += losses.numel()
+
+    def reduce(self, seconds: float, world: int) -> Dict[str, float]:
+        """Means per row over all ranks; throughput for the whole group. Resets the sums."""
+        import torch.distributed as dist
+
+        total = torch.cat([self.total, torch.tensor([float(self.rows)], dtype=torch.float64).to(self.device)])
+        if world > 1:
+            dist.all_reduce(total)
+        values = total.cpu().tolist()
+        self.total, self.rows = None, 0
+        rows = max(values[-1], 1.0)
+        out = {"loss": values[0] / rows, **{k: v / rows for k, v in zip(self.names, values[1:-2])}}
+        out.update(step_pairs=values[-1], pairs_per_s=values[-1] / max(seconds, 1e-9),
+                   tokens_per_s=values[-2] / max(seconds, 1e-9))
+        return out

@@ -1,0 +1,117 @@
+"""The one interface between the training loop and a method: a :class:`Task`.
+
+A job (``trainers/jobs/<name>.py``) defines its task; the loop (:mod:`trainers.loop`) calls only
+what is written here. Required: :meth:`Task.build`, :meth:`Task.losses`, :meth:`Task.export`.
+Optional hooks have defaults that do nothing: :meth:`Task.collate`, :meth:`Task.start_step`,
+:meth:`Task.end_step`, :meth:`Task.state` / :meth:`Task.load_state`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from trainers.batches import pad_pairs
+from trainers.core.export import ADAPTER_DIR, load_matching_state, save_hf
+from trainers.core.models import load_causal_lm, load_tokenizer
+
+Tensor = torch.Tensor
+
+
+class Task:
+    """What the loop trains. ``name`` is the method (progress bar, the metrics' ``method`` tag);
+    ``cfg`` the job's config (``cfg.train``: a :class:`~trainers.config.TrainConfig`)."""
+
+    name: str = "task"
+    cfg: Any
+
+    def build(self) -> torch.nn.Module:
+        """The trainable module, on the CPU (DeepSpeed moves it)."""
+        raise NotImplementedError
+
+    def losses(self, engine, batch: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """One micro-batch -> ``(losses (R,), stats)``: the per-row losses whose mean the loop
+        backpropagates, and per-row statistics ``{name: (R,)}`` that the loop averages over the
+        optimizer step's rows on every worker and reports under the task's own names (e.g. DPO's
+        ``reward_margin``). Keep them on the device: the loop reads them once per step."""
+        raise NotImplementedError
+
+    def export(self, state: Dict[str, Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
+        """Write the trained model (``state``: the full state dict, on rank 0) to ``out_dir``."""
+        raise NotImplementedError
+
+    # -- optional hooks ------------------------------------------------------------------------
+    def collate(self, rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int]) -> Dict[str, Tensor]:
+        """Rows of the worker's shard (``index`` of them) -> one micro-batch of tensors."""
+        return pad_pairs(rows, pad_id, index)
+
+    def start_step(self, step: int, total_steps: int) -> None:
+        """Before each optimizer step's first micro-batch (e.g. WRPO's α schedule)."""
+
+    def end_step(self) -> Dict[str, float]:
+        """After each optimizer step: the task's own metrics for it (e.g. GAPO's α, MOPO's dual step)."""
+        return {}
+
+    def state(self) -> Dict[str, Any]:
+        """JSON saved with every checkpoint (e.g. MOPO's multipliers)."""
+        return {}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state` on resume."""
+
+
+def pair_stats(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Dict[str, Tensor]:
+    """The statistics of a task that ranks pairs: mean margin, accuracy, both rewards (each ``(B,)``)."""
+    c, r = chosen_rewards.detach(), rejected_rewards.detach()
+    return {"reward_margin": c - r, "accuracy": (c > r).to(c.dtype), "chosen_reward": c, "rejected_reward": r}
+
+
+def build_policy(model_cfg, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The trainable causal LM of ``model_cfg`` (:class:`~trainers.config.ModelConfig`), wrapped
+    with LoRA adapters if configured."""
+    model = load_causal_lm(model_cfg.name_or_path, model_cfg.trust_remote_code, dtype=dtype)
+    if model_cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
+            target_modules=list(model_cfg.lora_target_modules), task_type="CAUSAL_LM"))
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+
+def export_policy(state_dict: Dict[str, Tensor], model_cfg, out_dir: str, metadata: Dict[str, Any],
+                  dtype: Optional[torch.dtype] = None) -> str:
+    """Write ``state_dict`` (as gathered from the engine) as an HF checkpoint in ``out_dir``. LoRA
+    adapters are merged into the full weights (plain ``from_pretrained`` loads it) and also kept in
+    ``adapter/`` for LoRA soups."""
+    model = build_policy(model_cfg)
+    load_matching_state(model, state_dict)
+    if model_cfg.lora:
+        model.save_pretrained(Path(out_dir) / ADAPTER_DIR, safe_serialization=True)
+        model = model.merge_and_unload()
+    if dtype is not None:
+        model = model.to(dtype)
+    return save_hf(model, load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code), out_dir, metadata)
+
+
+def policy_metadata(job, **entries: Any) -> Dict[str, Any]:
+    """The ``moray.json`` entries every policy carries (its objective, reference model, β, whether
+    LoRA was merged), and ``entries`` of its job (method, loss, ...)."""
+    return {"kind": "policy", "objective": job.objective, "reference_model": job.model.name_or_path,
+            "beta": job.train.beta, "lora_merged": job.model.lora, **entries}
+
+
+class PolicyTask(Task):
+    """A task that trains a causal-LM policy from ``cfg.model`` and exports it as an HF checkpoint."""
+
+    def build(self) -> torch.nn.Module:
+        return build_policy(self.cfg.model)
+
+    def export(self, state: Dict[str, Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
+        export_policy(state, self.cfg.model, out_dir, metadata)
