@@ -2,9 +2,10 @@
 
 import pytest
 
-from trainers.config import DataConfig, ModelConfig, TrainConfig
+from trainers.config import DataConfig, ModelConfig, TrainConfig, one_of
 from trainers.core.config import load_config, parse_dotted
 from trainers.jobs.dpo import DPOJobConfig
+from trainers.losses import LOSSES
 
 BASE = {"objective": "sentiment", "out": "o", "model.name_or_path": "m", "data.path": "d.jsonl"}
 
@@ -43,7 +44,7 @@ def test_bad_overrides_raise(override, match):
     ({"train.beta": 0.0}, "train.beta must be a positive"),
     ({"train.beta": float("nan")}, "train.beta must be a positive"),
     ({"train.zero_stage": 4}, "zero_stage must be 0-3"),
-    ({"train.loss": "kto"}, "train.loss must be dpo or ipo"),
+    ({"train.loss": "kto"}, f"train.loss must be {one_of(LOSSES)}, got 'kto'"),
     ({"train.workers": 0}, "train.workers must be >= 1"),
     ({"objective": ""}, "objective is required"),
     ({"data.objective_labels": {"helpful": "better"}}, "needs data.response_columns"),
