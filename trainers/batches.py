@@ -27,23 +27,82 @@ def response_names(columns: Iterable[str]) -> List[str]:
     return fixed + sorted((k for k in names if re.fullmatch(r"cand_\d+", k)), key=lambda k: int(k[5:]))
 
 
-def pad_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] | None = None) -> Dict[str, Any]:
-    """Right-pad the rows ``rows[...][index]`` into one ``(R·B, T)`` batch (T = longest sequence,
-    R responses each: 2 for pairs). Float columns that ride along (``ref_<name>_logps``,
-    ``sign_<objective>``: ``(B,)``; ``winrate_<objective>``: ``(B, n)``) are kept, in float64;
-    ``logits_to_keep`` is :func:`logits_needed` of the batch, an int."""
+def _sequences(rows: Dict[str, Sequence[Any]], index: Sequence[int] | None):
+    """Every response sequence of the rows ``index`` in batch order (response ``r`` of row ``b`` at
+    ``r·B + b``), their response starts, the response names and the index."""
     names = response_names(k for k in rows if k.endswith("_ids"))
     index = range(len(rows[f"{names[0]}_ids"])) if index is None else index
     seqs = [rows[f"{n}_ids"][i] for n in names for i in index]
-    starts = [rows[f"{n}_start"][i] for n in names for i in index]
-    out: Dict[str, Any] = pad_sequences(seqs, starts, pad_id)
-    out["logits_to_keep"] = logits_needed(out["response_mask"])  # here, on the host: no device sync later
+    starts = [int(rows[f"{n}_start"][i]) for n in names for i in index]
+    return seqs, starts, tuple(names), index
+
+
+def _riders(rows: Dict[str, Sequence[Any]], index: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """What rides along with the token ids: ``idx``, and the float columns (``ref_<name>_logps``,
+    ``sign_<objective>``: ``(B,)``; ``winrate_<objective>``: ``(B, n)``) in float64."""
+    out = {}
     if "idx" in rows:
         out["idx"] = torch.as_tensor(np.asarray([rows["idx"][i] for i in index], dtype=np.int64))
     for k in rows:
         if (k.startswith("ref_") and k.endswith("_logps")) or k.startswith(("sign_", "winrate_")):
             out[k] = torch.as_tensor(np.asarray([np.asarray(rows[k][i], dtype=np.float64) for i in index]))
     return out
+
+
+def pad_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] | None = None) -> Dict[str, Any]:
+    """Right-pad the rows ``rows[...][index]`` into one ``(R·B, T)`` batch (T = longest sequence,
+    R responses each: 2 for pairs), with the columns that ride along (:func:`_riders`);
+    ``logits_to_keep`` is :func:`logits_needed` of the batch, an int; ``responses`` the names."""
+    seqs, starts, names, index = _sequences(rows, index)
+    out: Dict[str, Any] = pad_sequences(seqs, starts, pad_id)
+    out["logits_to_keep"] = logits_needed(out["response_mask"])  # here, on the host: no device sync later
+    out["responses"] = names
+    return {**out, **_riders(rows, index)}
+
+
+def pack_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] | None = None) -> Dict[str, Any]:
+    """Every response sequence of the rows packed without padding: first-fit decreasing into rows
+    as long as the longest sequence, each sequence's ``position_ids`` counting from 0, so that
+    transformers attends within each sequence only (a block-diagonal causal mask with SDPA and
+    eager attention, varlen kernels with flash attention). Padding is only what no sequence fits.
+
+    Returns ``input_ids`` / ``position_ids`` / ``attention_mask`` ``(P, C)`` (the mask marks real
+    tokens, for counting; it is not passed to the model), and for the log-probs the flat indices of
+    the positions that predict a response token (``pred_index (M,)``), the tokens they predict
+    (``pred_labels``) and the sequence each belongs to (``pred_owner``, in :func:`pad_pairs`' row
+    order), ``sequences`` (their number), ``responses`` and the riders of :func:`pad_pairs`."""
+    seqs, starts, names, index = _sequences(rows, index)
+    lengths = [len(s) for s in seqs]
+    capacity = max(lengths)
+    room: List[int] = []  # free tokens per packed row
+    place: List[Tuple[int, int]] = [(0, 0)] * len(seqs)  # (row, offset) of each sequence
+    for s in sorted(range(len(seqs)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[s]), len(room))
+        if r == len(room):
+            room.append(capacity)
+        place[s] = (r, capacity - room[r])
+        room[r] -= lengths[s]
+    input_ids = np.full((len(room), capacity), pad_id, dtype=np.int64)
+    position_ids = np.zeros((len(room), capacity), dtype=np.int64)
+    mask = np.zeros((len(room), capacity), dtype=np.int64)
+    for r, free in enumerate(room):  # what is left of a row is one more sequence: it attends only to itself
+        position_ids[r, capacity - free:] = np.arange(free)
+    pred_index, pred_labels, pred_owner = [], [], []
+    for s, (seq, start) in enumerate(zip(seqs, starts)):
+        r, o = place[s]
+        n = lengths[s]
+        input_ids[r, o:o + n] = np.asarray(seq, dtype=np.int64)
+        position_ids[r, o:o + n] = np.arange(n)
+        mask[r, o:o + n] = 1
+        pred_index.append(r * capacity + o + np.arange(start - 1, n - 1))  # position t predicts token t+1
+        pred_labels.append(np.asarray(seq[start:n], dtype=np.int64))
+        pred_owner.append(np.full(n - start, s, dtype=np.int64))
+    out: Dict[str, Any] = {
+        "input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(position_ids),
+        "attention_mask": torch.from_numpy(mask), "pred_index": torch.from_numpy(np.concatenate(pred_index)),
+        "pred_labels": torch.from_numpy(np.concatenate(pred_labels)),
+        "pred_owner": torch.from_numpy(np.concatenate(pred_owner)), "sequences": len(seqs), "responses": names}
+    return {**out, **_riders(rows, index)}
 
 
 def logits_needed(response_mask: torch.Tensor) -> int:
@@ -65,17 +124,36 @@ def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def pair_logps(model: torch.nn.Module, batch: Dict[str, torch.Tensor], responses: int = 2) -> Tuple[torch.Tensor, ...]:
+def pair_logps(model: torch.nn.Module, batch: Dict[str, Any], responses: int = 2) -> Tuple[torch.Tensor, ...]:
     """One forward over every response of the batch; returns one ``(B,)`` tensor per response
     (pairs: ``(chosen_logps, rejected_logps)``; ``responses``: R of :func:`pad_pairs`).
 
-    Passes ``logits_to_keep`` (transformers causal LMs) so prompt positions never reach the LM head.
+    A padded batch passes ``logits_to_keep`` (transformers causal LMs) so prompt positions never
+    reach the LM head; a packed one (:func:`pack_pairs`) runs the head on the predicting positions only.
     """
-    keep = batch_logits_to_keep(batch)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   logits_to_keep=keep).logits
-    logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+    if "pred_index" in batch:
+        logps = packed_logps(model, batch)
+    else:
+        keep = batch_logits_to_keep(batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                       logits_to_keep=keep).logits
+        logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
     return tuple(logps.view(responses, -1))
+
+
+def packed_logps(model: torch.nn.Module, batch: Dict[str, Any]) -> torch.Tensor:
+    """Sequence log-probs ``(S,)`` of a packed batch (:func:`pack_pairs`): one forward for the final
+    hidden states (its own logits only at the last position), the LM head on the ``M`` positions that
+    predict a response token, their log-softmax in float32 (float64 for a float64 model), and a sum
+    per sequence."""
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                logits_to_keep=1, output_hidden_states=True)
+    hidden = out.hidden_states[-1].flatten(0, 1)[batch["pred_index"]]  # (M, H)
+    logits = getattr(model, "module", model).get_output_embeddings()(hidden)  # (M, V)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    token = logits.gather(1, batch["pred_labels"][:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return token.new_zeros(batch["sequences"]).index_add(0, batch["pred_owner"], token)
 
 
 def length_buckets(rows: Dict[str, Sequence[Any]], batch_size: int, seed: Sequence[int], shuffle: bool = True) -> List[np.ndarray]:

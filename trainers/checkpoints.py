@@ -1,7 +1,8 @@
 """Checkpoints and recovery for the training loop, and its final export.
 
-Every ``train.checkpoint_every`` optimizer steps each worker reports its DeepSpeed shard and rank 0
-the trainer state (micro-batches done, step, the task's own state); a restarted run restores both.
+Every ``train.checkpoint_every`` optimizer steps each worker reports its DeepSpeed shard and its
+reference log-probs, and rank 0 the trainer state (micro-batches done, step, the task's own
+state); a restarted run restores them all.
 At the end rank 0 exports the gathered model through its task and reports it as the ``final``
 checkpoint, with the trained engine's logits on fixed token ids (tests compare the export with them).
 """
@@ -13,25 +14,27 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from trainers.deepspeed_setup import gathered_state_dict
+from trainers.deepspeed_setup import end_zero3_build, gathered_state_dict
+from trainers.reference import ReferenceTable
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "deepspeed"
 
 
-def resume_state() -> Dict[str, Any]:
-    """The trainer state of the run Ray Train restores (``{}`` on a fresh start)."""
+def resume_state(rank: int) -> Tuple[Dict[str, Any], Optional[ReferenceTable]]:
+    """The trainer state of the run Ray Train restores and this worker's reference log-probs
+    (``{}, None`` on a fresh start)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return {}
+        return {}, None
     with ckpt.as_directory() as d:
-        return json.loads((Path(d) / STATE_FILE).read_text())
+        return json.loads((Path(d) / STATE_FILE).read_text()), ReferenceTable.load(d, rank)
 
 
 def load_engine_state(engine) -> None:
@@ -44,8 +47,10 @@ def load_engine_state(engine) -> None:
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
 
 
-def report(metrics: Dict[str, Any], engine, rank: int, save: bool, state: Dict[str, Any]) -> None:
-    """Report ``metrics`` to Ray Train, with a checkpoint (every worker's shard) when ``save``."""
+def report(metrics: Dict[str, Any], engine, rank: int, save: bool, state: Dict[str, Any],
+           reference: Optional[ReferenceTable] = None) -> None:
+    """Report ``metrics`` to Ray Train, with a checkpoint (every worker's DeepSpeed shard and
+    reference table) when ``save``."""
     import ray.train
 
     if not save:
@@ -53,6 +58,8 @@ def report(metrics: Dict[str, Any], engine, rank: int, save: bool, state: Dict[s
         return
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
+        if reference is not None:
+            reference.save(tmp, rank)
         if rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -65,6 +72,7 @@ def export_final(task, engine, rank: int, metadata: Dict[str, Any], metrics: Dic
 
     metrics = {**metrics, "probe_logits": probe_logits(engine), "exported": True}
     state = gathered_state_dict(engine, rank)
+    end_zero3_build(engine)  # rank 0 builds the exported model alone
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             task.export(state, tmp, metadata)

@@ -34,7 +34,12 @@ class ModelConfig:
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.")
     lora_target_modules: List[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"],
                                          "Module names that receive LoRA adapters.")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory (works with "
+                                       "ZeRO-3 and with LoRA).")
+    attn_implementation: str = opt("", "Attention kernel: '' (transformers' default, SDPA), sdpa, eager, or "
+                                   "flash_attention_2 (GPU, needs the flash-attn package).")
+    keep_dropout: bool = opt(False, "Keep the model's dropout while training. Off by default: the reference "
+                             "log-probs are taken without dropout, so dropout would only add noise to the log-ratios.")
 
 
 @dataclass
@@ -80,13 +85,14 @@ class TrainConfig:
     shuffle: bool = opt(True, "Shuffle pairs each epoch (seeded, reproducible on resume).")
     bucket_batches: int = opt(32, "Group this many batches' worth of pairs by length before cutting "
                               "batches, to cut padding (1 disables).")
+    packing: bool = opt(True, "Pack a micro-batch's sequences into rows without padding (each attends only to "
+                        "itself; the LM head runs on response positions only). False: right-padded rows.")
     checkpoint_every: int = opt(50, "Report a resumable checkpoint every N optimizer steps (0: only "
                                 "at the end).")
     keep_checkpoints: int = opt(2, "Checkpoints kept in storage.")
     max_failures: int = opt(0, "Worker failures Ray Train recovers from (restart from the last "
                             "checkpoint).")
     storage_path: str = opt("", "Where Ray Train stores checkpoints; default <out>/ray_storage.")
-    ref_batch_size: int = opt(16, "Pairs per batch in the reference log-prob pass.")
     log_every: int = opt(10, "Send metrics to Ray Train every N optimizer steps (each report "
                          "carries every step's metrics in 'history'; the progress bar shows each step).")
     fail_at_step: int = opt(-1, "Testing: rank 1 (or 0 with one worker) dies once at this "
@@ -132,13 +138,16 @@ class JobConfig:
         if t.zero_stage not in (0, 1, 2, 3):
             errors.append(f"train.zero_stage must be 0-3, got {t.zero_stage}")
         for name in ("epochs", "micro_batch_size", "grad_accum", "workers", "cpus_per_worker",
-                     "bucket_batches", "ref_batch_size", "log_every", "keep_checkpoints"):
+                     "bucket_batches", "log_every", "keep_checkpoints"):
             if getattr(t, name) < 1:
                 errors.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
         if t.lr_schedule not in ("cosine", "linear", "constant"):
             errors.append(f"train.lr_schedule must be cosine|linear|constant, got {t.lr_schedule!r}")
         if t.bf16 not in ("auto", "true", "false"):
             errors.append(f"train.bf16 must be auto|true|false, got {t.bf16!r}")
+        elif t.zero_stage == 0 and (t.bf16 == "true" or (t.bf16 == "auto" and t.use_gpu)):
+            errors.append("bf16 training needs train.zero_stage 1-3 (fp32 master weights, gradients accumulated in "
+                          "fp32); set train.bf16=false for stage 0")
         d = self.data
         if d.max_prompt_length < 1 or d.max_response_length < 1:
             errors.append("data.max_prompt_length and data.max_response_length must be >= 1")

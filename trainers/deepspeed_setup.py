@@ -2,14 +2,17 @@
 
 Every training job builds its engine here, inside a Ray Train worker whose torch process group
 Ray Train already created (gloo on CPU, nccl on GPU). On CPU: ``DS_ACCELERATOR=cpu``, fp32 and a plain ``torch.optim.AdamW`` (no compiled
-DeepSpeed optimizer). On GPU: bf16 unless turned off.
+DeepSpeed optimizer). On GPU: bf16 unless turned off, with fp32 master weights, gradients
+accumulated and reduced in fp32, and the export read from the fp32 master weights. Under ZeRO-3 the
+model is built partitioned from the start (``deepspeed.zero.Init`` through transformers'
+``HfDeepSpeedConfig``): no rank ever holds the whole model.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -28,13 +31,18 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> Dict[st
     if cfg.zero_stage == 3:
         # small models: keep tiny params (norms, biases) unpartitioned; gather weights for export
         zero.update(stage3_param_persistence_threshold=10_000, stage3_gather_16bit_weights_on_model_save=True)
+    bf16 = use_bf16(cfg, on_gpu)
+    precision: Dict[str, Any] = {}
+    if bf16:  # bf16 weights and activations; gradients accumulated and reduced in fp32 (ZeRO's fp32 master)
+        precision = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
     return {
+        **precision,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": use_bf16(cfg, on_gpu)},
+        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**12,
@@ -59,8 +67,22 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return f
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, on_gpu: bool):
-    """Wrap ``model`` in a DeepSpeed engine with AdamW, the schedule and the ZeRO stage of ``cfg``."""
+def worker_device(use_gpu: bool) -> torch.device:
+    """This worker's device: its GPU, or the CPU. Asking for GPUs where CUDA sees none is an error
+    (NCCL would otherwise run on CPU tensors, or the job would train on the CPU unnoticed)."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.use_gpu is set but this worker sees no CUDA device (torch "
+                           f"{torch.__version__}, CUDA {torch.version.cuda}); install a CUDA build of torch or "
+                           "drop --use-gpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def build_engine(build: Callable[[], torch.nn.Module], cfg: TrainConfig, total_steps: int, on_gpu: bool):
+    """The model ``build()`` returns in a DeepSpeed engine with AdamW, the schedule and the ZeRO
+    stage of ``cfg``. Under ZeRO-3 ``build`` runs inside ``deepspeed.zero.Init``: parameters are
+    partitioned as they load."""
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -69,29 +91,52 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, on_
     backend = "nccl" if on_gpu else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    config = deepspeed_config(cfg, world, on_gpu)
+    zero3 = None
+    if cfg.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(config)  # while it lives, from_pretrained builds under zero.Init
+    model = build()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, on_gpu), dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                           dist_init_required=False)
+    engine.moray_zero3_config = zero3  # kept alive: generate() then knows ZeRO-3 is on (synced_gpus)
     return engine
 
 
+def end_zero3_build(engine) -> None:
+    """Models built from now on (the export's) are whole again, not partitioned under zero.Init."""
+    if getattr(engine, "moray_zero3_config", None) is not None:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        engine.moray_zero3_config = None
+
+
 def gathered_state_dict(engine, rank: int) -> Optional[Dict[str, torch.Tensor]]:
-    """Full-precision-as-trained state dict on rank 0 (None elsewhere), gathering ZeRO-3 shards.
+    """The trained weights on rank 0 (None elsewhere): every trainable parameter from the optimizer's
+    fp32 master copy where there is one (bf16 training: updates smaller than a bf16 step are kept),
+    frozen ones and buffers as the module holds them. Every rank takes part (ZeRO gathers).
 
-    Under ZeRO-3 each parameter is gathered in turn (``GatheredParameters``), so peak memory is
-    one full parameter beyond the shard, not one full model per rank.
+    Under ZeRO-3 each parameter is gathered in turn, so peak memory is one full parameter beyond
+    the shard, not one full model per rank.
     """
-    module = engine.module
-    if engine.zero_optimization_stage() != 3:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
+    module = engine.module
+    zero3 = engine.zero_optimization_stage() == 3
     out: Dict[str, torch.Tensor] = {}
     for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        master = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if master is not None:
+            if rank == 0:
+                out[name] = master.detach().cpu().clone()
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=zero3):
             if rank == 0:
                 out[name] = param.detach().cpu().clone()
     if rank == 0:

@@ -5,7 +5,8 @@ reports, and exports at the end.
 
 Each worker reads its own shard (``get_dataset_shard(f"rank{r}")``, split deterministically on the
 driver); a window of ``bucket_batches`` batches is grouped by length before being cut into
-micro-batches. The data position is the count of micro-batches done, which with the seeded order
+micro-batches. Before the first step, a task that trains against a reference gets its rows'
+reference log-probs from one pass of the untrained policy (:mod:`trainers.reference`). The data position is the count of micro-batches done, which with the seeded order
 makes a resumed run see exactly the rows an uninterrupted run would. Losses and statistics stay
 on the device and are read once per optimizer step (one all-reduce, one copy to the host).
 """
@@ -24,37 +25,47 @@ import torch
 from trainers.batches import length_buckets, to_device
 from trainers.checkpoints import (export_final, load_engine_state, maybe_fail, quiet_report_logs, report,
                                   resume_state)
-from trainers.deepspeed_setup import build_engine
+from trainers.deepspeed_setup import build_engine, worker_device
 from trainers.metrics import TrainingMetrics
+from trainers.reference import ReferenceTable
 
 
 def train_loop(config: Dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``make_task`` (job config -> task), ``job`` (the job's
-    config), ``rows_per_rank``, ``pad_id``, ``metadata`` (for the export), ``run`` (the run's name),
+    config), ``tokenize`` (a class: rows of text -> token ids, e.g. :class:`trainers.data.Tokenize`),
+    ``rows_per_rank``, ``pad_id``, ``metadata`` (for the export), ``run`` (the run's name),
     ``failure_marker`` (recovery tests)."""
     import ray.train
     from ray.experimental.tqdm_ray import tqdm
 
+    entered = time.perf_counter()
     quiet_report_logs()
     task = config["make_task"](config["job"])
     t = task.cfg.train
     torch.set_num_threads(t.cpus_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    on_gpu = t.use_gpu and torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    device = worker_device(t.use_gpu)
     torch.manual_seed(t.seed)
 
     sched = Schedule.of(config["rows_per_rank"], t.micro_batch_size, t.grad_accum, t.epochs)
-    resumed = resume_state()
+    resumed, reference = resume_state(rank)
     micro = int(resumed.get("micro_batches_done", 0))
     task.load_state(resumed.get("task") or {})
     shard = ray.train.get_dataset_shard(f"rank{rank}")
-    batches_of = lambda epoch: epoch_batches(shard, epoch, t, config["pad_id"], task.collate)  # noqa: E731
+    m, d = task.cfg.model, task.cfg.data
+    tokenize = config["tokenize"](m.name_or_path, d.max_prompt_length, d.max_response_length, m.trust_remote_code)
+    batches_of = lambda epoch: epoch_batches(shard, epoch, t, config["pad_id"], tokenize, task.collate)  # noqa: E731
     first_epoch = micro // sched.micro_per_epoch
-    ahead = Ahead(batches_of(first_epoch))  # Ray Data starts while the model loads
-    engine = build_engine(task.build(), t, sched.total_steps, on_gpu)
+    ahead = Ahead(batches_of(0 if task.needs_reference and reference is None else first_epoch))
+    engine = build_engine(task.build, t, sched.total_steps, device.type == "cuda")  # Ray Data starts while the model loads
     load_engine_state(engine)
+    engine.train()  # from_pretrained leaves a model in eval mode: dropout (train.keep_dropout) needs train mode
+    built = time.perf_counter()
+    if task.needs_reference and reference is None:  # before the first step, the policy is the reference
+        reference = ReferenceTable.compute(engine.module, ahead, device)
+        ahead = batches_of(first_epoch)
+    timings = {"setup_seconds": built - entered, "reference_seconds": time.perf_counter() - built}
 
     step = math.ceil(micro / t.grad_accum)
     bar = tqdm(total=sched.total_steps, desc=f"{task.name} {task.cfg.objective}") if rank == 0 else None
@@ -75,7 +86,7 @@ def train_loop(config: Dict[str, Any]) -> None:
                 task.start_step(step, sched.total_steps)
             boundary = (micro + 1) % t.grad_accum == 0 or micro + 1 == sched.total_micro
             engine.set_gradient_accumulation_boundary(boundary)
-            batch = to_device(batch, device)
+            batch = to_device(reference.attach(batch) if reference is not None else batch, device)
             losses, stats = task.losses(engine, batch)
             engine.backward(losses.mean())
             sums.add(losses, stats, batch["attention_mask"])
@@ -99,7 +110,7 @@ def train_loop(config: Dict[str, Any]) -> None:
             if save or last or step % t.log_every == 0:
                 # one report per window: Ray Train's report is a barrier polled every few hundred ms
                 report({**metrics, "history": history}, engine, rank, save,
-                       {"micro_batches_done": micro, "step": step, "epoch": epoch, "task": task.state()})
+                       {"micro_batches_done": micro, "step": step, "epoch": epoch, "task": task.state()}, reference)
                 history = []
             if bar is not None:
                 bar.set_description(f"{task.name} {task.cfg.objective} loss={metrics['loss']:.4f} "
@@ -109,7 +120,8 @@ def train_loop(config: Dict[str, Any]) -> None:
         bar.close()
 
     # this attempt's training-loop throughput (all ranks' rows; rank 0's clock)
-    metrics.update(train_seconds=time.perf_counter() - loop_start, pairs_trained=rows_trained * world, step=step)
+    metrics.update(train_seconds=time.perf_counter() - loop_start, pairs_trained=rows_trained * world, step=step,
+                   **timings)
     export_final(task, engine, rank, config["metadata"], metrics)
 
 
@@ -127,12 +139,14 @@ class Schedule:
         return cls(per_epoch, per_epoch * epochs, math.ceil(per_epoch * epochs / grad_accum))
 
 
-def epoch_batches(shard, epoch: int, t, pad_id: int, collate: Callable):
-    """Yield the micro-batches of one epoch, in a deterministic, seeded order (``collate``: rows ->
-    tensors, the task's)."""
+def epoch_batches(shard, epoch: int, t, pad_id: int, tokenize: Callable, collate: Callable):
+    """Yield the micro-batches of one epoch, in a deterministic, seeded order: a window of rows is
+    tokenized (``tokenize``), grouped by length and cut (``collate``: rows -> tensors, the task's),
+    on Ray Data's prefetch thread."""
     window = t.micro_batch_size * t.bucket_batches
 
     def cut(rows: Dict[str, np.ndarray]) -> List[Dict[str, torch.Tensor]]:
+        rows = tokenize(rows)
         seed = (t.seed, epoch, int(rows["idx"][0]))
         return [collate(rows, pad_id, index) for index in length_buckets(rows, t.micro_batch_size, seed, t.shuffle)]
 

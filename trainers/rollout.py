@@ -10,7 +10,12 @@ any model, truncated from the left), left-padded into ``input_ids`` / ``attentio
 2. every objective scores every sample (rule-based, learned or ``module:function``, loaded once
    per worker); an empty sample gets the batch's worst score of that objective (an empty answer is
    no better than the worst one);
-3. the frozen reference (a copy held by each worker) gives ``log π_ref`` of every sample.
+3. the frozen reference gives ``log π_ref`` of every sample, on the response positions only: with
+   LoRA the policy itself with its adapters off; otherwise a frozen copy in the training dtype,
+   partitioned like the policy under ZeRO-3 (its own DeepSpeed engine, as TRL holds its reference).
+
+Under ZeRO-3 every rank keeps calling the model until all ranks finish sampling (``synced_gpus``):
+a rank that stopped early would leave the others waiting in a parameter all-gather.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import numpy as np
 import torch
 
 from reward_models.objectives import get_scorer, score_checked
+from trainers.batches import logits_needed
 from trainers.core.logps import pad_sequences, sequence_logps
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.core.prompts import ask, encode, left_pad
 from trainers.data import ragged
+from trainers.deepspeed_setup import use_bf16
 
 
 class TokenizePrompts:
@@ -62,27 +69,28 @@ def fill_empty(scores: np.ndarray, empty: np.ndarray) -> np.ndarray:
 class Rollout:
     """Samples, scores and reference log-probs for one worker (see the module docstring)."""
 
-    def __init__(self, model_cfg, objectives: Sequence[str], samples: int, max_new_tokens: int,
-                 temperature: float, seed: int):
+    def __init__(self, model_cfg, train_cfg, objectives: Sequence[str], samples: int, max_new_tokens: int,
+                 temperature: float):
         self.tok = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
-        self.ref = load_causal_lm(model_cfg.name_or_path, model_cfg.trust_remote_code).eval()
-        for p in self.ref.parameters():
-            p.requires_grad_(False)
+        self.zero3 = train_cfg.zero_stage == 3
+        self.ref = None if model_cfg.lora else frozen_reference(model_cfg, train_cfg)
         self.scorers = {k: get_scorer(k, self.tok) for k in objectives}
-        self.n, self.max_new_tokens, self.temperature, self.seed = samples, max_new_tokens, temperature, seed
+        self.n, self.max_new_tokens, self.temperature, self.seed = samples, max_new_tokens, temperature, train_cfg.seed
 
     @torch.no_grad()
     def sample(self, module, batch: Dict[str, torch.Tensor]) -> List[List[int]]:
         """``n`` samples per prompt (prompt ``b``'s are rows ``b·n .. b·n+n-1``), each cut after its EOS."""
         import torch.distributed as dist
 
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        ready = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
         torch.manual_seed(self.seed * 1_000_003 + rank * 10_007 + int(batch["idx"][0]))
         was_training = module.training
         module.eval()
         out = module.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
                               temperature=self.temperature, top_p=1.0, max_new_tokens=self.max_new_tokens,
-                              num_return_sequences=self.n, pad_token_id=self.tok.pad_token_id)
+                              num_return_sequences=self.n, pad_token_id=self.tok.pad_token_id,
+                              synced_gpus=self.zero3 and world > 1)
         module.train(was_training)
         eos = self.tok.eos_token_id
         gen = out[:, batch["input_ids"].shape[1]:].tolist()
@@ -112,8 +120,39 @@ class Rollout:
             scores = fill_empty(raw, empty)
             out[f"reward_{k}"] = torch.as_tensor(scores, dtype=torch.float64, device=device)
             metrics[f"reward/{k}"] = float(scores[keep].mean()) if keep.any() else float("nan")
-        self.ref.to(device)
-        ref_logits = self.ref(input_ids=out["input_ids"], attention_mask=out["attention_mask"], use_cache=False).logits
-        out["ref_logps"] = sequence_logps(ref_logits, out["input_ids"], out["response_mask"]).double()
+        out["ref_logps"] = self.reference_logps(module, out).double()
         out["metrics"] = metrics
         return out
+
+    @torch.no_grad()
+    def reference_logps(self, module, batch: Dict[str, Any]) -> torch.Tensor:
+        """``log π_ref`` of every sample ``(B·n,)``: the LM head only from the first response position on."""
+        keep = logits_needed(batch["response_mask"])
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                      logits_to_keep=keep)
+        if self.ref is None:  # LoRA: the base model is the policy with its adapters off
+            with module.disable_adapter():
+                logits = module(**kwargs).logits
+        else:
+            logits = self.ref(**kwargs).logits
+        return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+
+
+def frozen_reference(model_cfg, train_cfg):
+    """A frozen copy of the starting policy in the training dtype; under ZeRO-3 partitioned across
+    the workers (built under zero.Init while the training engine is being built) in an engine of
+    its own that gathers its weights layer by layer."""
+    bf16 = use_bf16(train_cfg, train_cfg.use_gpu)
+    ref = load_causal_lm(model_cfg.name_or_path, model_cfg.trust_remote_code,
+                         dtype=torch.bfloat16 if bf16 else torch.float32, without_dropout=True).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    if train_cfg.zero_stage != 3:
+        return ref.to("cuda" if train_cfg.use_gpu else "cpu")
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=ref, config={
+        "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10_000}})
+    engine.eval()
+    return engine

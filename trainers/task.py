@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from trainers.batches import pad_pairs
+from trainers.batches import pack_pairs, pad_pairs
 from trainers.core.export import ADAPTER_DIR, load_matching_state, save_hf
 from trainers.core.models import load_causal_lm, load_tokenizer
 
@@ -26,6 +26,7 @@ class Task:
 
     name: str = "task"
     cfg: Any
+    needs_reference = False  # True: rows get ref_<response>_logps from the loop's reference pass (trainers.reference)
 
     def build(self) -> torch.nn.Module:
         """The trainable module, on the CPU (DeepSpeed moves it)."""
@@ -44,8 +45,9 @@ class Task:
 
     # -- optional hooks ------------------------------------------------------------------------
     def collate(self, rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int]) -> Dict[str, Tensor]:
-        """Rows of the worker's shard (``index`` of them) -> one micro-batch of tensors."""
-        return pad_pairs(rows, pad_id, index)
+        """Rows of the worker's shard (``index`` of them) -> one micro-batch: packed without padding
+        (``train.packing``) or right-padded."""
+        return (pack_pairs if self.cfg.train.packing else pad_pairs)(rows, pad_id, index)
 
     def start_step(self, step: int, total_steps: int) -> None:
         """Before each optimizer step's first micro-batch (e.g. WRPO's α schedule)."""
@@ -71,7 +73,9 @@ def pair_stats(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Dict[str, Te
 def build_policy(model_cfg, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The trainable causal LM of ``model_cfg`` (:class:`~trainers.config.ModelConfig`), wrapped
     with LoRA adapters if configured."""
-    model = load_causal_lm(model_cfg.name_or_path, model_cfg.trust_remote_code, dtype=dtype)
+    model = load_causal_lm(model_cfg.name_or_path, model_cfg.trust_remote_code, dtype=dtype,
+                           attn_implementation=model_cfg.attn_implementation or None,
+                           without_dropout=not model_cfg.keep_dropout)
     if model_cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -108,7 +112,10 @@ def policy_metadata(job, **entries: Any) -> Dict[str, Any]:
 
 
 class PolicyTask(Task):
-    """A task that trains a causal-LM policy from ``cfg.model`` and exports it as an HF checkpoint."""
+    """A task that trains a causal-LM policy from ``cfg.model`` against the reference log-probs of
+    its rows, and exports it as an HF checkpoint."""
+
+    needs_reference = True
 
     def build(self) -> torch.nn.Module:
         return build_policy(self.cfg.model)

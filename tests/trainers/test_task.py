@@ -1,6 +1,7 @@
 """HF export: metadata, LoRA merged into full weights, plain from_pretrained reload."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -34,3 +35,19 @@ def test_lora_export_merges_adapters_and_reloads(tiny_model, tmp_path):
         assert (base(input_ids=ids).logits - got).abs().max() > 1e-3  # the adapter really moved it
     assert read_metadata(out) == {"objective": "sentiment", "beta": 0.1}
     assert json.loads((tmp_path / "p" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_dropout_is_off_while_training_unless_kept(tmp_path, tiny_model):
+    """A checkpoint with dropout: the policy trains without it (its reference pass has none), unless
+    model.keep_dropout; the attention kernel is the one asked for."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    cfg.attention_dropout = 0.3
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer_config.json").write_text((Path(tiny_model) / "tokenizer_config.json").read_text())
+    off = build_policy(ModelConfig(name_or_path=str(tmp_path / "m"), attn_implementation="eager"))
+    assert off.config.attention_dropout == 0.0 and off.config._attn_implementation == "eager"
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in off.model.layers)
+    kept = build_policy(ModelConfig(name_or_path=str(tmp_path / "m"), keep_dropout=True))
+    assert all(layer.self_attn.attention_dropout == 0.3 for layer in kept.model.layers)

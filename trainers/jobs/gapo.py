@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from reward_models.objectives import check_objectives, objectives_help
 from reward_models.prompts import load_prompts
 from trainers.balancing import gapo_coefficients, pgapo_coefficients
-from trainers.batches import batch_logits_to_keep
+from trainers.batches import batch_logits_to_keep, pad_pairs
 from trainers.config import JobConfig
 from trainers.core.config import opt, parse_numbers
 from trainers.core.logps import sequence_logps
@@ -178,6 +178,10 @@ class GAPOTask(PolicyTask):
                 chosen, rejected = c, r
         return losses, pair_stats(chosen, rejected)
 
+    def collate(self, rows: Dict[str, Any], pad_id: int, index) -> Dict[str, torch.Tensor]:
+        """Right-padded rows: the balancing gradients re-apply the head to the forward's hidden states."""
+        return pad_pairs(rows, pad_id, index)
+
     def prepare(self, engine, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The micro-batch the losses are taken on (offline: the pairs as they come)."""
         return batch
@@ -208,6 +212,7 @@ class GAPOTask(PolicyTask):
             side = self.objective_losses(module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          use_cache=False, logits_to_keep=keep).logits, batch)[0]
             grads = _objective_grads(side, params)
+        grads = grads.float()  # bf16 training: sum the ranks' gradients in fp32
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(grads)  # each objective's average gradient over the global batch
             grads /= dist.get_world_size()
@@ -240,7 +245,10 @@ class GAPOTask(PolicyTask):
 
 
 class OnlineGAPOTask(GAPOTask):
-    """Online GAPO: rollouts of the current policy, per-objective policy-gradient losses."""
+    """Online GAPO: rollouts of the current policy, per-objective policy-gradient losses (the
+    reference is the rollout's own frozen copy)."""
+
+    needs_reference = False
 
     def __init__(self, cfg: GAPOJobConfig):
         super().__init__(cfg)
@@ -248,8 +256,7 @@ class OnlineGAPOTask(GAPOTask):
 
     def build(self) -> torch.nn.Module:
         c = self.cfg
-        self.rollout = Rollout(c.model, c.objectives, c.samples_per_prompt, c.max_new_tokens, c.temperature,
-                               c.train.seed)
+        self.rollout = Rollout(c.model, c.train, c.objectives, c.samples_per_prompt, c.max_new_tokens, c.temperature)
         return super().build()
 
     def collate(self, rows: Dict[str, Any], pad_id: int, index) -> Dict[str, torch.Tensor]:
@@ -293,7 +300,7 @@ def run(job: GAPOJobConfig, address: Optional[str] = None, run_name: Optional[st
     metadata = policy_metadata(job, method=method + "-online", loss="policy_gradient", kl_coef=job.kl_coef,
                                samples_per_prompt=job.samples_per_prompt, max_new_tokens=job.max_new_tokens, **common)
     return train_on_rows(make_task, job, table, report, metadata, run_name or f"gapo-online-{job.objective}", address,
-                         with_reference=False, tokenize=TokenizePrompts, unit="prompts")
+                         tokenize=TokenizePrompts, unit="prompts")
 
 
 JOB = Job("gapo", "GAPO / P-GAPO: balance per-objective DPO gradients (MGDA)", GAPOJobConfig, make_task, run, flags=(

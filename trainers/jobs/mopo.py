@@ -208,6 +208,7 @@ class MOPOTask(PolicyTask):
     ``logp_worst``, the policy's log-probs of each prompt's highest- and lowest-ρ candidate."""
 
     name = "mopo"
+    needs_reference = False  # ρ_λ is a closed form on the candidates: no reference log-probs
 
     def __init__(self, cfg: MOPOJobConfig):
         self.cfg, self.names = cfg, list(cfg.constraints)
@@ -290,7 +291,7 @@ def run(job: MOPOJobConfig, address: Optional[str] = None, run_name: Optional[st
     metadata = policy_metadata(job, method="mopo", loss="mopo", constraints=job.constraints, tau=job.tau,
                                dual_lr=job.dual_lr, dual_init=job.dual_init, candidates=int(q_bar.shape[1]))
     metrics = train_on_rows(MOPOTask, job, table, report, metadata, run_name or f"mopo-{job.objective}", address,
-                            failure_marker, with_reference=False, unit="prompts")
+                            failure_marker, unit="prompts")
     lam = torch.tensor([metrics[f"lambda/{k}"] for k in names], dtype=torch.float64)
     final_b = torch.tensor([metrics[f"threshold/{k}"] for k in names], dtype=torch.float64)  # ratcheted, maybe
     done = constraint_report(p_bar, q_bar, lam, final_b, job.tau, names, job.constraint_slack, mask)

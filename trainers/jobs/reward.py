@@ -18,6 +18,7 @@ import torch
 
 from reward_models.learned import DEFAULT_BACKBONE, LearnedScorer, encode, load_reward_model, resolve_backbone
 from trainers.config import JobConfig, ModelConfig
+from trainers.batches import pad_pairs
 from trainers.core.config import opt
 from trainers.core.export import load_matching_state, read_metadata, save_hf, write_metadata
 from trainers.core.models import load_tokenizer
@@ -84,8 +85,12 @@ class RewardTask(Task):
     def build(self) -> torch.nn.Module:
         return load_reward_model(self.cfg.model.name_or_path, self.cfg.model.trust_remote_code)[0]
 
+    def collate(self, rows: Dict[str, Any], pad_id: int, index) -> Dict[str, torch.Tensor]:
+        return pad_pairs(rows, pad_id, index)
+
     def losses(self, engine, batch: Dict[str, torch.Tensor]):
-        scores = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        # the loss in fp32 whatever the training precision
+        scores = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
         B = scores.shape[0] // 2
         c, r = scores[:B], scores[B:]
         return bt_loss(c, r), pair_stats(c, r)
@@ -107,7 +112,7 @@ def run(job: RewardJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
     report.kept = train.num_rows
     metadata = {"kind": "reward_model", "objective": job.objective, "backbone": backbone, "held_out_pairs": n_eval}
     metrics = train_on_rows(RewardTask, job, train, report, metadata, f"reward-{job.objective}", address,
-                            with_reference=False, tokenize=TokenizeReward)
+                            tokenize=TokenizeReward)
     if n_eval:
         scorer = LearnedScorer(job.out)
         prompts = held_out.column("prompt").to_pylist()

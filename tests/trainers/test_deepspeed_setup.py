@@ -1,0 +1,92 @@
+"""DeepSpeed set-up without Ray: the GPU request fails fast without CUDA; bf16 accumulates and
+reduces gradients in fp32 and exports the fp32 master weights (DeepSpeed's bf16 on its CPU
+accelerator, two gloo ranks); ZeRO-3 builds the model partitioned, before ``deepspeed.initialize``."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from trainers.config import TrainConfig
+from trainers.deepspeed_setup import deepspeed_config, worker_device
+from trainers.jobs.dpo import DPOJobConfig
+
+
+def test_gpu_without_cuda_fails_fast(monkeypatch):
+    assert worker_device(False) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="train.use_gpu is set but this worker sees no CUDA device"):
+        worker_device(True)
+
+
+def test_bf16_accumulates_and_reduces_in_fp32_and_needs_zero():
+    cfg = TrainConfig(bf16="true", zero_stage=2)
+    ds = deepspeed_config(cfg, world_size=2, on_gpu=False)
+    assert ds["bf16"] == {"enabled": True} and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["communication_data_type"] == "fp32"
+    assert "data_types" not in deepspeed_config(TrainConfig(), 2, on_gpu=False)  # fp32 on CPU by default
+    job = DPOJobConfig(objective="s", out="o")
+    job.model.name_or_path, job.data.path, job.train.bf16, job.train.zero_stage = "m", "d.jsonl", "true", 0
+    with pytest.raises(ValueError, match="bf16 training needs train.zero_stage 1-3"):
+        job.validate()
+
+
+def _worker(rank, world, port, model_dir, stage, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from trainers.config import ModelConfig
+    from trainers.deepspeed_setup import build_engine, gathered_state_dict
+    from trainers.task import build_policy
+
+    seen = {}
+
+    def build():
+        model = build_policy(ModelConfig(name_or_path=model_dir))
+        seen["partitioned"] = [hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()]
+        return model
+
+    cfg = TrainConfig(zero_stage=stage, bf16="true", lr=1e-4, micro_batch_size=2, max_grad_norm=0.0)
+    engine = build_engine(build, cfg, total_steps=3, on_gpu=False)
+    torch.manual_seed(rank)
+    for _ in range(3):
+        ids = torch.randint(1, 100, (2, 12))
+        logits = engine(input_ids=ids).logits
+        assert logits.dtype == torch.bfloat16
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1))
+        engine.backward(loss)
+        engine.step()
+    state = gathered_state_dict(engine, rank)
+    import deepspeed
+
+    rounded = {}
+    for n, p in engine.module.named_parameters():  # every rank takes part in ZeRO-3's gather
+        with deepspeed.zero.GatheredParameters([p], enabled=stage == 3):
+            rounded[n] = p.detach().float().clone()
+    if rank == 0:
+        torch.save({"partitioned": seen["partitioned"], "state": state, "module": rounded}, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_exports_fp32_master_weights_and_zero3_builds_partitioned(tiny_model, tmp_path, stage):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "result.pt"
+    mp.spawn(_worker, args=(2, port, tiny_model, stage, str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    if stage == 3:  # every weight partitioned as it loaded, before deepspeed.initialize
+        assert got["partitioned"] and all(got["partitioned"])
+    state, module = got["state"], got["module"]
+    assert all(v.dtype == torch.float32 for v in state.values())
+    # the export is the fp32 master copy: bf16-rounding it gives the module's bf16 weights, and it
+    # holds the updates smaller than one bf16 step that the bf16 weights lost
+    moved = 0
+    for name, bf16_weight in module.items():
+        torch.testing.assert_close(state[name].bfloat16().float(), bf16_weight, rtol=0, atol=0)
+        moved += int((state[name] != bf16_weight).any())
+    assert moved > 0
