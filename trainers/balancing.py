@@ -1,9 +1,9 @@
 """Gradient balancing across objectives (docs/algorithms.md §5: GAPO and P-GAPO) as pure functions.
 
-Inputs are the per-objective gradients on the balancing parameter set, flattened: ``grads (K, D)``
-(under data parallelism: already averaged across workers -- the Gram matrix of the averaged
-gradients, not the average of per-rank Gram matrices). Outputs are detached coefficients ``c (K,)``
-for one backward of ``Σ_i c_i L_i``.
+Inputs are the per-objective gradients on the balancing parameter set, flattened: ``grads (K, D)``,
+or their K×K Gram matrix; under data parallelism the Gram matrix of the workers' averaged
+gradients (:func:`averaged_gram`), not the average of per-rank Gram matrices. Outputs are detached
+coefficients ``c (K,)`` for one backward of ``Σ_i c_i L_i``.
 
 - :func:`min_norm_weights`: ``α* = argmin_{α∈Δ} ‖Σ α_i u_i‖²`` from the Gram matrix ``U Uᵀ``
   (closed form for K = 2, Frank–Wolfe for K > 2).
@@ -123,32 +123,41 @@ def _cosine(gram: Tensor, norms: Tensor) -> Tensor:
 
 
 def gapo_coefficients(grads: Tensor, p: float = 1.0, eps: float = 1e-12) -> Balance:
-    """GAPO (§5): MGDA on the per-objective gradients scaled by ``1/(‖g_i‖+ε)^p``.
+    """GAPO (§5): MGDA on the per-objective gradients ``grads (K, D)`` scaled by ``1/(‖g_i‖+ε)^p``
+    (see :func:`gapo_from_gram`)."""
+    return gapo_from_gram(gram_of(grads), p, eps, grads.device)
 
-    ``grads (K, D)``. With p = 1 every objective is normalised (scaling a loss by a constant
-    changes nothing); p = 0 is plain MGDA. Exactly opposed normalised gradients give direction 0
-    (no step) without NaN.
-    """
+
+def gapo_from_gram(gram: Tensor, p: float = 1.0, eps: float = 1e-12, device=None) -> Balance:
+    """GAPO from the gradients' Gram matrix ``gram (K, K)`` (float64, CPU). With p = 1 every
+    objective is normalised (scaling a loss by a constant changes nothing); p = 0 is plain MGDA.
+    Exactly opposed normalised gradients give direction 0 (no step) without NaN. The coefficients
+    come back on ``device``."""
     if p < 0:
         raise ValueError(f"p must be >= 0, got {p}")
-    gram, norms = _gram(grads)
+    norms = _norms(gram)
     scale = (norms + _relative(eps, norms)) ** p
     tilde_gram = gram / (scale[:, None] * scale[None, :])
     alpha = min_norm_weights(tilde_gram)
     direction_sq = float(alpha @ tilde_gram @ alpha)
-    return Balance((alpha / scale).to(grads.device), alpha, norms, max(direction_sq, 0.0) ** 0.5,
+    return Balance((alpha / scale).to(device or "cpu"), alpha, norms, max(direction_sq, 0.0) ** 0.5,
                    _cosine(gram, norms))
 
 
 def pgapo_coefficients(grads: Tensor, preference: Sequence[float], eps: float = 1e-12) -> Balance:
-    """P-GAPO (§5): ``c_i = λ_i / (‖g_i‖+ε)`` for a preference ``λ`` on the simplex."""
+    """P-GAPO (§5): ``c_i = λ_i / (‖g_i‖+ε)`` for a preference ``λ`` on the simplex (see
+    :func:`pgapo_from_gram`)."""
+    return pgapo_from_gram(gram_of(grads), preference, eps, grads.device)
+
+
+def pgapo_from_gram(gram: Tensor, preference: Sequence[float], eps: float = 1e-12, device=None) -> Balance:
     lam = torch.as_tensor(list(preference), dtype=torch.float64)
-    if lam.shape[0] != grads.shape[0] or bool((lam < 0).any()) or abs(float(lam.sum()) - 1) > 1e-9:
-        raise ValueError(f"preference must be {grads.shape[0]} non-negative weights summing to 1, got {list(preference)}")
-    gram, norms = _gram(grads)
+    if lam.shape[0] != gram.shape[0] or bool((lam < 0).any()) or abs(float(lam.sum()) - 1) > 1e-9:
+        raise ValueError(f"preference must be {gram.shape[0]} non-negative weights summing to 1, got {list(preference)}")
+    norms = _norms(gram)
     c = lam / (norms + _relative(eps, norms))
     direction_sq = float(c @ gram @ c)
-    return Balance(c.to(grads.device), lam, norms, max(direction_sq, 0.0) ** 0.5, _cosine(gram, norms))
+    return Balance(c.to(device or "cpu"), lam, norms, max(direction_sq, 0.0) ** 0.5, _cosine(gram, norms))
 
 
 def _relative(eps: float, norms: Tensor) -> float:
@@ -157,9 +166,32 @@ def _relative(eps: float, norms: Tensor) -> float:
     return eps * float(norms.max()) or eps
 
 
-def _gram(grads: Tensor):
-    """The K×K Gram matrix of ``grads (K, D)`` (formed on their device) and the norms, in float64
-    on the CPU, where the K×K arithmetic happens."""
+def gram_of(grads: Tensor) -> Tensor:
+    """The K×K Gram matrix of ``grads (K, D)``, formed on their device, returned in float64 on the
+    CPU, where the K×K arithmetic happens."""
     g = grads.detach().double()
-    gram = (g @ g.T).cpu()
-    return gram, gram.diagonal().clamp_min(0).sqrt()
+    return (g @ g.T).cpu()
+
+
+def averaged_gram(grads: Tensor) -> Tensor:
+    """The Gram matrix of the workers' *averaged* gradients (a Gram of per-rank gradients is not
+    it), without any worker holding the averaged gradients: rank ``r`` receives the sum of every
+    rank's slice ``r`` of ``grads (K, D)`` (one ``reduce`` per slice, what a reduce-scatter moves),
+    takes that slice's Gram, and only the K×K Grams go through ``all_reduce``. float64, CPU."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    bounds = [grads.shape[1] * r // world for r in range(world + 1)]
+    mine = None
+    for owner in range(world):
+        part = grads[:, bounds[owner]:bounds[owner + 1]].float().contiguous()  # fp32 sums, whatever the dtype
+        dist.reduce(part, dst=owner)
+        if owner == rank:
+            mine = part.double() / world
+    gram = mine @ mine.T
+    dist.all_reduce(gram)
+    return gram.cpu()
+
+
+def _norms(gram: Tensor) -> Tensor:
+    return gram.diagonal().clamp_min(0).sqrt()

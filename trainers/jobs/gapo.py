@@ -17,8 +17,10 @@ Offline, each pair carries every objective's label (``data.response_columns`` +
    input embeddings (SmolLM2, most small models) is one matrix used twice, so its gradient has an
    embedding part that only a backward through the whole model reaches: such a head takes the
    second forward too, with the K gradients restricted to the tied matrix (its full gradient);
-3. the K flattened gradients are **averaged across workers** (``all_reduce``) before the Gram
-   matrix is formed, so every worker picks the same α, the α of the whole global batch;
+3. the Gram matrix is that of the K gradients **averaged across workers**, so every worker picks
+   the same α, the α of the whole global batch; no worker holds the averaged gradients: each sums
+   one slice of them and only the K×K partial Grams go through ``all_reduce``
+   (:func:`trainers.balancing.averaged_gram`);
 4. ``c = gapo_coefficients(...)`` (or P-GAPO's ``λ_i/‖g_i‖``) and one ``engine.backward`` of
    ``Σ_k c_k ℓ_k`` (all trainable weights).
 
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 
 from reward_models.objectives import check_objectives, objectives_help
 from reward_models.prompts import load_prompts
-from trainers.balancing import gapo_coefficients, pgapo_coefficients
+from trainers.balancing import averaged_gram, gapo_from_gram, gram_of, pgapo_from_gram
 from trainers.batches import batch_logits_to_keep, pad_pairs
 from trainers.config import JobConfig
 from trainers.core.config import opt, parse_numbers
@@ -212,12 +214,10 @@ class GAPOTask(PolicyTask):
             side = self.objective_losses(module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          use_cache=False, logits_to_keep=keep).logits, batch)[0]
             grads = _objective_grads(side, params)
-        grads = grads.float()  # bf16 training: sum the ranks' gradients in fp32
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(grads)  # each objective's average gradient over the global batch
-            grads /= dist.get_world_size()
-        bal = (pgapo_coefficients(grads, self.preference) if self.preference
-               else gapo_coefficients(grads, p=cfg.p))
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        gram = averaged_gram(grads) if distributed else gram_of(grads)  # of the global batch's gradients
+        bal = (pgapo_from_gram(gram, self.preference, device=grads.device) if self.preference
+               else gapo_from_gram(gram, p=cfg.p, device=grads.device))
         c = bal.coefficients.to(per_row[0].dtype)
         combined = sum(c[i] * per_row[i] for i in range(len(per_row)))
         entry: Dict[str, Any] = bal.log(cfg.objectives)
