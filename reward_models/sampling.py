@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from reward_models import GENERATE_TOP_K
-from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.core.models import Placement, load_tokenizer
 from trainers.core.prompts import ask, encode, left_pad
 
 
@@ -22,14 +22,16 @@ class Generate:
     ``keep_ids``: also ``prompt_ids`` (the rendered prompt's tokens) and ``response_ids`` (each
     sample's tokens up to and including its EOS), as JSON, for teacher-forced scoring of exactly
     the sampled tokens.
+    ``placement``: the actor's device and dtype (default: the CPU in fp32).
     """
 
     def __init__(self, model_path: str, n: int, max_new_tokens: int, temperature: float, top_p: float,
                  seed: int, threads: int = 1, trust_remote_code: bool = False, keep_ids: bool = False,
-                 top_k: int = GENERATE_TOP_K):
+                 top_k: int = GENERATE_TOP_K, placement: Optional[Placement] = None):
         torch.set_num_threads(threads)
         self.tok = load_tokenizer(model_path, trust_remote_code)
-        self.model = load_causal_lm(model_path, trust_remote_code).eval()
+        self.model = (placement or Placement()).load(model_path, trust_remote_code)
+        self.device = self.model.device
         self.n, self.max_new_tokens = n, max_new_tokens
         self.temperature, self.top_p, self.top_k, self.seed = temperature, top_p, top_k, seed
         self.keep_ids = keep_ids
@@ -38,14 +40,14 @@ class Generate:
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
         prompts = [str(p) for p in batch["prompt"]]
         ids = [encode(self.tok, ask(self.tok, p)) for p in prompts]
-        input_ids, attention_mask = left_pad(ids, self.tok.pad_token_id)
+        input_ids, attention_mask = (t.to(self.device) for t in left_pad(ids, self.tok.pad_token_id))
         # seed from the batch's first row id: the same rows give the same samples on any actor
         torch.manual_seed(self.seed * 1_000_003 + int(batch["row"][0]))
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=self.temperature > 0,
                                   temperature=self.temperature or None, top_p=self.top_p, top_k=self.top_k,
                                   max_new_tokens=self.max_new_tokens, num_return_sequences=self.n,
                                   pad_token_id=self.tok.pad_token_id)
-        gen = out[:, input_ids.shape[1]:]
+        gen = out[:, input_ids.shape[1]:].cpu()  # one copy to the host per batch
         decoded = self.tok.batch_decode(gen, skip_special_tokens=True)
         responses = [json.dumps([d.strip() for d in decoded[i * self.n:(i + 1) * self.n]]) for i in range(len(prompts))]
         result = {"row": batch["row"], "prompt": np.array(prompts, dtype=object),
@@ -67,15 +69,16 @@ def until_eos(tokens: List[int], eos: Optional[int]) -> List[int]:
 def sample_responses(model_path: str, prompts: Sequence[str], n: int, max_new_tokens: int = 48,
                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, actors: int = 1,
                      threads_per_actor: int = 1, batch_size: int = 8,
-                     top_k: int = GENERATE_TOP_K) -> List[List[str]]:
-    """``n`` samples for each prompt, in prompt order, from a Ray Data actor pool."""
+                     top_k: int = GENERATE_TOP_K, placement: Optional[Placement] = None) -> List[List[str]]:
+    """``n`` samples for each prompt, in prompt order, from a Ray Data actor pool (each actor on
+    ``placement``: CPU fp32 unless it asks for GPUs)."""
     import ray.data
 
     ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)])
     ds = ds.map_batches(Generate, fn_constructor_args=(model_path, n, max_new_tokens, temperature, top_p, seed,
                                                        threads_per_actor),
-                        fn_constructor_kwargs={"top_k": top_k},
-                        batch_size=batch_size, num_cpus=threads_per_actor,
+                        fn_constructor_kwargs={"top_k": top_k, "placement": placement},
+                        batch_size=batch_size, num_cpus=threads_per_actor, **(placement or Placement()).resources(),
                         compute=ray.data.ActorPoolStrategy(size=actors))
     rows = sorted(ds.take_all(), key=lambda r: r["row"])
     return [json.loads(r["responses"]) for r in rows]

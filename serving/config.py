@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 from serving.mixing import MIXING_MODES, check_mixing
 from trainers.core.config import from_dict, opt
+from trainers.core.models import Placement
 from trainers.core.weights import check_weights
 
 
@@ -37,8 +38,11 @@ class ServeConfig:
     default_max_tokens: int = opt(64, "max_tokens when a request gives none.")
     threads: int = opt(1, "torch threads per replica.")
     num_cpus: float = opt(1.0, "CPUs reserved per replica.")
-    num_gpus: float = opt(0.0, "GPUs per replica (models run on cuda when > 0).")
-    dtype: str = opt("float32", "Model dtype: float32 or bfloat16 (bfloat16 on GPU).")
+    num_gpus: float = opt(0.0, "GPUs per replica; > 0 places the K policies across the replica's GPUs "
+                          "(policy k on GPU k mod n) and fails if CUDA sees none.")
+    dtype: str = opt("auto", "Model dtype: float32, bfloat16, or auto (bfloat16 on GPU, float32 on CPU).")
+    device_map: str = opt("", "'auto': shard each policy over the replica's GPUs with transformers' device_map "
+                          "(for a policy larger than one GPU); empty: one GPU per policy.")
     min_replicas: int = opt(1, "Autoscaling: fewest replicas.")
     max_replicas: int = opt(1, "Autoscaling: most replicas.")
     target_ongoing_requests: float = opt(4.0, "Autoscaling: requests in flight per replica it aims for.")
@@ -59,8 +63,11 @@ class ServeConfig:
             if not Path(path).is_dir():
                 raise ValueError(f"policy {name!r}: {path} is not a directory")
         check_mixing(self.default_mixing, "default_mixing")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        Placement(self.num_gpus, self.dtype)  # raises on a bad dtype or GPU count
+        if self.device_map not in ("", "auto"):
+            raise ValueError(f"device_map must be '' or 'auto', got {self.device_map!r}")
+        if self.device_map and not self.num_gpus:
+            raise ValueError("device_map 'auto' shards over GPUs: set num_gpus")
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
         for key in ("max_batch_size", "soup_cache_size", "max_tokens_limit", "default_max_tokens", "threads",

@@ -6,7 +6,9 @@ whose weight is zero in every row of a batch is skipped entirely (``e_k`` costs 
 K = 1 this is plain incremental decoding (the soup mode).
 
 Shapes: ``B`` requests, prompts left-padded to ``L``; position ids count real tokens only, so a
-padded row decodes exactly like the same prompt alone.
+padded row decodes exactly like the same prompt alone. Every row is sampled at once on the
+models' device (its own temperature, top-k, top-p and seeded generator); the tokens cross to the
+host once per step, for the text streams. A finished row leaves the batch and its KV caches.
 """
 
 from __future__ import annotations
@@ -41,24 +43,55 @@ class Row:
 def next_token_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """``(V,)`` float64 distribution of the next token for ``logits (V,)`` at ``s.temperature > 0``:
     temperature, then top-k, then top-p on what top-k kept (the order of HF ``generate``'s warpers)."""
-    scores = logits.double() / s.temperature
-    if 0 < s.top_k < scores.numel():
-        kth = torch.topk(scores, s.top_k).values[-1]
+    return row_probs(logits[None], [s])[0]
+
+
+def row_probs(logits: torch.Tensor, samplings: Sequence[Sampling]) -> torch.Tensor:
+    """:func:`next_token_probs` for every row of ``logits (B, V)`` at once, each row with its own
+    temperature, top-k and top-p, on the logits' device (no host round trip). float64 ``(B, V)``;
+    rows at temperature 0 are computed at temperature 1 (their token is the argmax anyway)."""
+    B, V = logits.shape
+    dev = logits.device
+    temp = torch.tensor([x.temperature or 1.0 for x in samplings], dtype=torch.float64, device=dev)
+    scores = logits.double() / temp[:, None]
+    k = torch.tensor([x.top_k if 0 < x.top_k < V else V for x in samplings], device=dev)
+    if bool(any(0 < x.top_k < V for x in samplings)):
+        kth = torch.sort(scores, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    if s.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < s.top_p  # the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        probs = probs / probs.sum()
+    if any(x.top_p < 1.0 for x in samplings):
+        top_p = torch.tensor([x.top_p for x in samplings], dtype=torch.float64, device=dev)
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        keep = (torch.cumsum(sorted_p, -1) - sorted_p < top_p[:, None]) | (top_p[:, None] >= 1.0)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_p * keep)
+        probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
 
+def sample_rows(logits: torch.Tensor, samplings: Sequence[Sampling], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``logits (B, V)``, on their device: the argmax at temperature 0, else an
+    inverse-CDF draw from :func:`row_probs` with one uniform from the row's own generator (the
+    same seed gives the same tokens whatever else shares the batch)."""
+    argmax = torch.argmax(logits, dim=-1)
+    if all(x.temperature == 0 for x in samplings):
+        return argmax
+    greedy = torch.tensor([x.temperature == 0 for x in samplings], device=logits.device)
+    u = torch.stack([torch.rand((), dtype=torch.float64, generator=g) for g in generators]).to(logits.device)
+    cdf = torch.cumsum(row_probs(logits, samplings), dim=-1)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_(max=logits.shape[1] - 1)
+    return torch.where(greedy, argmax, drawn)
+
+
 def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
-    """One token from ``logits (V,)``: argmax at temperature 0, else a draw from :func:`next_token_probs`."""
-    if s.temperature == 0:
-        return int(torch.argmax(logits))
-    return int(torch.multinomial(next_token_probs(logits, s), 1, generator=generator))
+    """One token from ``logits (V,)`` (see :func:`sample_rows`)."""
+    return int(sample_rows(logits[None], [s], [generator])[0])
+
+
+def cache_device(cache, fallback: torch.Tensor) -> torch.device:
+    """The device of a KV cache's tensors (a policy's GPU), where its row index must be."""
+    layers = getattr(cache, "layers", None) or []
+    keys = getattr(layers[0], "keys", None) if layers else None
+    return keys.device if isinstance(keys, torch.Tensor) else fallback.device
 
 
 class LockstepDecoder:
@@ -67,6 +100,15 @@ class LockstepDecoder:
     def __init__(self, models: Sequence[torch.nn.Module], pad_id: int, eos_ids: Sequence[int], device: str = "cpu"):
         self.models, self.pad_id, self.eos = list(models), pad_id, set(eos_ids)
         self.device = torch.device(device)
+
+    def _step(self, k: int, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        """Model ``k``'s next-token logits ``(B, V)`` in fp32 on the decoder's device; its inputs go
+        to the device of its embeddings (policies may live on different GPUs)."""
+        model = self.models[k]
+        dev = model.get_input_embeddings().weight.device
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].to(self.device, torch.float32)
 
     @torch.no_grad()
     def generate(self, rows: Sequence[Row], on_token: Optional[Callable[[int, int], bool]] = None) -> List[List[int]]:
@@ -78,7 +120,7 @@ class LockstepDecoder:
         from transformers import DynamicCache
 
         B = len(rows)
-        W = torch.tensor([list(r.weights) for r in rows], dtype=torch.float32, device=self.device)  # (B, K)
+        W = torch.tensor([list(r.weights) for r in rows], dtype=torch.float32)  # (B, K), on the host
         if W.shape[1] != len(self.models):
             raise ValueError(f"{W.shape[1]} weights per row for {len(self.models)} models")
         active = [k for k in range(len(self.models)) if bool((W[:, k] != 0).any())]
@@ -94,27 +136,31 @@ class LockstepDecoder:
         gens = [torch.Generator().manual_seed(r.sampling.seed if r.sampling.seed is not None
                                               else int(torch.randint(2**62, (1,)))) for r in rows]
         out: List[List[int]] = [[] for _ in rows]
-        done = [False] * B
         limit = max(r.sampling.max_tokens for r in rows)
         step_ids, step_pos = ids, positions
+        live = list(range(B))  # rows still decoding; finished rows leave the batch and its caches
         for _ in range(limit):
-            logits = torch.stack([self.models[k](input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                                                 past_key_values=caches[k], use_cache=True,
-                                                 logits_to_keep=1).logits[:, -1].float() for k in active])
-            mixed = mix_logits(logits, W[:, active]).cpu()
-            nxt = torch.full((B,), self.pad_id, dtype=torch.long)
-            for i, r in enumerate(rows):
-                if done[i]:
-                    continue
-                tok = sample_next(mixed[i], r.sampling, gens[i])
-                nxt[i] = tok
+            logits = torch.stack([self._step(k, step_ids, mask, step_pos, caches[k]) for k in active])
+            mixed = mix_logits(logits, W[live][:, active])  # W on the host: its checks need no device sync
+            chosen = sample_rows(mixed, [rows[i].sampling for i in live], [gens[i] for i in live])
+            tokens = chosen.tolist()  # the step's one copy to the host (the text streams need the tokens)
+            keep = []
+            for j, (i, tok) in enumerate(zip(live, tokens)):
+                r = rows[i]
                 out[i].append(tok)
                 stop = on_token(i, tok) if on_token else False
-                if stop or (tok in self.eos and not r.sampling.ignore_eos) or len(out[i]) >= r.sampling.max_tokens:
-                    done[i] = True
-            if all(done):
+                if not (stop or (tok in self.eos and not r.sampling.ignore_eos) or len(out[i]) >= r.sampling.max_tokens):
+                    keep.append(j)
+            if not keep:
                 break
-            step_ids = nxt[:, None].to(self.device)
+            nxt = chosen[:, None]
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=self.device)
+                for cache in caches.values():
+                    cache.batch_select_indices(index.to(cache_device(cache, index)))
+                nxt, mask, step_pos = nxt[index], mask[index], step_pos[index]
+                live = [live[j] for j in keep]
+            step_ids = nxt
             step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=self.device)], dim=1)
         return out

@@ -23,8 +23,8 @@ import torch
 from serving.api import Parsed
 from serving.config import ServeConfig
 from serving.decode import LockstepDecoder, Row
-from serving.mixing import MIXING_MODES, soup_state_dicts
-from trainers.core.models import load_causal_lm, load_tokenizer
+from serving.mixing import MIXING_MODES, soup_tensor
+from trainers.core.models import Placement, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,10 @@ class Job:
 
 
 class SoupCache:
-    """Merged models by rounded weight vector, least recently used evicted."""
+    """Merged models by rounded weight vector, least recently used evicted. At most ``size``
+    merged copies ever exist: a miss with a full cache re-merges into the evicted copy's own
+    parameters, tensor by tensor on the models' device, so memory stays at K policies plus
+    ``size`` copies (plus one tensor while merging)."""
 
     def __init__(self, models: Sequence[torch.nn.Module], size: int):
         self.models, self.size = models, size
@@ -93,16 +96,25 @@ class SoupCache:
             return self.cache[weights], True
         self.misses += 1
         nonzero = [k for k, w in enumerate(weights) if w]
+        recycled = self.cache.popitem(last=False)[1] if len(self.cache) >= self.size else None
         if len(nonzero) == 1:
-            model = self.models[nonzero[0]]  # e_k: the policy itself, no copy
-        else:
-            merged = soup_state_dicts([self.models[k].state_dict() for k in nonzero], [weights[k] for k in nonzero])
-            model = copy.deepcopy(self.models[0])
-            model.load_state_dict(merged)
+            model = self.models[nonzero[0]]  # e_k: the policy itself, never a copy
+        else:  # the evicted copy's memory, or a new copy while the cache is not full
+            own = recycled is not None and all(recycled is not m for m in self.models)
+            model = recycled if own else copy.deepcopy(self.models[0])
+            states = [self.models[k].state_dict() for k in nonzero]
+            with torch.no_grad():
+                for name, t in model.state_dict().items():  # views of the copy's parameters and buffers
+                    if t.is_floating_point():
+                        soup_tensor([s[name] for s in states], [weights[k] for k in nonzero], out=t)
         self.cache[weights] = model
-        while len(self.cache) > self.size:
-            self.cache.popitem(last=False)
         return model, False
+
+
+def policy_devices(k: int, gpus: int) -> List[torch.device]:
+    """Where each of ``k`` policies lives: spread over the replica's ``gpus`` GPUs (policy i on GPU
+    i mod gpus), all on the CPU without GPUs."""
+    return [torch.device("cuda", i % gpus) if gpus else torch.device("cpu") for i in range(k)]
 
 
 def round_weights(weights: Sequence[float], decimals: int) -> Tuple[float, ...]:
@@ -121,13 +133,17 @@ class MixEngine:
         self.cfg = cfg
         self.on_batch = on_batch
         self.names = list(cfg.policies)
-        use_cuda = cfg.num_gpus > 0 and torch.cuda.is_available()
-        self.device = "cuda" if use_cuda else "cpu"
-        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        placement = Placement(cfg.num_gpus, cfg.dtype)
+        self.device = placement.device()  # where logits are mixed and sampled: cuda:0 or the CPU
+        dtype = placement.torch_dtype(self.device)
         first = cfg.policies[self.names[0]]
         self.tokenizer = load_tokenizer(first, cfg.trust_remote_code)
-        self.models = [load_causal_lm(cfg.policies[n], cfg.trust_remote_code, dtype=dtype).to(self.device).eval()
+        devices = policy_devices(len(self.names), torch.cuda.device_count() if cfg.num_gpus else 0)
+        self.models = [load_causal_lm(cfg.policies[n], cfg.trust_remote_code, dtype=dtype,
+                                      device_map=cfg.device_map or None).eval()
                        for n in self.names]
+        if not cfg.device_map:
+            self.models = [m.to(d) for m, d in zip(self.models, devices)]
         self.max_context = cfg.max_context or int(getattr(self.models[0].config, "max_position_embeddings", 2048))
         eos = self.tokenizer.eos_token_id
         eos_ids = set([eos] if eos is not None else [])

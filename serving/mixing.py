@@ -37,14 +37,16 @@ def mix_logits(logits: torch.Tensor, weights: torch.Tensor, ref_logits: Optional
     ``ref_logits (B, V)`` (needed only when the weights of a row do not sum to 1). Returns the
     mixed logits ``(B, V)``; ``softmax`` of them is the per-token product of the K distributions.
     """
-    w = weights.to(logits.dtype)
+    # checked where the weights are: host weights (the server's) cost the GPU no sync
+    rest = 1 - (weights.sum(-1) if weights.dim() == 2 else weights.sum())  # (B,) or ()
+    partial = bool((rest.abs() > 1e-6).any())  # float32 weights normalised to 1 are off by ~1e-7
+    if partial and ref_logits is None:
+        raise ValueError("weights do not sum to 1: the reference policy's logits are needed")
+    w = weights.to(logits.device, logits.dtype)
     w = w.T[:, :, None] if w.dim() == 2 else w[:, None, None]  # (K, B|1, 1)
     mixed = (w * logits).sum(0)
-    rest = 1 - w.sum(0)  # (B|1, 1)
-    if bool((rest.abs() > 1e-6).any()):  # float32 weights normalised to 1 are off by ~1e-7
-        if ref_logits is None:
-            raise ValueError("weights do not sum to 1: the reference policy's logits are needed")
-        mixed = mixed + rest * ref_logits.to(logits.dtype)
+    if partial:
+        mixed = mixed + (1 - w.sum(0)) * ref_logits.to(logits.dtype)
     return mixed
 
 
@@ -71,12 +73,20 @@ def soup_state_dicts(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
                 raise ValueError(f"non-float tensor {key} differs across models")
             out[key] = tensors[0].clone()
             continue
-        # float64 sum: the order of the models does not show in the rounded result
-        acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
-        for w, t in zip(weights, tensors):
-            acc += t.double() * w
-        out[key] = acc.to(tensors[0].dtype)
+        out[key] = soup_tensor(tensors, weights)
     return out
+
+
+def soup_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Σ_k w_k t_k`` for one floating-point tensor, summed in float64 on the tensors' own device
+    (the order of the models does not show in the rounded result), returned in their dtype --
+    written into ``out`` when given (a merged model's parameter, updated in place)."""
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
+    for w, t in zip(weights, tensors):
+        acc += t.to(acc.device, torch.float64) * w
+    if out is None:
+        return acc.to(tensors[0].dtype)
+    return out.copy_(acc)
 
 
 LoraFactors = Mapping[str, Tuple[torch.Tensor, torch.Tensor, float]]
@@ -97,10 +107,10 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraFactors]
         if name not in base:
             raise ValueError(f"adapter targets {name}, which the base model does not have")
         w0 = base[name]
-        delta = torch.zeros(w0.shape, dtype=torch.float64)
+        delta = torch.zeros(w0.shape, dtype=torch.float64, device=w0.device)  # on the base's device
         for w, adapter in zip(weights, adapters):
             if name in adapter and w != 0:
                 A, B, s = adapter[name]
-                delta += w * s * (B.double() @ A.double())
+                delta += w * s * (B.to(delta.device, torch.float64) @ A.to(delta.device, torch.float64))
         out[name] = (w0.double() + delta).to(w0.dtype)
     return out

@@ -28,8 +28,8 @@ import torch
 
 from reward_models.sampling import Generate
 from serving.policies import check_compatible
-from trainers.core.logps import pad_sequences, sequence_logps
-from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.core.logps import logits_needed, pad_sequences, sequence_logps
+from trainers.core.models import Placement, load_tokenizer
 from trainers.core.runtime import init_ray
 
 log = logging.getLogger(__name__)
@@ -112,13 +112,15 @@ def bsmd(batches: Sequence[np.ndarray], steps: Optional[int] = None, c: float = 
 
 class SequenceLogps:
     """``map_batches`` class: add ``logp_<name>``, the teacher-forced log-prob of every sampled
-    response (JSON list) under one model; rows carry ``prompt_ids`` and ``response_ids``."""
+    response (JSON list) under one model; rows carry ``prompt_ids`` and ``response_ids``. The LM
+    head runs on response positions only and the log-softmax in fp32, whatever the model's dtype;
+    the per-sequence sums come back as float64 for the mirror descent."""
 
     def __init__(self, model_path: str, name: str, micro_batch_size: int = 16, threads: int = 1,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, placement: Optional[Placement] = None):
         torch.set_num_threads(threads)
         self.pad_id = load_tokenizer(model_path, trust_remote_code).pad_token_id
-        self.model = load_causal_lm(model_path, trust_remote_code).eval()
+        self.model = (placement or Placement()).load(model_path, trust_remote_code)
         self.column, self.micro = f"logp_{name}", micro_batch_size
 
     @torch.no_grad()
@@ -132,9 +134,13 @@ class SequenceLogps:
                 owner.append(row)
         logps = np.zeros(len(seqs))
         for i in range(0, len(seqs), self.micro):
-            b = pad_sequences(seqs[i:i + self.micro], starts[i:i + self.micro], self.pad_id)
-            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-            logps[i:i + self.micro] = sequence_logps(logits.double(), b["input_ids"], b["response_mask"]).numpy()
+            b = {k: t.to(self.model.device) for k, t in
+                 pad_sequences(seqs[i:i + self.micro], starts[i:i + self.micro], self.pad_id).items()}
+            keep = logits_needed(b["response_mask"])
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False,
+                                logits_to_keep=keep).logits
+            lp = sequence_logps(logits, b["input_ids"], b["response_mask"])  # fp32 log-softmax
+            logps[i:i + self.micro] = lp.double().cpu().numpy()
         per_row: List[List[float]] = [[] for _ in batch["prompt_ids"]]
         for row, lp in zip(owner, logps):
             per_row[row].append(float(lp))
@@ -143,9 +149,10 @@ class SequenceLogps:
 
 def sample_log_ratios(policies: Dict[str, str], ref: str, prompts: Sequence[str], m: int,
                       max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
-                      actors: int = 1, batch_size: int = 4) -> np.ndarray:
+                      actors: int = 1, batch_size: int = 4, placement: Optional[Placement] = None) -> np.ndarray:
     """``ell (P, m, K)``: ``m`` samples per prompt from ``ref`` scored by every policy and ``ref``,
-    as Ray Data stages (sampling, then one teacher-forced stage per model)."""
+    as Ray Data stages (sampling, then one teacher-forced stage per model), each actor on
+    ``placement`` (CPU fp32 by default)."""
     import ray
     import ray.data
 
@@ -153,12 +160,15 @@ def sample_log_ratios(policies: Dict[str, str], ref: str, prompts: Sequence[str]
     share = min(1.0, cpus / (len(policies) + 2))  # sampler and K+1 scorers stream side by side
     ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)])
     # exact samples of the reference (no top-k): the estimates of F and its gradient assume y ~ π_ref
+    placement = placement or Placement()
     ds = ds.map_batches(Generate, fn_constructor_args=(ref, m, max_new_tokens, temperature, 1.0, seed),
-                        fn_constructor_kwargs={"keep_ids": True, "top_k": 0}, batch_size=batch_size, num_cpus=share,
-                        compute=ray.data.ActorPoolStrategy(size=actors))
+                        fn_constructor_kwargs={"keep_ids": True, "top_k": 0, "placement": placement},
+                        batch_size=batch_size, num_cpus=share, compute=ray.data.ActorPoolStrategy(size=actors),
+                        **placement.resources())
     for name, path in [("__ref__", ref)] + list(policies.items()):
-        ds = ds.map_batches(SequenceLogps, fn_constructor_args=(path, name), batch_size=batch_size,
-                            num_cpus=share, compute=ray.data.ActorPoolStrategy(size=actors))
+        ds = ds.map_batches(SequenceLogps, fn_constructor_args=(path, name), fn_constructor_kwargs={"placement": placement},
+                            batch_size=batch_size, num_cpus=share, compute=ray.data.ActorPoolStrategy(size=actors),
+                            **placement.resources())
     rows = sorted(ds.take_all(), key=lambda r: r["row"])
     ref_lp = np.array([json.loads(r["logp___ref__"]) for r in rows])  # (P, m)
     return np.stack([np.array([json.loads(r[f"logp_{k}"]) for r in rows]) - ref_lp for k in policies], axis=-1)
@@ -168,7 +178,7 @@ def compute_mpo_weights(policies: Dict[str, str], ref: str, prompts: Sequence[st
                         samples_per_prompt: int = 8, prompt_batch: int = 8, steps: Optional[int] = None,
                         c: float = 1.0, max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
                         actors: int = 1, force: bool = False, address: Optional[str] = None,
-                        allow_rename: bool = False) -> Dict[str, Any]:
+                        allow_rename: bool = False, placement: Optional[Placement] = None) -> Dict[str, Any]:
     """Max-min MPO weights for ``policies`` (name -> dir) around reference ``ref``; writes ``out``
     (JSON) if given. Returns the weights, F̂ at them, each objective's expected log-ratio under the
     mixture and the mean effective sample size. Checks the inputs before Ray starts (or joins
@@ -180,7 +190,8 @@ def compute_mpo_weights(policies: Dict[str, str], ref: str, prompts: Sequence[st
         raise ValueError("no prompts")
     init_ray(address)
     names = list(policies)
-    ell = sample_log_ratios(policies, ref, prompts, samples_per_prompt, max_new_tokens, temperature, seed, actors)
+    ell = sample_log_ratios(policies, ref, prompts, samples_per_prompt, max_new_tokens, temperature, seed, actors,
+                            placement=placement)
     batches = [ell[i:i + prompt_batch] for i in range(0, len(prompts), prompt_batch)]
     result = bsmd(batches, steps=steps or max(50, 10 * len(batches)), c=c, seed=seed, log_every=25)
     lam = result.weights

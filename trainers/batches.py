@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from trainers.core.logps import pad_sequences, sequence_logps
+from trainers.core.logps import logits_needed, pad_sequences, sequence_logps
 
 
 def response_names(columns: Iterable[str]) -> List[str]:
@@ -103,14 +103,6 @@ def pack_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int]
         "pred_labels": torch.from_numpy(np.concatenate(pred_labels)),
         "pred_owner": torch.from_numpy(np.concatenate(pred_owner)), "sequences": len(seqs), "responses": names}
     return {**out, **_riders(rows, index)}
-
-
-def logits_needed(response_mask: torch.Tensor) -> int:
-    """How many trailing positions' logits a batch needs: from the position before its earliest
-    response token to the end. The LM head then skips the shared prompt prefix."""
-    T = response_mask.shape[1]
-    first = int(response_mask.float().argmax(dim=1).min())  # earliest response token over rows
-    return min(T, T - first + 1)
 
 
 def batch_logits_to_keep(batch: Dict[str, Any]) -> int:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -70,12 +71,14 @@ def export_final(task, engine, rank: int, metadata: Dict[str, Any], metrics: Dic
     """Gather the trained weights, export them through the task on rank 0 and report the export."""
     import ray.train
 
+    tic = time.perf_counter()
     metrics = {**metrics, "probe_logits": probe_logits(engine), "exported": True}
     state = gathered_state_dict(engine, rank)
     end_zero3_build(engine)  # rank 0 builds the exported model alone
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             task.export(state, tmp, metadata)
+        metrics["export_seconds"] = time.perf_counter() - tic
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
                          checkpoint_dir_name="final")
 

@@ -43,6 +43,8 @@ def shard_rows(job, table, report) -> PreparedRows:
     workers = job.train.workers
     per_rank = table.num_rows // workers
     shards = [ray.data.from_arrow(table.slice(r * per_rank, per_rank)) for r in range(workers)]
+    for shard in shards:  # the training bar reports progress; Ray Data's own bars would be forwarded every batch
+        shard.context.enable_progress_bars = shard.context.enable_operator_progress_bars = False
     dropped = report.kept - per_rank * workers
     if dropped:
         log.warning("dropped %d rows so that each of the %d workers gets %d", dropped, workers, per_rank)
@@ -107,7 +109,7 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
         datasets={f"rank{r}": shard for r, shard in enumerate(prepared.shards)},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    tic = time.perf_counter()
+    tic, started_at = time.perf_counter(), time.time()
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -121,6 +123,8 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
             elif f.is_dir():  # a LoRA policy's adapter/
                 shutil.copytree(f, out / f.name, dirs_exist_ok=True)
     metrics = dict(result.metrics or {})
+    if "entered_at" in metrics:  # controller, placement group, worker processes and their imports
+        metrics["workers_start_seconds"] = metrics.pop("entered_at") - started_at
     metrics.update(seconds=time.perf_counter() - tic, pairs=prepared.rows,
                    skipped_invalid=prepared.skipped_invalid, dropped_for_balance=prepared.dropped_for_balance)
     return metrics

@@ -38,7 +38,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     import ray.train
     from ray.experimental.tqdm_ray import tqdm
 
-    entered = time.perf_counter()
+    entered, entered_at = time.perf_counter(), time.time()  # entered_at: the driver's clock, for worker start-up
     quiet_report_logs()
     task = config["make_task"](config["job"])
     t = task.cfg.train
@@ -65,7 +65,8 @@ def train_loop(config: Dict[str, Any]) -> None:
     if task.needs_reference and reference is None:  # before the first step, the policy is the reference
         reference = ReferenceTable.compute(engine.module, ahead, device)
         ahead = batches_of(first_epoch)
-    timings = {"setup_seconds": built - entered, "reference_seconds": time.perf_counter() - built}
+    timings = {"setup_seconds": built - entered, "reference_seconds": time.perf_counter() - built,
+               "report_seconds": 0.0, "entered_at": entered_at}
 
     step = math.ceil(micro / t.grad_accum)
     bar = tqdm(total=sched.total_steps, desc=f"{task.name} {task.cfg.objective}") if rank == 0 else None
@@ -109,8 +110,10 @@ def train_loop(config: Dict[str, Any]) -> None:
             save = not last and t.checkpoint_every > 0 and step % t.checkpoint_every == 0
             if save or last or step % t.log_every == 0:
                 # one report per window: Ray Train's report is a barrier polled every few hundred ms
+                sent = time.perf_counter()
                 report({**metrics, "history": history}, engine, rank, save,
                        {"micro_batches_done": micro, "step": step, "epoch": epoch, "task": task.state()}, reference)
+                timings["report_seconds"] += time.perf_counter() - sent
                 history = []
             if bar is not None:
                 bar.set_description(f"{task.name} {task.cfg.objective} loss={metrics['loss']:.4f} "

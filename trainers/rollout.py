@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from reward_models.objectives import get_scorer, score_checked
-from trainers.batches import logits_needed
+from trainers.core.logps import logits_needed
 from trainers.core.logps import pad_sequences, sequence_logps
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.core.prompts import ask, encode, left_pad

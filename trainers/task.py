@@ -83,7 +83,9 @@ def build_policy(model_cfg, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
             r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
             target_modules=list(model_cfg.lora_target_modules), task_type="CAUSAL_LM"))
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: LoRA's frozen embeddings give inputs without grad, on which reentrant
+        # checkpointing drops the adapters' gradients; it also composes with ZeRO-3's hooks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cluster.cli import main
 from cluster.parser import build_parser
 from serving.deploy import load_serve_file
@@ -117,6 +119,15 @@ def test_mopo_and_wrpo_refuse_bad_input_before_ray_starts(tmp_path, capsys, tiny
     assert main(["pairs", "--wrpo", "--target", tiny_model, "--prompts", "demo:2", "--objectives", "sentiment",
                  "--out", str(tmp_path / "p")]) == 2
     assert "--wrpo needs --target (or --model) and --sources" in capsys.readouterr().err
+    demo = ["--prompts", "demo:2"]
+    for command in (["pairs", "--model", tiny_model, "--objectives", "sentiment", *demo],
+                    ["score", "--objectives", "sentiment", "--data", cands],
+                    ["eval", "--policies", f"a={tiny_model}", "--objectives", "sentiment", *demo]):
+        assert main([*command, "--out", str(tmp_path / "g"), "--gpus-per-actor", "-1"]) == 2
+        assert "GPUs per actor must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's choices
+        main(["mix", "mpo", "--policies", f"a={tiny_model}", "--ref", tiny_model, "--prompts", "demo:2",
+              "--out", str(tmp_path / "w.json"), "--dtype", "float16"])
     for job in ("mopo", "wrpo", "gapo"):
         assert main(["config", job]) == 0
     assert "alpha_max = 0.1" in capsys.readouterr().out

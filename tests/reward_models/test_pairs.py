@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from cluster.cli import main
 from reward_models.batch import score_file
@@ -178,3 +179,15 @@ def test_generate_passes_top_k_to_hf_generate(tiny_model):
     greedy = Generate(tiny_model, 1, 12, 0.0, 1.0, seed=3)(batch)["responses"].tolist()
     assert Generate(tiny_model, 1, 12, 1.0, 1.0, seed=3, top_k=1)(batch)["responses"].tolist() == greedy
     assert Generate(tiny_model, 1, 12, 1.0, 1.0, seed=3).top_k == 50
+
+
+def test_generate_on_a_bf16_placement_returns_host_ids(tiny_model):
+    """An actor placed in bf16 samples (on the CPU here), and its ids come back as plain lists."""
+    from trainers.core.models import Placement
+
+    batch = {"prompt": np.array(["Tell me about the park.", "Hi"], dtype=object), "row": np.arange(2)}
+    gen = Generate(tiny_model, 2, 8, 1.0, 1.0, seed=3, keep_ids=True, placement=Placement(dtype="bfloat16"))
+    assert gen.model.dtype == torch.bfloat16
+    out = gen(batch)
+    assert [len(json.loads(r)) for r in out["responses"]] == [2, 2]
+    assert all(isinstance(t, int) for ids in json.loads(out["response_ids"][0]) for t in ids)

@@ -171,3 +171,32 @@ def test_parse_request_refuses_each_bad_field(loaded, body, chat, param):
     with pytest.raises(RequestError) as e:
         parse_request(body, chat, tok, LIMITS)
     assert e.value.param == param and str(e.value)
+
+
+def test_rows_that_finish_leave_the_batch_without_changing_the_others(loaded):
+    """Rows with different lengths and weights in one batch: as each finishes, it leaves the batch
+    and its KV-cache rows are dropped; every row still decodes exactly as it does alone."""
+    tok, models = loaded
+    dec = LockstepDecoder(models, tok.pad_token_id, [tok.eos_token_id])
+    rows = [Row(tok(p)["input_ids"], w, Sampling(max_tokens=n, temperature=0, ignore_eos=True))
+            for p, w, n in zip(PROMPTS, [(1.0, 0.0), (0.4, 0.6), (0.0, 1.0)], [3, 17, 9])]
+    together = dec.generate(rows)
+    assert [len(t) for t in together] == [3, 17, 9]
+    assert together == [dec.generate([r])[0] for r in rows]
+
+
+def test_row_probs_of_a_mixed_batch_equal_each_row_alone():
+    from serving.decode import row_probs, sample_rows
+
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    samplings = [Sampling(temperature=0.7, top_k=20), Sampling(temperature=1.0, top_p=0.8),
+                 Sampling(temperature=1.3, top_k=5, top_p=0.9), Sampling(temperature=0)]
+    got = row_probs(logits, samplings)
+    for i, s in enumerate(samplings[:3]):
+        assert torch.allclose(got[i], next_token_probs(logits[i], s), atol=1e-12, rtol=0)
+    # each row's draw depends only on its own generator: the same seed gives the same token alone
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(4)]  # noqa: E731
+    batch = sample_rows(logits, samplings, gens()).tolist()
+    alone = [int(sample_rows(logits[i:i + 1], [s], [g])[0]) for i, (s, g) in enumerate(zip(samplings, gens()))]
+    assert batch == alone and batch[3] == int(logits[3].argmax())
+    assert all(got[i, t] > 0 for i, t in enumerate(batch[:3]))  # never outside top-k / top-p

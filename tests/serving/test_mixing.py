@@ -167,3 +167,15 @@ def test_mixing_a_policy_with_itself_returns_it():
     logits = torch.randn(1, 2, 9, dtype=torch.float64).expand(2, 2, 9)
     out = mix_logits(logits, torch.tensor([0.3, 0.7], dtype=torch.float64))
     assert torch.allclose(out, logits[0], atol=1e-15) and math.isfinite(float(out.sum()))
+
+
+def test_soups_stay_on_the_models_device():
+    """Merging never brings tensors to the host: tensors on another device (here ``meta``, which
+    fails on any mix with CPU tensors) come back on that device."""
+    from serving.mixing import soup_tensor
+
+    a, b = torch.empty(3, 4, device="meta"), torch.empty(3, 4, device="meta")
+    assert soup_tensor([a, b], [0.25, 0.75]).device.type == "meta"
+    assert soup_state_dicts([{"w": a}, {"w": b}], [0.5, 0.5])["w"].device.type == "meta"
+    lora = {"w": (torch.empty(2, 4, device="meta"), torch.empty(3, 2, device="meta"), 1.0)}
+    assert merge_lora({"w": a}, [lora], [1.0])["w"].device.type == "meta"

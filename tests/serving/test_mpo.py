@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.optimize import minimize
 
 from cluster.cli import main
@@ -127,3 +128,26 @@ def test_moray_mix_mpo_end_to_end(ray_local, tiny_model, tmp_path):
     bad = main(["mix", "mpo", "--policies", f"same={same}", "--ref", str(tmp_path / "other"),
                 "--prompts", "demo:2", "--out", str(tmp_path / "w2.json")])
     assert bad == 2 and not (tmp_path / "w2.json").exists()
+
+
+def test_teacher_forced_stage_matches_float64_full_vocabulary_log_probs(tiny_model):
+    """MPO's scorer runs the LM head on response positions only with an fp32 log-softmax; its
+    sums equal the float64 full-vocabulary log-probs of the same tokens. In bf16 it still
+    returns float64 sums close to them."""
+    from serving.mpo import SequenceLogps
+    from trainers.core.logps import pad_sequences, sequence_logps
+    from trainers.core.models import Placement, load_causal_lm
+
+    prompts, responses = [[5, 6, 7, 8, 9], [11, 12]], [[[20, 21, 22], [23]], [[30, 31, 32, 33], [34, 35]]]
+    batch = {"prompt_ids": np.array([json.dumps(p) for p in prompts], dtype=object),
+             "response_ids": np.array([json.dumps(r) for r in responses], dtype=object)}
+    got = [json.loads(v) for v in SequenceLogps(tiny_model, "p", micro_batch_size=3)(batch)["logp_p"]]
+    model = load_causal_lm(tiny_model, dtype=torch.float64).eval()
+    seqs = [p + r for p, rs in zip(prompts, responses) for r in rs]
+    b = pad_sequences(seqs, [len(p) for p, rs in zip(prompts, responses) for _ in rs], 0)
+    with torch.no_grad():
+        want = sequence_logps(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                              b["input_ids"], b["response_mask"]).tolist()
+    np.testing.assert_allclose(sum(got, []), want, rtol=1e-5, atol=1e-5)
+    half = SequenceLogps(tiny_model, "p", placement=Placement(dtype="bfloat16"))(batch)["logp_p"]
+    np.testing.assert_allclose(sum((json.loads(v) for v in half), []), want, rtol=0.05, atol=0.3)

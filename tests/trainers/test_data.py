@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.helpers import synthetic_pairs, write_jsonl
-from trainers.batches import length_buckets, logits_needed, pad_pairs, pair_logps
+from trainers.batches import length_buckets, pad_pairs, pair_logps
+from trainers.core.logps import logits_needed
 from trainers.config import DataConfig
 from trainers.core.logps import sequence_logps
 from trainers.core.models import load_causal_lm, load_tokenizer

@@ -33,7 +33,7 @@ def test_bf16_accumulates_and_reduces_in_fp32_and_needs_zero():
         job.validate()
 
 
-def _worker(rank, world, port, model_dir, stage, out):
+def _worker(rank, world, port, model_dir, stage, checkpointing, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -44,13 +44,14 @@ def _worker(rank, world, port, model_dir, stage, out):
     seen = {}
 
     def build():
-        model = build_policy(ModelConfig(name_or_path=model_dir))
+        model = build_policy(ModelConfig(name_or_path=model_dir, gradient_checkpointing=checkpointing))
         seen["partitioned"] = [hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()]
         return model
 
     cfg = TrainConfig(zero_stage=stage, bf16="true", lr=1e-4, micro_batch_size=2, max_grad_norm=0.0)
     engine = build_engine(build, cfg, total_steps=3, on_gpu=False)
     torch.manual_seed(rank)
+    engine.train()  # gradient checkpointing recomputes only in training mode
     for _ in range(3):
         ids = torch.randint(1, 100, (2, 12))
         logits = engine(input_ids=ids).logits
@@ -71,13 +72,13 @@ def _worker(rank, world, port, model_dir, stage, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_bf16_exports_fp32_master_weights_and_zero3_builds_partitioned(tiny_model, tmp_path, stage):
+@pytest.mark.parametrize("stage, checkpointing", [(2, False), (3, False), (3, True)])
+def test_bf16_exports_fp32_master_weights_and_zero3_builds_partitioned(tiny_model, tmp_path, stage, checkpointing):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "result.pt"
-    mp.spawn(_worker, args=(2, port, tiny_model, stage, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, tiny_model, stage, checkpointing, str(out)), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     if stage == 3:  # every weight partitioned as it loaded, before deepspeed.initialize
         assert got["partitioned"] and all(got["partitioned"])

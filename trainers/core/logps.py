@@ -26,6 +26,14 @@ def pad_sequences(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: 
     return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "response_mask": response_mask}
 
 
+def logits_needed(response_mask: torch.Tensor) -> int:
+    """How many trailing positions' logits a batch needs: from the position before its earliest
+    response token to the end. The LM head then skips the shared prompt prefix."""
+    T = response_mask.shape[1]
+    first = int(response_mask.float().argmax(dim=1).min())  # earliest response token over rows
+    return min(T, T - first + 1)
+
+
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Sum over response tokens of ``log p(token | prefix)``.
 
