@@ -46,6 +46,9 @@ class ServeConfig:
     min_replicas: int = opt(1, "Autoscaling: fewest replicas.")
     max_replicas: int = opt(1, "Autoscaling: most replicas.")
     target_ongoing_requests: float = opt(4.0, "Autoscaling: requests in flight per replica it aims for.")
+    upscale_delay_s: float = opt(5.0, "Autoscaling: how long the load must stay above target before a replica is added.")
+    downscale_delay_s: float = opt(60.0, "Autoscaling: how long the load must stay below target before a replica is removed.")
+    look_back_period_s: float = opt(30.0, "Autoscaling: the window over which in-flight requests are averaged.")
     max_ongoing_requests: int = opt(32, "Requests a replica accepts at once; more wait in the proxy.")
     graceful_shutdown_timeout_s: float = opt(20.0, "On scale-down or shutdown, how long in-flight requests may finish.")
     model_name: str = opt("moray-mix", "Name reported in responses and /v1/models.")
@@ -70,6 +73,9 @@ class ServeConfig:
             raise ValueError("device_map 'auto' shards over GPUs: set num_gpus")
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
+        for key in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("max_batch_size", "soup_cache_size", "max_tokens_limit", "default_max_tokens", "threads",
                     "max_ongoing_requests"):
             if getattr(self, key) < 1:
@@ -96,7 +102,10 @@ class ServeConfig:
         return {
             "autoscaling_config": {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                    "target_ongoing_requests": self.target_ongoing_requests,
-                                   "upscale_delay_s": 5, "downscale_delay_s": 60},
+                                   "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                                   "look_back_period_s": self.look_back_period_s,
+                                   # Serve wants its metrics interval inside the window
+                                   "metrics_interval_s": min(10.0, self.look_back_period_s / 2)},
             "max_ongoing_requests": self.max_ongoing_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "ray_actor_options": actor,
