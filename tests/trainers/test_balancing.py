@@ -209,3 +209,13 @@ def test_averaged_gram_of_two_workers_reduces_only_the_k_by_k_matrix(tmp_path):
         torch.testing.assert_close(got["gram"], mean @ mean.T, rtol=1e-6, atol=1e-9)
         assert got["all_reduce_bytes"] == [K * K * 8]
         torch.testing.assert_close(gapo_from_gram(got["gram"]).alpha, gapo_coefficients(mean).alpha, rtol=1e-6, atol=1e-9)
+
+
+def test_coefficients_go_to_the_gradients_device():
+    """The K×K arithmetic runs on the host; the coefficients come back where the gradients are
+    (here ``meta``, which no CPU tensor may mix with), so a GPU job combines them without a copy."""
+    from trainers.balancing import pgapo_from_gram
+
+    gram = torch.tensor([[1.0, 0.2], [0.2, 4.0]], dtype=D)
+    assert gapo_from_gram(gram, device=torch.device("meta")).coefficients.device.type == "meta"
+    assert pgapo_from_gram(gram, [0.5, 0.5], device=torch.device("meta")).coefficients.device.type == "meta"
