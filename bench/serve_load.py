@@ -42,6 +42,17 @@ def tiny_policies(root: Path) -> dict:
             "conciseness": make_policy(base, str(root / "conciseness"), 2)}
 
 
+def bench_policies(root: Path, tiny: bool) -> dict:
+    """Two policies to serve: the tiny ones, or nudged copies of SmolLM2-135M-Instruct."""
+    if tiny:
+        return tiny_policies(root)
+    from cluster.base_models import smollm2_dir
+
+    base = smollm2_dir()
+    return {k: make_policy(base, str(root / k), seed, noise=1e-3, objective=k)
+            for seed, k in enumerate(("sentiment", "conciseness"), 1)}
+
+
 def request_body(i: int, max_tokens: int, prompts) -> dict:
     rng = np.random.default_rng(i)
     body = {"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "seed": i}

@@ -31,9 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import requests  # noqa: E402
 import torch  # noqa: E402
 
-from bench.serve_load import tiny_policies  # noqa: E402
-from cluster.base_models import smollm2_dir  # noqa: E402
-from tests.helpers import make_policy  # noqa: E402
+from bench.serve_load import bench_policies  # noqa: E402
 from trainers.core.models import load_causal_lm, load_tokenizer  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -67,12 +65,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if args.tiny:
-            policies = tiny_policies(root)
-        else:
-            base = smollm2_dir()
-            policies = {"sentiment": make_policy(base, str(root / "sentiment"), 1, noise=1e-3),
-                        "conciseness": make_policy(base, str(root / "conciseness"), 2, noise=1e-3)}
+        policies = bench_policies(root, args.tiny)
         tok = load_tokenizer(policies["sentiment"])
         models = [load_causal_lm(d).eval() for d in policies.values()]
         ids = tok(PROMPT, return_tensors="pt")["input_ids"]

@@ -28,9 +28,10 @@ class ServeConfig:
     mpo_weights: str = opt("", "weights.json written by `moray mix mpo` (served as the default weights).")
     default_mixing: str = opt("logits", "Mixing when a request gives none: " + "; ".join(
         f"'{k}' ({v})" for k, v in MIXING_MODES.items()) + ".")
-    max_batch_size: int = opt(8, "Logits mode: most concurrent requests decoded in one batch.")
-    batch_wait_ms: float = opt(5.0, "Logits mode: how long the first request waits for others to batch with.")
-    soup_cache_size: int = opt(4, "Soup mode: merged models kept, least recently used evicted.")
+    max_batch_size: int = opt(8, "Most concurrent requests of one mixing mode decoded in one batch.")
+    batch_wait_ms: float = opt(5.0, "How long the first request waits for others to batch with.")
+    soup_cache_size: int = opt(4, "Soup mode: merged models kept for hot weight vectors (merged in the background; "
+                               "meanwhile, and for batches with several vectors, rows decode as per-row soups).")
     soup_decimals: int = opt(3, "Soup mode: weights are rounded to this many decimals before merging "
                              "(and as the cache key).")
     max_context: int = opt(0, "Prompt + max_tokens limit in tokens; 0: the model's max_position_embeddings.")

@@ -97,9 +97,13 @@ def cache_device(cache, fallback: torch.Tensor) -> torch.device:
 class LockstepDecoder:
     """Decode a batch of rows through ``models`` (one tokenizer, one vocabulary)."""
 
-    def __init__(self, models: Sequence[torch.nn.Module], pad_id: int, eos_ids: Sequence[int], device: str = "cpu"):
+    def __init__(self, models: Sequence[torch.nn.Module], pad_id: int, eos_ids: Sequence[int], device: str = "cpu",
+                 on_rows: Optional[Callable[[List[int]], None]] = None):
+        """``on_rows(live)``: told the rows in the batch (their indices in ``rows``) before the first
+        forward and whenever rows leave (a per-row soup selects its weight vectors)."""
         self.models, self.pad_id, self.eos = list(models), pad_id, set(eos_ids)
         self.device = torch.device(device)
+        self.on_rows = on_rows
 
     def _step(self, k: int, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         """Model ``k``'s next-token logits ``(B, V)`` in fp32 on the decoder's device; its inputs go
@@ -111,37 +115,42 @@ class LockstepDecoder:
         return out.logits[:, -1].to(self.device, torch.float32)
 
     @torch.no_grad()
-    def generate(self, rows: Sequence[Row], on_token: Optional[Callable[[int, int], bool]] = None) -> List[List[int]]:
+    def generate(self, rows: Sequence[Row], on_token: Optional[Callable[[int, int], bool]] = None,
+                 more: Optional[Callable[[int], Sequence[Row]]] = None,
+                 on_finish: Optional[Callable[[int], None]] = None) -> List[List[int]]:
         """Token ids generated for each row (its EOS included when it stopped on one).
 
         ``on_token(row, token)`` is called for every new token; returning True finishes that row
-        (a stop string, a cancelled request).
+        (a stop string, a cancelled request); ``on_finish(row)`` when a row is done. ``more(n)``,
+        asked after every step while rows decode, returns rows that join the batch (numbered after
+        the ones so far): they are prefilled and decode from the next step on, in the same
+        forwards (continuous batching; every model then runs, as a joining row may need it).
         """
         from transformers import DynamicCache
 
-        B = len(rows)
-        W = torch.tensor([list(r.weights) for r in rows], dtype=torch.float32)  # (B, K), on the host
-        if W.shape[1] != len(self.models):
-            raise ValueError(f"{W.shape[1]} weights per row for {len(self.models)} models")
-        active = [k for k in range(len(self.models)) if bool((W[:, k] != 0).any())]
+        rows = list(rows)
+        weights = [list(r.weights) for r in rows]  # on the host: mixing's checks need no device sync
+        if any(len(w) != len(self.models) for w in weights):
+            raise ValueError(f"{len(weights[0])} weights per row for {len(self.models)} models")
+        active = list(range(len(self.models))) if more is not None else \
+            [k for k in range(len(self.models)) if any(w[k] != 0 for w in weights)]
         L = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
+        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), L), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
             mask[i, L - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        mask = mask.to(self.device)
+        step_ids, step_pos = ids.to(self.device), (mask.cumsum(1) - 1).clamp(min=0)
         caches = {k: DynamicCache() for k in active}
-        gens = [torch.Generator().manual_seed(r.sampling.seed if r.sampling.seed is not None
-                                              else int(torch.randint(2**62, (1,)))) for r in rows]
+        gens = [_generator(r) for r in rows]
         out: List[List[int]] = [[] for _ in rows]
-        limit = max(r.sampling.max_tokens for r in rows)
-        step_ids, step_pos = ids, positions
-        live = list(range(B))  # rows still decoding; finished rows leave the batch and its caches
-        for _ in range(limit):
+        live = list(range(len(rows)))  # rows still decoding; finished rows leave the batch and its caches
+        if self.on_rows is not None:
+            self.on_rows(live)
+        while live:
             logits = torch.stack([self._step(k, step_ids, mask, step_pos, caches[k]) for k in active])
-            mixed = mix_logits(logits, W[live][:, active])  # W on the host: its checks need no device sync
+            mixed = mix_logits(logits, torch.tensor([[weights[i][k] for k in active] for i in live]))
             chosen = sample_rows(mixed, [rows[i].sampling for i in live], [gens[i] for i in live])
             tokens = chosen.tolist()  # the step's one copy to the host (the text streams need the tokens)
             keep = []
@@ -149,18 +158,94 @@ class LockstepDecoder:
                 r = rows[i]
                 out[i].append(tok)
                 stop = on_token(i, tok) if on_token else False
-                if not (stop or (tok in self.eos and not r.sampling.ignore_eos) or len(out[i]) >= r.sampling.max_tokens):
+                if stop or (tok in self.eos and not r.sampling.ignore_eos) or len(out[i]) >= r.sampling.max_tokens:
+                    if on_finish is not None:
+                        on_finish(i)
+                else:
                     keep.append(j)
-            if not keep:
-                break
-            nxt = chosen[:, None]
+            step_ids = chosen[:, None]
             if len(keep) < len(live):
-                index = torch.tensor(keep, device=self.device)
+                index = torch.tensor(keep, dtype=torch.long, device=self.device)
                 for cache in caches.values():
                     cache.batch_select_indices(index.to(cache_device(cache, index)))
-                nxt, mask, step_pos = nxt[index], mask[index], step_pos[index]
+                step_ids, mask, step_pos = step_ids[index], mask[index], step_pos[index]
                 live = [live[j] for j in keep]
-            step_ids = nxt
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=self.device)], dim=1)
+            joining = list(more(len(live))) if more is not None else []
+            if joining:
+                first = len(rows)
+                rows += joining
+                weights += [list(r.weights) for r in joining]
+                gens += [_generator(r) for r in joining]
+                out += [[] for _ in joining]
+                caches, mask, step_ids, step_pos = self._join(joining, first, active, caches, mask, step_ids, step_pos)
+                live += list(range(first, len(rows)))
+            if self.on_rows is not None and live and (joining or len(keep) < len(tokens)):
+                self.on_rows(live)
         return out
+
+    def _join(self, rows: Sequence[Row], first: int, active: Sequence[int], caches, mask, step_ids, step_pos):
+        """Rows joining a running batch: each prompt but its last token is prefilled into new KV
+        caches; both sides are left-padded to one length and stacked. The last prompt token is the
+        joining row's input at the next step, so its first token comes from the common forward."""
+        from transformers import DynamicCache
+
+        n = len(rows)
+        heads = [r.prompt_ids[:-1] for r in rows]
+        Ln = max(len(h) for h in heads)
+        new_mask = torch.zeros((n, Ln), dtype=torch.long)
+        ids = torch.full((n, Ln), self.pad_id, dtype=torch.long)
+        for i, h in enumerate(heads):
+            if h:
+                ids[i, Ln - len(h):] = torch.tensor(h, dtype=torch.long)
+                new_mask[i, Ln - len(h):] = 1
+        new_mask = new_mask.to(self.device)
+        new_caches = {k: DynamicCache() for k in active}
+        if Ln:
+            if self.on_rows is not None:  # the prefill's rows are the joining ones (numbered from first)
+                self.on_rows(list(range(first, first + n)))
+            pos = (new_mask.cumsum(1) - 1).clamp(min=0)
+            for k in active:
+                self._step(k, ids.to(self.device), new_mask, pos, new_caches[k])
+        T = max(mask.shape[1] - 1, Ln)  # cache length both sides are padded to
+        joined = {k: _stack_caches(caches[k], new_caches[k], n, T) for k in active}
+        ones = torch.ones((n, 1), dtype=mask.dtype, device=self.device)
+        mask = torch.cat([_pad_left(mask, T + 1), _pad_left(torch.cat([new_mask, ones], 1), T + 1)])
+        last = torch.tensor([[r.prompt_ids[-1]] for r in rows], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[len(h)] for h in heads], dtype=step_pos.dtype, device=self.device)
+        return joined, mask, torch.cat([step_ids, last]), torch.cat([step_pos, pos])
+
+
+def _generator(row: Row) -> torch.Generator:
+    """The row's own sampling stream: its seed, or a fresh random one."""
+    seed = row.sampling.seed if row.sampling.seed is not None else int(torch.randint(2**62, (1,)))
+    return torch.Generator().manual_seed(seed)
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
+    """``t`` zero-padded on the left of ``dim`` to ``length``."""
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _stack_caches(running, new, n_new: int, length: int):
+    """One KV cache of the running rows and ``n_new`` joining rows, every layer's keys and values
+    ``(B, H, T, D)`` left-padded to ``length`` (the padding is masked out)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(running.layers):
+        k, v = layer.keys, layer.values
+        if new.layers and i < len(new.layers) and new.layers[i].keys is not None and new.layers[i].keys.numel():
+            nk, nv = new.layers[i].keys.to(k.device), new.layers[i].values.to(v.device)
+        else:  # one-token prompts: nothing to prefill
+            nk = k.new_zeros((n_new, k.shape[1], 0, k.shape[3]))
+            nv = v.new_zeros((n_new, v.shape[1], 0, v.shape[3]))
+        out.update(torch.cat([_pad_left(k, length, 2), _pad_left(nk, length, 2)]),
+                   torch.cat([_pad_left(v, length, 2), _pad_left(nv, length, 2)]), i)
+    return out

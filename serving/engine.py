@@ -24,6 +24,7 @@ from serving.api import Parsed
 from serving.config import ServeConfig
 from serving.decode import LockstepDecoder, Row
 from serving.mixing import MIXING_MODES, soup_tensor
+from serving.rowsoup import RowSoup
 from trainers.core.models import Placement, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,36 +80,62 @@ class Job:
 
 
 class SoupCache:
-    """Merged models by rounded weight vector, least recently used evicted. At most ``size``
-    merged copies ever exist: a miss with a full cache re-merges into the evicted copy's own
-    parameters, tensor by tensor on the models' device, so memory stays at K policies plus
-    ``size`` copies (plus one tensor while merging)."""
+    """Merged models for hot weight vectors, least recently used evicted. A batch whose vector is
+    not cached decodes as a per-row soup (:class:`~serving.rowsoup.RowSoup`); a vector missed a
+    second time is hot, and its merge starts on a background thread (tensor by tensor on the
+    models' device), never on the decode thread.
+    At most ``size`` merged copies are kept, plus the one being merged and an evicted one still
+    decoding."""
 
     def __init__(self, models: Sequence[torch.nn.Module], size: int):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.models, self.size = models, size
         self.cache: "collections.OrderedDict[Tuple[float, ...], torch.nn.Module]" = collections.OrderedDict()
         self.hits = self.misses = 0
+        self.lock = threading.Lock()
+        self.merging: Dict[Tuple[float, ...], Any] = {}
+        self.seen: "collections.OrderedDict[Tuple[float, ...], int]" = collections.OrderedDict()  # misses per vector
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moray-soup-merge")
 
-    def get(self, weights: Tuple[float, ...]) -> Tuple[torch.nn.Module, bool]:
-        if weights in self.cache:
-            self.cache.move_to_end(weights)
-            self.hits += 1
-            return self.cache[weights], True
-        self.misses += 1
+    def get(self, weights: Tuple[float, ...]) -> Tuple[Optional[torch.nn.Module], bool]:
+        """The merged model and True when it is ready (a unit vector: the policy itself), else
+        ``(None, False)`` (and the merge started if the vector is hot)."""
         nonzero = [k for k, w in enumerate(weights) if w]
-        recycled = self.cache.popitem(last=False)[1] if len(self.cache) >= self.size else None
         if len(nonzero) == 1:
-            model = self.models[nonzero[0]]  # e_k: the policy itself, never a copy
-        else:  # the evicted copy's memory, or a new copy while the cache is not full
-            own = recycled is not None and all(recycled is not m for m in self.models)
-            model = recycled if own else copy.deepcopy(self.models[0])
-            states = [self.models[k].state_dict() for k in nonzero]
-            with torch.no_grad():
-                for name, t in model.state_dict().items():  # views of the copy's parameters and buffers
-                    if t.is_floating_point():
-                        soup_tensor([s[name] for s in states], [weights[k] for k in nonzero], out=t)
-        self.cache[weights] = model
-        return model, False
+            self.hits += 1
+            return self.models[nonzero[0]], True
+        with self.lock:
+            if weights in self.cache:
+                self.cache.move_to_end(weights)
+                self.hits += 1
+                return self.cache[weights], True
+            self.misses += 1
+            self.seen[weights] = self.seen.pop(weights, 0) + 1
+            while len(self.seen) > 4096:
+                self.seen.popitem(last=False)
+            if self.seen[weights] >= 2 and weights not in self.merging:  # hot: asked for again
+                self.merging[weights] = self.pool.submit(self._merge, weights)
+        return None, False
+
+    def wait(self) -> None:
+        """Until the merges started so far are cached (tests)."""
+        for future in list(self.merging.values()):
+            future.result()
+
+    def _merge(self, weights: Tuple[float, ...]) -> None:
+        nonzero = [k for k, w in enumerate(weights) if w]
+        model = copy.deepcopy(self.models[0])
+        states = [self.models[k].state_dict() for k in nonzero]
+        with torch.no_grad():
+            for name, t in model.state_dict().items():  # views of the copy's parameters and buffers
+                if t.is_floating_point():
+                    soup_tensor([s[name] for s in states], [weights[k] for k in nonzero], out=t)
+        with self.lock:
+            self.cache[weights] = model
+            while len(self.cache) > self.size:
+                self.cache.popitem(last=False)
+            del self.merging[weights]
 
 
 def policy_devices(k: int, gpus: int) -> List[torch.device]:
@@ -151,10 +178,11 @@ class MixEngine:
         eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_ids = sorted(eos_ids)
         self.soups = SoupCache(self.models, cfg.soup_cache_size)
+        self.row_soup = RowSoup(self.models)
         # each mixing mode: its batch key (requests with equal keys decode together) and its decoder
         self.modes: Dict[str, Tuple[Callable[[Parsed], Tuple], Callable[[List[Job]], Tuple]]] = {
             "logits": (lambda p: ("logits",), self._logits),
-            "soup": (lambda p: ("soup", round_weights(p.weights, cfg.soup_decimals)), self._soup),
+            "soup": (lambda p: ("soup",), self._soup),  # any vectors: one batch (per-row soup)
         }
         assert set(self.modes) == set(MIXING_MODES), "every mixing mode needs a decoder here"
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
@@ -211,45 +239,112 @@ class MixEngine:
                 return
             try:
                 self._run(batch)
-            except Exception as e:  # a failed batch answers its requests; the engine keeps going
+            except Exception as e:  # before decoding started (decoding errors are answered in _run)
                 log.exception("generation failed")
                 for j in batch:
                     j.emit({"type": "error", "message": f"generation failed: {e}"})
 
     def _logits(self, batch: List[Job]):
-        """The K policies in lock-step, each row with its own weights."""
+        """The K policies in lock-step, each row with its own weights; any logits request may join."""
         decoder = LockstepDecoder(self.models, self.tokenizer.pad_token_id, self.eos_ids, self.device)
-        return decoder, [Row(j.parsed.prompt_ids, j.parsed.weights, j.parsed.sampling) for j in batch], None
+        return decoder, lambda j: Row(j.parsed.prompt_ids, j.parsed.weights, j.parsed.sampling), None
 
     def _soup(self, batch: List[Job]):
-        """The batch's merged model (one weight vector per batch), from the cache when it is there."""
-        model, cache_hit = self.soups.get(batch[0].key[1])
-        decoder = LockstepDecoder([model], self.tokenizer.pad_token_id, self.eos_ids, self.device)
-        return decoder, [Row(j.parsed.prompt_ids, (1.0,), j.parsed.sampling) for j in batch], cache_hit
+        """One weight vector in the whole batch: its merged model when the cache has it (a unit
+        vector: the policy itself). Otherwise -- several vectors, or a vector being merged -- the
+        per-row soup. Any soup request may join: a vector other than the merged model's switches
+        the running batch to the per-row soup, whose layers give the same keys and values, so the
+        KV caches carry over."""
+        vectors = [round_weights(j.parsed.weights, self.cfg.soup_decimals) for j in batch]
+        model, cache_hit = None, None
+        if len(set(vectors)) == 1:
+            model, cache_hit = self.soups.get(vectors[0])
+        chosen: List[Tuple[float, ...]] = []  # row i's vector; grows as rows join
+
+        def per_row(live: List[int]) -> None:
+            self.row_soup.select_rows(torch.tensor([chosen[i] for i in live], dtype=torch.float32))
+
+        decoder = LockstepDecoder([model if model is not None else self.row_soup.model], self.tokenizer.pad_token_id,
+                                  self.eos_ids, self.device, on_rows=None if model is not None else per_row)
+
+        def row_of(j: Job) -> Row:
+            chosen.append(round_weights(j.parsed.weights, self.cfg.soup_decimals))
+            if decoder.on_rows is None and chosen[-1] != chosen[0]:
+                decoder.models[0], decoder.on_rows = self.row_soup.model, per_row
+            return Row(j.parsed.prompt_ids, (1.0,), j.parsed.sampling)
+
+        return decoder, row_of, cache_hit
+
+    def _joiners(self, key: Tuple, row_of: Callable[[Job], Optional[Row]], room: int) -> List[Tuple[Job, Row]]:
+        """Waiting requests that can join the running batch now (same mode, accepted by it)."""
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.queue.put(None)  # shutting down: seen again once the running work is done
+                break
+            self.pending.append(job)
+        taken = []
+        for job in list(self.pending):
+            if len(taken) >= room:
+                break
+            if job.key == key:
+                row = row_of(job)
+                if row is not None:
+                    self.pending.remove(job)
+                    taken.append((job, row))
+        return taken
 
     def _run(self, batch: List[Job]) -> None:
+        """Decode ``batch``; requests of the same mode join it as rows finish or room allows
+        (continuous batching), and each request is answered as soon as its own row is done."""
         mode = batch[0].parsed.mixing
-        decoder, rows, cache_hit = self.modes[mode][1](batch)
-        streams = [TextStream(self.tokenizer, j.parsed.stop) for j in batch]
+        decoder, row_of, cache_hit = self.modes[mode][1](batch)
+        jobs = list(batch)
+        rows = [row_of(j) for j in jobs]
+        streams = [TextStream(self.tokenizer, j.parsed.stop) for j in jobs]
+        started = [time.perf_counter()] * len(jobs)
+        tokens = [0] * len(jobs)
+        finished = set()
 
         def on_token(i: int, token: int) -> bool:
+            tokens[i] += 1
             delta = streams[i].push(token)
             if delta:
-                batch[i].emit({"type": "delta", "text": delta})
-            return streams[i].stopped or batch[i].cancelled
+                jobs[i].emit({"type": "delta", "text": delta})
+            return streams[i].stopped or jobs[i].cancelled
 
-        tic = time.perf_counter()
-        out = decoder.generate(rows, on_token)
-        seconds = time.perf_counter() - tic
-        for j, s, toks in zip(batch, streams, out):
-            tail = s.flush()
+        def on_finish(i: int) -> None:
+            finished.add(i)
+            tail = streams[i].flush()
             if tail:
-                j.emit({"type": "delta", "text": tail})
-            ended = toks and toks[-1] in self.eos_ids and not j.parsed.sampling.ignore_eos
-            finish = "stop" if (s.stopped or ended) else "length"
-            j.emit({"type": "done", "finish": finish, "tokens": len(toks), "batch": len(batch),
-                    "seconds": seconds, "soup_cache_hit": cache_hit})
+                jobs[i].emit({"type": "delta", "text": tail})
+            ids = streams[i].ids
+            ended = bool(ids) and ids[-1] in self.eos_ids and not jobs[i].parsed.sampling.ignore_eos
+            jobs[i].emit({"type": "done", "finish": "stop" if (streams[i].stopped or ended) else "length",
+                          "tokens": tokens[i], "batch": len(jobs), "seconds": time.perf_counter() - started[i],
+                          "soup_cache_hit": cache_hit})
+
+        def more(running: int) -> List[Row]:
+            joined = self._joiners(jobs[0].key, row_of, self.cfg.max_batch_size - running)
+            for job, _ in joined:
+                jobs.append(job)
+                streams.append(TextStream(self.tokenizer, job.parsed.stop))
+                started.append(time.perf_counter())
+                tokens.append(0)
+            return [row for _, row in joined]
+
+        try:
+            decoder.generate(rows, on_token, more=more, on_finish=on_finish)
+        except Exception as e:  # a failed batch answers every request still in it; the engine keeps going
+            log.exception("generation failed")
+            for i, job in enumerate(jobs):
+                if i not in finished:
+                    job.emit({"type": "error", "message": f"generation failed: {e}"})
+            return
         self.stats[f"{mode}_batches"] += 1
-        self.stats[f"{mode}_requests"] += len(batch)
+        self.stats[f"{mode}_requests"] += len(jobs)
         if self.on_batch is not None:
-            self.on_batch(mode, len(batch), cache_hit)
+            self.on_batch(mode, len(jobs), cache_hit)

@@ -200,3 +200,24 @@ def test_row_probs_of_a_mixed_batch_equal_each_row_alone():
     alone = [int(sample_rows(logits[i:i + 1], [s], [g])[0]) for i, (s, g) in enumerate(zip(samplings, gens()))]
     assert batch == alone and batch[3] == int(logits[3].argmax())
     assert all(got[i, t] > 0 for i, t in enumerate(batch[:3]))  # never outside top-k / top-p
+
+
+@pytest.mark.parametrize("join_after", [1, 4])
+def test_rows_that_join_a_running_batch_decode_as_they_would_alone(loaded, join_after):
+    """Continuous batching: rows joining after some steps (one with a one-token prompt) are
+    prefilled and stacked onto the running KV caches; every row's tokens equal its decoding alone,
+    and a short joiner finishes while the long row is still running."""
+    tok, models = loaded
+    dec = LockstepDecoder(models, tok.pad_token_id, [tok.eos_token_id])
+    greedy = lambda n: Sampling(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+    first = Row(tok(PROMPTS[2])["input_ids"], (0.3, 0.7), greedy(16))
+    joiners = [Row(tok(PROMPTS[0])["input_ids"], (1.0, 0.0), greedy(3)), Row([tok(PROMPTS[1])["input_ids"][0]], (0.5, 0.5), greedy(6))]
+    asked, finished = [], []
+
+    def more(n):
+        asked.append(n)
+        return joiners if len(asked) == join_after else []
+
+    out = dec.generate([first], more=more, on_finish=finished.append)
+    assert out == [dec.generate([r])[0] for r in [first, *joiners]]
+    assert finished.index(1) < finished.index(0)  # the 3-token joiner ended before the long row

@@ -1,5 +1,6 @@
-"""The replica's soup cache: exact merges, at most ``size`` merged copies, memory reused on eviction."""
+"""The replica engine: soup cache (background merges, bounded copies), GPU placement, serve options, continuous batching."""
 
+import pytest
 import torch
 
 from serving.engine import SoupCache
@@ -7,7 +8,7 @@ from serving.mixing import soup_state_dicts
 from trainers.core.models import load_causal_lm
 
 
-def test_soup_cache_merges_exactly_and_recycles_evicted_copies(tiny_model):
+def test_soup_cache_merges_in_the_background_exactly_and_keeps_size_copies(tiny_model):
     models = [load_causal_lm(tiny_model).eval() for _ in range(3)]
     with torch.no_grad():
         for k, m in enumerate(models[1:], 1):
@@ -15,21 +16,20 @@ def test_soup_cache_merges_exactly_and_recycles_evicted_copies(tiny_model):
                 p.add_(0.01 * k * torch.randn(p.shape, generator=torch.Generator().manual_seed(k)))
     cache = SoupCache(models, size=2)
     w = (0.2, 0.3, 0.5)
+    assert cache.get(w) == (None, False) and not cache.merging  # asked once: not worth a merge yet
+    assert cache.get(w) == (None, False)  # hot: merging starts elsewhere, the caller does not wait
+    cache.wait()
     merged, hit = cache.get(w)
-    assert not hit and all(merged is not m for m in models)
+    assert hit and all(merged is not m for m in models)
     want = soup_state_dicts([m.state_dict() for m in models], w)
     assert all(torch.equal(t, want[k]) for k, t in merged.state_dict().items())
-    assert cache.get(w) == (merged, True)
-    assert cache.get((0.0, 1.0, 0.0))[0] is models[1]  # a unit vector is the policy itself
-    ptr = merged.lm_head.weight.data_ptr()
-    second, _ = cache.get((0.5, 0.5, 0.0))  # evicts w's copy (least recently used) and merges into it
-    assert second is merged and second.lm_head.weight.data_ptr() == ptr
-    want = soup_state_dicts([m.state_dict() for m in models[:2]], (0.5, 0.5))
-    assert all(torch.equal(t, want[k]) for k, t in second.state_dict().items())
-    for i in range(6):  # never more than `size` entries, so never more than `size` copies
+    assert cache.get((0.0, 1.0, 0.0)) == (models[1], True)  # a unit vector is the policy itself
+    for i in range(1, 5):  # never more than `size` merged copies kept
         cache.get((0.1 * i, 0.5, 0.5 - 0.1 * i))
-        copies = {id(m) for m in cache.cache.values()} - {id(m) for m in models}
-        assert len(cache.cache) <= 2 and len(copies) <= 2
+        cache.get((0.1 * i, 0.5, 0.5 - 0.1 * i))
+        cache.wait()
+        assert len(cache.cache) <= 2
+    assert w not in cache.cache and cache.misses == 10
 
 
 def test_policies_spread_over_the_replica_gpus():
@@ -54,3 +54,64 @@ def test_serve_dtype_defaults_to_auto_and_gpu_options_are_checked(tiny_model):
     if not torch.cuda.is_available():  # a GPU replica without CUDA stops at once, before loading anything
         with pytest.raises(RuntimeError, match="CUDA sees none"):
             MixEngine(ServeConfig(policies={"a": tiny_model}, num_gpus=1).validate())
+
+
+@pytest.mark.parametrize("mixing", ["logits", "soup"])
+def test_a_short_request_joins_the_running_batch_and_is_answered_first(two_policies, mixing):
+    """Continuous batching in the engine: a short request arriving while a long one decodes gets
+    its first token a few steps later and its answer before the long one ends; both answers equal
+    what each gets alone in logits mode. (In soup mode the long one switches from its merged model
+    to the per-row soup when the other vector joins: equal to 1e-5 in the logits, see
+    test_rowsoup.py, which greedy decoding of random tiny models does not survive bit for bit.)"""
+    import threading
+    import time
+
+    from serving.api import Limits, parse_request
+    from serving.config import ServeConfig
+    from serving.engine import MixEngine
+
+    engine = MixEngine(ServeConfig(policies=two_policies, max_tokens_limit=64, batch_wait_ms=0).validate())
+    limits = Limits(list(two_policies), (0.5, 0.5), mixing, 16, 64, 512)
+    tok = engine.tokenizer
+
+    def ask(prompt, n, weights, log):
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "mixing": mixing,
+                "objective_weights": weights}
+        done = threading.Event()
+        parts = []
+
+        def emit(event):
+            log.append((time.perf_counter(), event["type"], event))
+            if event["type"] == "delta":
+                parts.append(event["text"])
+            elif event["type"] == "done":
+                done.set()
+            else:
+                raise AssertionError(event)
+        engine.submit(parse_request(body, False, tok, limits), emit)
+        return done, parts
+
+    try:
+        alone = {}
+        for name, prompt, n, w in (("long", "Write about the coffee.", 48, {"sentiment": 0.3, "conciseness": 0.7}),
+                                   ("short", "Hi", 4, {"sentiment": 0.9, "conciseness": 0.1})):
+            done, parts = ask(prompt, n, w, [])
+            assert done.wait(120)
+            alone[name] = "".join(parts)
+            while engine.stats[f"{mixing}_requests"] < len(alone):  # its batch is over: the next is alone
+                time.sleep(0.005)
+        long_log, short_log = [], []
+        long_done, long_parts = ask("Write about the coffee.", 48, {"sentiment": 0.3, "conciseness": 0.7}, long_log)
+        while sum(1 for _, t, _ in long_log if t == "delta") < 8:  # the long request is well under way
+            time.sleep(0.005)
+        sent = time.perf_counter()
+        short_done, short_parts = ask("Hi", 4, {"sentiment": 0.9, "conciseness": 0.1}, short_log)
+        assert short_done.wait(120) and long_done.wait(120)
+        short_end, _, short_event = next(x for x in short_log if x[1] == "done")
+        long_end = next(t for t, e, _ in long_log if e == "done")
+        assert short_end < long_end and short_event["batch"] >= 2  # it joined, and left first
+        steps_before_first = sum(1 for t, e, _ in long_log if sent < t < short_log[0][0] and e == "delta")
+        assert steps_before_first <= 3
+        assert mixing == "soup" or ("".join(short_parts), "".join(long_parts)) == (alone["short"], alone["long"])
+    finally:
+        engine.close()
