@@ -115,3 +115,39 @@ def test_a_short_request_joins_the_running_batch_and_is_answered_first(two_polic
         assert mixing == "soup" or ("".join(short_parts), "".join(long_parts)) == (alone["short"], alone["long"])
     finally:
         engine.close()
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(two_policies):
+    """A client that goes away (``job.cancelled``) ends its row at the next token; the request
+    decoding beside it finishes in full."""
+    import threading
+
+    from serving.api import Limits, parse_request
+    from serving.config import ServeConfig
+    from serving.engine import MixEngine
+
+    engine = MixEngine(ServeConfig(policies=two_policies, max_tokens_limit=64, batch_wait_ms=50).validate())
+    limits = Limits(list(two_policies), (0.5, 0.5), "logits", 16, 64, 512)
+    events = {"a": [], "b": []}
+    done = {k: threading.Event() for k in events}
+    jobs = {}
+
+    def emit_for(name):
+        def emit(event):
+            events[name].append(event)
+            if name == "a" and sum(e["type"] == "delta" for e in events["a"]) == 3:
+                jobs["a"].cancelled = True
+            if event["type"] in ("done", "error"):
+                done[name].set()
+        return emit
+
+    try:
+        for name in ("a", "b"):
+            body = {"prompt": "Write about the coffee.", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+            jobs[name] = engine.submit(parse_request(body, False, engine.tokenizer, limits), emit_for(name))
+        assert done["a"].wait(120) and done["b"].wait(120)
+        a_done, b_done = events["a"][-1], events["b"][-1]
+        assert a_done["type"] == b_done["type"] == "done"
+        assert a_done["tokens"] < 10 and b_done["tokens"] == 48 and b_done["batch"] == 2
+    finally:
+        engine.close()
