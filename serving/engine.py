@@ -205,6 +205,7 @@ class MixEngine:
         self.running = False
         self.queue.put(None)
         self.thread.join(timeout)
+        self.soups.pool.shutdown(wait=True, cancel_futures=True)  # no merge thread outlives the engine
 
     # -- the engine thread -------------------------------------------------------------------
     def _next_batch(self) -> Optional[List[Job]]:
