@@ -2,9 +2,10 @@
 
 Requests arrive from the async HTTP handlers through :meth:`MixEngine.submit` and are decoded on
 one background thread (torch work never blocks the event loop, and two requests never fight for
-the replica's cores). The thread groups waiting requests: all logits-mode requests batch together
-(each row keeps its own weights), soup-mode requests batch with others asking for the same
-(rounded) weights. Text goes back as events through the ``emit`` callback the handler gave.
+the replica's cores). Requests of one mixing mode batch together, each row with its own weights
+(soup mode: a merged model for a hot shared vector, else the per-row soup), and requests that
+arrive while a batch decodes join it at the next step. Text goes back as events through the
+``emit`` callback the handler gave; a request is answered when its own row ends.
 """
 
 from __future__ import annotations
