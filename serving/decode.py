@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from serving.mixing import mix_logits
+from trainers.core.prompts import left_pad
 
 
 @dataclass
@@ -134,12 +135,7 @@ class LockstepDecoder:
             raise ValueError(f"{len(weights[0])} weights per row for {len(self.models)} models")
         active = list(range(len(self.models))) if more is not None else \
             [k for k in range(len(self.models)) if any(w[k] != 0 for w in weights)]
-        L = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), L), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, L - len(r.prompt_ids):] = 1
+        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id)
         mask = mask.to(self.device)
         step_ids, step_pos = ids.to(self.device), (mask.cumsum(1) - 1).clamp(min=0)
         caches = {k: DynamicCache() for k in active}
@@ -193,13 +189,8 @@ class LockstepDecoder:
 
         n = len(rows)
         heads = [r.prompt_ids[:-1] for r in rows]
-        Ln = max(len(h) for h in heads)
-        new_mask = torch.zeros((n, Ln), dtype=torch.long)
-        ids = torch.full((n, Ln), self.pad_id, dtype=torch.long)
-        for i, h in enumerate(heads):
-            if h:
-                ids[i, Ln - len(h):] = torch.tensor(h, dtype=torch.long)
-                new_mask[i, Ln - len(h):] = 1
+        ids, new_mask = left_pad(heads, self.pad_id)
+        Ln = ids.shape[1]
         new_mask = new_mask.to(self.device)
         new_caches = {k: DynamicCache() for k in active}
         if Ln:
