@@ -4,7 +4,12 @@ and the DeepSpeed engine's calling surface over a bare module."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from typing import Optional
 
 import numpy as np
@@ -14,6 +19,22 @@ from trainers.batches import pad_pairs, pair_logps
 from trainers.core.export import save_hf
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.data import tokenize_responses
+
+
+EXPORT_FILES = ("config.json", "generation_config.json", "moray.json", "model.safetensors.index.json",
+                "special_tokens_map.json", "chat_template.jinja")
+
+
+def assert_only_policy_files(out, lora: bool = False) -> None:
+    """An export directory holds the HF checkpoint (weights, config, tokenizer), ``moray.json`` and,
+    for LoRA, ``adapter/``: no training checkpoints or run files."""
+    from pathlib import Path
+
+    entries = {p.name for p in Path(out).iterdir()}
+    assert "moray.json" in entries and "config.json" in entries, entries
+    other = {e for e in entries if not (e in EXPORT_FILES or e.startswith("tokenizer") or
+                                        (e.startswith("model") and e.endswith(".safetensors")))}
+    assert other == ({"adapter"} if lora else set()), other
 
 
 def write_jsonl(path, rows) -> str:
@@ -117,3 +138,37 @@ class BareEngine(torch.nn.Module):
 
     def forward(self, **kwargs):
         return self.module(**kwargs)
+
+
+class RayNode:
+    """``ray start --block`` on loopback in its own process group (its raylet, object store, agents
+    and workers), so that stopping or killing it touches this node's processes alone."""
+
+    def __init__(self, temp: str, name: str, args, env: Optional[dict] = None):
+        self.log_path = os.path.join(temp, f"{name}.log")
+        env = dict(os.environ if env is None else env)
+        env.pop("RAY_ADDRESS", None)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
+                 "--disable-usage-stats", *args], start_new_session=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def check_alive(self) -> None:
+        assert self.proc.poll() is None, open(self.log_path).read()[-3000:]
+
+    def kill(self) -> None:
+        """Lose the node at once, as a machine that dies."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                continue
+            time.sleep(2)  # let the group's other processes exit on the first signal

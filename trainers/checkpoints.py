@@ -3,8 +3,8 @@
 Every ``train.checkpoint_every`` optimizer steps each worker reports its DeepSpeed shard and its
 reference log-probs, and rank 0 the trainer state (micro-batches done, step, the task's own
 state); a restarted run restores them all.
-At the end rank 0 exports the gathered model through its task and reports it as the ``final``
-checkpoint, with the trained engine's logits on fixed token ids (tests compare the export with them).
+At the end rank 0 exports the model through its task, gathered and written one tensor at a time,
+and reports it as the ``final`` checkpoint, with the trained engine's logits on fixed token ids (tests compare the export with them).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from trainers.deepspeed_setup import end_zero3_build, gathered_state_dict
+from trainers.deepspeed_setup import gathered_tensors
+from trainers.hf_export import export_dtype
 from trainers.reference import ReferenceTable
 
 STATE_FILE = "trainer_state.json"
@@ -68,19 +69,52 @@ def report(metrics: Dict[str, Any], engine, rank: int, save: bool, state: Dict[s
 
 
 def export_final(task, engine, rank: int, metadata: Dict[str, Any], metrics: Dict[str, Any]) -> None:
-    """Gather the trained weights, export them through the task on rank 0 and report the export."""
+    """Export the trained weights through the task on rank 0, gathered one tensor at a time, and
+    report the export. Rank 0's peak resident memory above its level before the export is in
+    ``export_peak_extra_bytes`` (Linux), the export's size in ``export_bytes``."""
     import ray.train
 
     tic = time.perf_counter()
     metrics = {**metrics, "probe_logits": probe_logits(engine), "exported": True}
-    state = gathered_state_dict(engine, rank)
-    end_zero3_build(engine)  # rank 0 builds the exported model alone
+    dtype = export_dtype(task.cfg.model.export_dtype, engine.bfloat16_enabled())
+    tensors = gathered_tensors(engine, rank)
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
-            task.export(state, tmp, metadata)
+            before = reset_peak_rss()
+            task.export(tensors, engine.module, tmp, metadata, dtype)
+            if before is not None:
+                metrics["export_peak_extra_bytes"] = peak_rss() - before
+            metrics["export_bytes"] = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
+        for name, _ in tensors:  # the other ranks gather alongside rank 0; rank 0 must have used them all
+            if rank == 0:
+                raise RuntimeError(f"the task's export stopped before {name!r}")
         metrics["export_seconds"] = time.perf_counter() - tic
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
                          checkpoint_dir_name="final")
+
+
+def reset_peak_rss() -> Optional[int]:
+    """Reset this process's peak resident memory (Linux ``clear_refs``); returns its current one in
+    bytes, or None where that cannot be measured."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def peak_rss() -> int:
+    """Peak resident memory since :func:`reset_peak_rss`, in bytes."""
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 def maybe_fail(fail_at_step: int, step: int, rank: int, world: int, marker: str) -> None:

@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List
 
 from trainers.core.config import opt
+from trainers.core.export import parse_size
+from trainers.hf_export import EXPORT_DTYPES
 from trainers.losses import LOSSES
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement group strategies
 
 
 def one_of(names: Iterable[str]) -> str:
@@ -38,6 +43,11 @@ class ModelConfig:
                                        "ZeRO-3 and with LoRA).")
     attn_implementation: str = opt("", "Attention kernel: '' (transformers' default, SDPA), sdpa, eager, or "
                                    "flash_attention_2 (GPU, needs the flash-attn package).")
+    export_dtype: str = opt("auto", "The exported weights' dtype: auto (the training dtype: bf16 when trained in "
+                            "bf16, else float32) | float32 | bfloat16 | float16.")
+    export_shard_size: str = opt("5GB", "Largest safetensors file of the export (Hugging Face's max_shard_size, "
+                                 "e.g. 500MB or 5GB); more files get model.safetensors.index.json. The export is "
+                                 "written tensor by tensor, never held whole.")
     keep_dropout: bool = opt(False, "Keep the model's dropout while training. Off by default: the reference "
                              "log-probs are taken without dropout, so dropout would only add noise to the log-ratios.")
 
@@ -60,6 +70,9 @@ class DataConfig:
     max_prompt_length: int = opt(256, "Prompt tokens kept (truncated from the left).")
     max_response_length: int = opt(256, "Response tokens kept (truncated from the right).")
     skip_invalid: bool = opt(False, "Drop malformed rows and report how many, instead of failing.")
+    in_memory_mb: int = opt(256, "Validated rows the driver keeps in memory, in MB of Arrow data; beyond it they "
+                            "are written to parquet under train.storage_path as they are validated, and Ray "
+                            "Data reads them on the cluster (the driver never holds a large file).")
 
 
 @dataclass
@@ -92,7 +105,11 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "Checkpoints kept in storage.")
     max_failures: int = opt(0, "Worker failures Ray Train recovers from (restart from the last "
                             "checkpoint).")
-    storage_path: str = opt("", "Where Ray Train stores checkpoints; default <out>/ray_storage.")
+    storage_path: str = opt("", "Where Ray Train stores checkpoints: a local path or a storage URI (file://, s3://, "
+                            "gs://, ...) that every node reaches; default ray_storage/ beside the export "
+                            "directory (never inside it).")
+    placement_strategy: str = opt("PACK", "How workers spread over nodes: PACK (fewest nodes) | SPREAD (one per node "
+                                  "where possible) | STRICT_PACK | STRICT_SPREAD.")
     log_every: int = opt(10, "Send metrics to Ray Train every N optimizer steps (each report "
                          "carries every step's metrics in 'history'; the progress bar shows each step).")
     fail_at_step: int = opt(-1, "Testing: rank 1 (or 0 with one worker) dies once at this "
@@ -105,7 +122,8 @@ class JobConfig:
     data and the optimisation. Each job (``trainers/jobs/<name>.py``) extends it with its own fields."""
 
     objective: str = opt("", "Name of the objective this policy is aligned to (e.g. sentiment).")
-    out: str = opt("", "Output directory: the exported HF policy and run files.")
+    out: str = opt("", "Where the exported HF checkpoint goes: a local directory or a storage URI (file://, "
+                   "s3://, gs://, ...). It holds the weights, config, tokenizer and moray.json only.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,7 +166,18 @@ class JobConfig:
         elif t.zero_stage == 0 and (t.bf16 == "true" or (t.bf16 == "auto" and t.use_gpu)):
             errors.append("bf16 training needs train.zero_stage 1-3 (fp32 master weights, gradients accumulated in "
                           "fp32); set train.bf16=false for stage 0")
+        if t.placement_strategy not in PLACEMENT_STRATEGIES:
+            errors.append(f"train.placement_strategy must be {one_of(PLACEMENT_STRATEGIES)}, got {t.placement_strategy!r}")
+        m = self.model
+        if m.export_dtype not in ("auto", *EXPORT_DTYPES):
+            errors.append(f"model.export_dtype must be {one_of(['auto', *EXPORT_DTYPES])}, got {m.export_dtype!r}")
+        try:
+            parse_size(m.export_shard_size)
+        except ValueError as e:
+            errors.append(f"model.export_shard_size: {e}")
         d = self.data
+        if d.in_memory_mb < 0:
+            errors.append(f"data.in_memory_mb must be >= 0, got {d.in_memory_mb}")
         if d.max_prompt_length < 1 or d.max_response_length < 1:
             errors.append("data.max_prompt_length and data.max_response_length must be >= 1")
         if d.objective_labels and len(d.response_columns) != 2:

@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -29,12 +29,14 @@ import pyarrow.parquet as pq
 
 from trainers.batches import response_names
 from trainers.config import DataConfig
+from trainers.core import storage
 from trainers.core.models import load_tokenizer
 from trainers.core.prompts import encode, encode_response
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("prompt", "chosen", "rejected")
+CHUNK_ROWS = 8192  # rows validated between two Arrow record batches
 
 
 class PreferenceDataError(ValueError):
@@ -43,10 +45,20 @@ class PreferenceDataError(ValueError):
 
 @dataclass
 class SourceRows:
-    """Rows of one source file (or HF split), with their origin for error messages."""
+    """Rows of one source file (or HF split), read lazily (iterate once), with their origin for
+    error messages."""
 
     name: str
-    rows: List[Dict[str, Any]]
+    rows: Iterable[Dict[str, Any]]
+
+
+@dataclass
+class StagedRows:
+    """Validated rows too large for the driver's memory, in a parquet file (a local path or a
+    storage URI every node reaches) that Ray Data reads on the cluster."""
+
+    path: str
+    num_rows: int
 
 
 @dataclass
@@ -85,26 +97,31 @@ def _files(path: str, suffix: str) -> List[Path]:
     return [p] if p.is_file() else sorted(p.glob(f"*{suffix}"))
 
 
+def _jsonl_rows(f: Path) -> Iterator[Dict[str, Any]]:
+    with open(f) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PreferenceDataError(f"{f}: line {lineno} is not valid JSON ({e.msg})") from None
+            yield obj if isinstance(obj, dict) else {"__not_an_object__": obj}
+
+
+def _parquet_rows(f: Path) -> Iterator[Dict[str, Any]]:
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=CHUNK_ROWS):
+        yield from batch.to_pylist()
+
+
 def read_source(path: str, fmt: str = "auto", split: str = "train") -> List[SourceRows]:
-    """Read raw rows, keeping file names so errors can point at them."""
+    """The sources' rows, read as they are iterated (a file is never held whole), keeping file
+    names so errors can point at them."""
     fmt = _resolve_format(path, fmt)
     if fmt == "jsonl":
-        out = []
-        for f in _files(path, ".jsonl"):
-            rows: List[Dict[str, Any]] = []
-            with open(f) as fh:
-                for lineno, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise PreferenceDataError(f"{f}: line {lineno} is not valid JSON ({e.msg})") from None
-                    rows.append(obj if isinstance(obj, dict) else {"__not_an_object__": obj})
-            out.append(SourceRows(str(f), rows))
-        return out
+        return [SourceRows(str(f), _jsonl_rows(f)) for f in _files(path, ".jsonl")]
     if fmt == "parquet":
-        return [SourceRows(str(f), pq.read_table(f).to_pylist()) for f in _files(path, ".parquet")]
+        return [SourceRows(str(f), _parquet_rows(f)) for f in _files(path, ".parquet")]
     if fmt == "hf":
         import datasets
 
@@ -116,7 +133,7 @@ def read_source(path: str, fmt: str = "auto", split: str = "train") -> List[Sour
                 ds = ds[split]
         else:
             ds = datasets.load_dataset(path, split=split)
-        return [SourceRows(f"{path}[{split}]", ds.to_list())]
+        return [SourceRows(f"{path}[{split}]", iter(ds))]  # Arrow-backed, memory-mapped
     raise PreferenceDataError(f"unknown data format {fmt!r}; use jsonl, parquet or hf")
 
 
@@ -193,10 +210,13 @@ def settle_problems(report: LoadReport, skip_invalid: bool, what: str) -> int:
     return bad
 
 
-def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = (),
-               extra: Sequence[str] = ()) -> Tuple[pa.Table, LoadReport]:
-    """Read, map and validate; return a table of ``idx, prompt, chosen, rejected`` (+ ``extra``
-    response columns, e.g. WRPO's ``source``).
+def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = (), extra: Sequence[str] = (),
+               stage: str = "") -> Tuple[Union[pa.Table, StagedRows], LoadReport]:
+    """Read, map and validate, a chunk of rows at a time; return a table of ``idx, prompt, chosen,
+    rejected`` (+ ``extra`` response columns, e.g. WRPO's ``source``). Rows beyond
+    ``cfg.in_memory_mb`` of Arrow data are written to a parquet file under ``stage`` (a local path
+    or URI) as they come, and :class:`StagedRows` is returned instead: the driver then never holds
+    the data.
 
     Chat message lists are stored as JSON strings (``is_chat`` column) so the table has one
     schema; :class:`Tokenize` renders them with the chat template. Raises
@@ -212,7 +232,10 @@ def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = (),
                                   "and data.objective_labels")
     report = LoadReport()
     fields = (*FIELDS, *extra)
-    kept: Dict[str, List[Any]] = {**{k: [] for k in fields}, "is_chat": [], **{f"sign_{k}": [] for k in also}}
+    schema = pa.schema([("idx", pa.int64()), *((k, pa.string()) for k in fields), ("is_chat", pa.bool_()),
+                        *((f"sign_{k}", pa.float64()) for k in also)])
+    sink = RowSink(schema, stage, cfg.in_memory_mb * 2**20)
+    kept: Dict[str, List[Any]] = {name: [] for name in schema.names if name != "idx"}
     for src in read_source(cfg.path, cfg.format, cfg.split):
         for i, row in enumerate(src.rows):
             report.total += 1
@@ -229,14 +252,61 @@ def load_pairs(cfg: DataConfig, objective: str, also: Sequence[str] = (),
             kept["is_chat"].append(is_chat)
             for k in also:
                 kept[f"sign_{k}"].append(mapped[f"sign_{k}"])
+            if len(kept["is_chat"]) == CHUNK_ROWS:
+                sink.add(kept)
+    sink.add(kept)
     if report.total == 0:
         raise PreferenceDataError(f"{cfg.path}: no rows")
     report.skipped = settle_problems(report, cfg.skip_invalid, "preference")
-    report.kept = len(kept["prompt"])
+    report.kept = sink.rows
     if report.kept == 0:
         raise PreferenceDataError(f"{cfg.path}: every row was invalid")
-    table = pa.table({"idx": pa.array(np.arange(report.kept, dtype=np.int64)), **kept})
-    return table, report
+    return sink.finish(), report
+
+
+class RowSink:
+    """Validated rows as Arrow record batches: kept in memory up to ``limit`` bytes, then written
+    (those first, and every later one) to ``<stage>/rows.parquet``."""
+
+    def __init__(self, schema: pa.Schema, stage: str, limit: int):
+        self.schema, self.stage, self.limit = schema, stage, limit
+        self.batches: List[pa.RecordBatch] = []
+        self.rows = self.held = 0
+        self.writer = None
+
+    def add(self, columns: Dict[str, List[Any]]) -> None:
+        """Append the rows in ``columns`` (emptied)."""
+        n = len(columns["is_chat"])
+        if not n:
+            return
+        idx = pa.array(np.arange(self.rows, self.rows + n, dtype=np.int64))
+        batch = pa.record_batch([idx, *(pa.array(columns[f.name], f.type) for f in self.schema if f.name != "idx")],
+                                schema=self.schema)
+        for v in columns.values():
+            v.clear()
+        self.rows += n
+        if self.writer is None and self.stage and self.held + batch.nbytes > self.limit:
+            self._spill()
+        if self.writer is not None:
+            self.writer.write_batch(batch)
+        else:
+            self.batches.append(batch)
+            self.held += batch.nbytes
+
+    def finish(self) -> Union[pa.Table, StagedRows]:
+        if self.writer is None:
+            return pa.Table.from_batches(self.batches, self.schema)
+        self.writer.close()
+        return StagedRows(storage.join(self.stage, "rows.parquet"), self.rows)
+
+    def _spill(self) -> None:
+        fs, path = storage.filesystem(storage.join(self.stage, "rows.parquet"))
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        log.info("the validated rows pass %d MB: writing them to %s", self.limit // 2**20, self.stage)
+        self.writer = pq.ParquetWriter(path, self.schema, filesystem=fs)
+        for b in self.batches:
+            self.writer.write_batch(b)
+        self.batches, self.held = [], 0
 
 
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, is_chat: bool,

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from trainers.config import TrainConfig
+from trainers.core.export import module_tensors
 
 
 def use_bf16(cfg: TrainConfig, on_gpu: bool) -> bool:
@@ -107,41 +108,24 @@ def build_engine(build: Callable[[], torch.nn.Module], cfg: TrainConfig, total_s
     return engine
 
 
-def end_zero3_build(engine) -> None:
-    """Models built from now on (the export's) are whole again, not partitioned under zero.Init."""
-    if getattr(engine, "moray_zero3_config", None) is not None:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        engine.moray_zero3_config = None
-
-
-def gathered_state_dict(engine, rank: int) -> Optional[Dict[str, torch.Tensor]]:
-    """The trained weights on rank 0 (None elsewhere): every trainable parameter from the optimizer's
-    fp32 master copy where there is one (bf16 training: updates smaller than a bf16 step are kept),
-    frozen ones and buffers as the module holds them. Every rank takes part (ZeRO gathers).
-
-    Under ZeRO-3 each parameter is gathered in turn, so peak memory is one full parameter beyond
-    the shard, not one full model per rank.
+def gathered_tensors(engine, rank: int) -> Iterator[Tuple[str, Optional[torch.Tensor]]]:
+    """The trained weights one at a time, in :func:`trainers.core.export.module_tensors`' order:
+    ``(name, tensor)`` on rank 0 (``(name, None)`` elsewhere). Trainable parameters come from the
+    optimizer's fp32 master copy where there is one (bf16 training: updates smaller than a bf16
+    step are kept), frozen ones and buffers as the module holds them. Every rank must run it to the
+    end together (ZeRO gathers each parameter in turn, so no rank ever holds the whole model).
     """
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    module = engine.module
     zero3 = engine.zero_optimization_stage() == 3
-    out: Dict[str, torch.Tensor] = {}
-    for name, param in module.named_parameters():
+    for name, param in module_tensors(engine.module):
+        if not isinstance(param, torch.nn.Parameter):  # a buffer: every rank holds it whole
+            yield name, (param.detach() if rank == 0 else None)
+            continue
         master = safe_get_full_fp32_param(param) if param.requires_grad else None
         if master is not None:
-            if rank == 0:
-                out[name] = master.detach().cpu().clone()
+            yield name, (master.detach() if rank == 0 else None)
             continue
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=zero3):
-            if rank == 0:
-                out[name] = param.detach().cpu().clone()
-    if rank == 0:
-        persistent = set(module.state_dict().keys())  # non-persistent buffers (rotary tables) stay out
-        for name, buf in module.named_buffers():
-            if name in persistent:
-                out[name] = buf.detach().cpu().clone()
-    return out if rank == 0 else None
+            yield name, (param.detach().clone() if rank == 0 else None)

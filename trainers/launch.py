@@ -10,15 +10,15 @@ export to ``job.out``. The seconds each stage took are in the returned metrics (
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from trainers.core import storage
 from trainers.core.models import load_tokenizer
 from trainers.core.runtime import init_ray
-from trainers.data import Tokenize
+from trainers.data import StagedRows, Tokenize
 from trainers.loop import train_loop
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,21 @@ class PreparedRows:
 
 
 def shard_rows(job, table, report) -> PreparedRows:
-    """One Ray Dataset of validated rows per worker: equal contiguous parts of the table (the last
-    rows that do not divide evenly are dropped). The workers tokenize their own rows as they read
-    them, so nothing runs here and no data stage starts before training."""
+    """One Ray Dataset of validated rows per worker: equal contiguous parts of the rows (the last
+    rows that do not divide evenly are dropped). An in-memory table is sliced; staged rows
+    (:class:`~trainers.data.StagedRows`) are split into one parquet file per worker, a chunk at a
+    time, which Ray Data reads on the cluster. The workers tokenize their own rows as they read them."""
     import ray.data
 
     workers = job.train.workers
     per_rank = table.num_rows // workers
-    shards = [ray.data.from_arrow(table.slice(r * per_rank, per_rank)) for r in range(workers)]
+    if isinstance(table, StagedRows):
+        shards = [ray.data.read_parquet(path) for path in split_staged(table, workers, per_rank)]
+        for shard in shards:
+            shard.context.execution_options.preserve_order = True
+        shards = [shard.materialize() for shard in shards]
+    else:
+        shards = [ray.data.from_arrow(table.slice(r * per_rank, per_rank)) for r in range(workers)]
     for shard in shards:  # the training bar reports progress; Ray Data's own bars would be forwarded every batch
         shard.context.enable_progress_bars = shard.context.enable_operator_progress_bars = False
     dropped = report.kept - per_rank * workers
@@ -50,6 +57,38 @@ def shard_rows(job, table, report) -> PreparedRows:
         log.warning("dropped %d rows so that each of the %d workers gets %d", dropped, workers, per_rank)
     pad_id = load_tokenizer(job.model.name_or_path, job.model.trust_remote_code).pad_token_id
     return PreparedRows(shards, per_rank, report.kept, dropped, report.skipped, pad_id)
+
+
+def split_staged(staged: StagedRows, workers: int, per_rank: int) -> List[str]:
+    """``rank<r>.parquet`` beside the staged rows: rows ``[r·per_rank, (r+1)·per_rank)``, copied a
+    record batch at a time."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(staged.path)
+    parent = storage.parent(staged.path)
+    outs = [storage.join(parent, f"rank{r}.parquet") for r in range(workers)]
+    writers: List[Any] = [None] * workers
+    start = 0
+    with fs.open_input_file(path) as f:
+        source = pq.ParquetFile(f)
+        for batch in source.iter_batches():
+            end = start + batch.num_rows
+            for r in range(workers):
+                lo, hi = max(start, r * per_rank), min(end, (r + 1) * per_rank)
+                if lo < hi:
+                    if writers[r] is None:
+                        rfs, rpath = storage.filesystem(outs[r])
+                        writers[r] = pq.ParquetWriter(rpath, source.schema_arrow, filesystem=rfs)
+                    writers[r].write_batch(batch.slice(lo - start, hi - lo))
+            start = end
+    for w in writers:
+        w.close()
+    return outs
+
+
+def staging_dir(job) -> str:
+    """Where a job's rows go when they are too large for the driver's memory: under its storage."""
+    return storage.join(run_locations(job)[1], f"staged-{job.objective}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
 def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata: Dict[str, Any], name: str,
@@ -60,6 +99,7 @@ def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata:
     ``job.out``. ``metadata`` (the job's own ``moray.json`` entries) gains the run's: data, rows,
     epochs, ZeRO stage, workers, seed."""
     check_enough_rows(report.kept, job.train.workers)
+    run_locations(job)
     tic = time.perf_counter()
     init_ray(address)
     ray_start = time.perf_counter() - tic
@@ -68,13 +108,28 @@ def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata:
     t = job.train
     metadata = {**metadata, "data": job.data.path, "pairs": prepared.rows, "epochs": t.epochs,
                 "zero_stage": t.zero_stage, "workers": t.workers, "seed": t.seed}
-    metrics = fit(make_task, job, prepared, metadata, name, failure_marker, tokenize or Tokenize)
+    try:
+        metrics = fit(make_task, job, prepared, metadata, name, failure_marker, tokenize or Tokenize)
+    finally:
+        if isinstance(table, StagedRows):
+            storage.remove_dir(storage.parent(table.path))
     metrics["timings"] = {"ray_start": ray_start, "shards": shard_s, "fit": metrics["seconds"]}
     what = ("a reward model" if metadata.get("kind") == "reward_model"
             else f"a {(metadata.get('method') or metadata.get('loss', '')).upper()} policy")
     log.info("trained %s for %r on %d %s in %.0fs; exported to %s", what, job.objective, prepared.rows, unit,
              metrics["seconds"], job.out)
     return metrics
+
+
+def run_locations(job) -> Tuple[str, str]:
+    """``(export location, Ray Train storage)``: local paths made absolute, URIs as given. The
+    storage defaults to ``ray_storage`` beside the export, so the export holds the policy alone.
+    An unknown URI scheme fails here, before any compute."""
+    out = storage.absolute(job.out)
+    where = storage.absolute(job.train.storage_path or storage.join(storage.parent(out), "ray_storage"))
+    for location in (out, where):
+        storage.filesystem(location)
+    return out, where
 
 
 def check_enough_rows(kept: int, workers: int) -> None:
@@ -84,13 +139,13 @@ def check_enough_rows(kept: int, workers: int) -> None:
 
 def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: Dict[str, Any], name: str,
         failure_marker: str = "", tokenize: type = Tokenize) -> Dict[str, Any]:
-    """Run :func:`trainers.loop.train_loop` on a TorchTrainer; copy the export to ``job.out``."""
+    """Run :func:`trainers.loop.train_loop` on a TorchTrainer; copy the export to ``job.out`` (a
+    local path or a storage URI)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     t = job.train
-    out = Path(job.out).resolve()
-    storage = Path(t.storage_path or out / "ray_storage").resolve()
+    out, storage_path = run_locations(job)
     run = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         train_loop,
@@ -99,9 +154,10 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
                            "pad_id": prepared.pad_id, "metadata": metadata, "failure_marker": failure_marker,
                            "run": run},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+                                               resources_per_worker={"CPU": t.cpus_per_worker},
+                                               placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=run, storage_path=str(storage),
+            name=run, storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             # Ray Train's per-report INFO lines drown the progress bar; its warnings still show
@@ -115,13 +171,8 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without an exported policy")
-    out.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as d:
-        for f in Path(d).iterdir():
-            if f.is_file():
-                shutil.copy2(f, out / f.name)
-            elif f.is_dir():  # a LoRA policy's adapter/
-                shutil.copytree(f, out / f.name, dirs_exist_ok=True)
+    # storage to the export location, filesystem to filesystem: the driver's disk is not involved
+    storage.copy_dir(result.checkpoint.filesystem, result.checkpoint.path, out)
     metrics = dict(result.metrics or {})
     if "entered_at" in metrics:  # controller, placement group, worker processes and their imports
         metrics["workers_start_seconds"] = metrics.pop("entered_at") - started_at

@@ -13,6 +13,7 @@ on the device and are read once per optimizer step (one all-reduce, one copy to 
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -28,6 +29,8 @@ from trainers.checkpoints import (export_final, load_engine_state, maybe_fail, q
 from trainers.deepspeed_setup import build_engine, worker_device
 from trainers.metrics import TrainingMetrics
 from trainers.reference import ReferenceTable
+
+log = logging.getLogger(__name__)
 
 
 def train_loop(config: Dict[str, Any]) -> None:
@@ -69,6 +72,8 @@ def train_loop(config: Dict[str, Any]) -> None:
                "report_seconds": 0.0, "entered_at": entered_at}
 
     step = math.ceil(micro / t.grad_accum)
+    if rank == 0 and micro:
+        log.warning("resuming from the checkpoint at optimizer step %d of %d", step, sched.total_steps)
     bar = tqdm(total=sched.total_steps, desc=f"{task.name} {task.cfg.objective}") if rank == 0 else None
     if bar is not None:
         bar.update(step)

@@ -1,21 +1,21 @@
 """The one interface between the training loop and a method: a :class:`Task`.
 
 A job (``trainers/jobs/<name>.py``) defines its task; the loop (:mod:`trainers.loop`) calls only
-what is written here. Required: :meth:`Task.build`, :meth:`Task.losses`, :meth:`Task.export`.
-Optional hooks have defaults that do nothing: :meth:`Task.collate`, :meth:`Task.start_step`,
+what is written here. Required: :meth:`Task.build`, :meth:`Task.losses`. :meth:`Task.export`
+writes an HF checkpoint unless a task overrides it. Optional hooks have defaults that do nothing: :meth:`Task.collate`, :meth:`Task.start_step`,
 :meth:`Task.end_step`, :meth:`Task.state` / :meth:`Task.load_state`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
 from trainers.batches import pack_pairs, pad_pairs
-from trainers.core.export import ADAPTER_DIR, load_matching_state, save_hf
+from trainers.core.export import module_tensors, parse_size
 from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.hf_export import export_model
 
 Tensor = torch.Tensor
 
@@ -39,9 +39,15 @@ class Task:
         ``reward_margin``). Keep them on the device: the loop reads them once per step."""
         raise NotImplementedError
 
-    def export(self, state: Dict[str, Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
-        """Write the trained model (``state``: the full state dict, on rank 0) to ``out_dir``."""
-        raise NotImplementedError
+    def export(self, tensors: Iterable[Tuple[str, Optional[Tensor]]], module: torch.nn.Module, out_dir: str,
+               metadata: Dict[str, Any], dtype: torch.dtype) -> None:
+        """On rank 0: write the trained model to ``out_dir`` in ``dtype``. ``tensors`` are its
+        weights one at a time, as ZeRO gathers them (consume them all, in order: the other ranks
+        gather alongside); ``module`` is the engine's (names, shapes and config; partitioned
+        under ZeRO-3). This default writes an HF checkpoint of ``cfg.model`` (:func:`trainers.hf_export.export_model`)."""
+        m = self.cfg.model
+        export_model(tensors, module, load_tokenizer(m.name_or_path, m.trust_remote_code), out_dir, metadata, dtype,
+                     parse_size(m.export_shard_size))
 
     # -- optional hooks ------------------------------------------------------------------------
     def collate(self, rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int]) -> Dict[str, Tensor]:
@@ -91,19 +97,13 @@ def build_policy(model_cfg, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
 
 
 
-def export_policy(state_dict: Dict[str, Tensor], model_cfg, out_dir: str, metadata: Dict[str, Any],
-                  dtype: Optional[torch.dtype] = None) -> str:
-    """Write ``state_dict`` (as gathered from the engine) as an HF checkpoint in ``out_dir``. LoRA
-    adapters are merged into the full weights (plain ``from_pretrained`` loads it) and also kept in
-    ``adapter/`` for LoRA soups."""
-    model = build_policy(model_cfg)
-    load_matching_state(model, state_dict)
-    if model_cfg.lora:
-        model.save_pretrained(Path(out_dir) / ADAPTER_DIR, safe_serialization=True)
-        model = model.merge_and_unload()
-    if dtype is not None:
-        model = model.to(dtype)
-    return save_hf(model, load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code), out_dir, metadata)
+def export_policy(module: torch.nn.Module, model_cfg, out_dir: str, metadata: Dict[str, Any],
+                  dtype: torch.dtype = torch.float32) -> str:
+    """Write a policy held whole in memory (LoRA merged, its adapter in ``adapter/``) as an HF
+    checkpoint in ``out_dir``; training exports stream from the engine instead (:meth:`PolicyTask.export`)."""
+    export_model(module_tensors(module), module, load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code),
+                 out_dir, metadata, dtype, parse_size(model_cfg.export_shard_size))
+    return out_dir
 
 
 def policy_metadata(job, **entries: Any) -> Dict[str, Any]:
@@ -122,5 +122,3 @@ class PolicyTask(Task):
     def build(self) -> torch.nn.Module:
         return build_policy(self.cfg.model)
 
-    def export(self, state: Dict[str, Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
-        export_policy(state, self.cfg.model, out_dir, metadata)

@@ -7,9 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -19,6 +16,7 @@ import pytest
 from cluster import ray_jobs as jobs
 from cluster.cli import main
 from cluster.metrics import read_metrics
+from tests.helpers import RayNode
 from trainers.core.runtime import free_port
 from trainers.metrics import TRAIN_PAIRS, TRAIN_SCALARS
 
@@ -57,20 +55,15 @@ def test_unreachable_cluster_is_a_clear_error(capsys):
 def ray_head():
     temp = tempfile.mkdtemp(prefix="moray-head-", dir="/tmp")  # short: Ray's socket paths live under it
     dashboard, metrics = free_port(), free_port()
-    env = dict(os.environ, RAY_metrics_report_interval_ms="1000")
-    env.pop("RAY_ADDRESS", None)
-    log = open(os.path.join(temp, "head.log"), "w")
-    proc = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-         "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}",
-         f"--ray-client-server-port={free_port()}", "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats"],
-        start_new_session=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    head = RayNode(temp, "head", ["--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+                                  f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}",
+                                  f"--ray-client-server-port={free_port()}", "--num-cpus=4", f"--temp-dir={temp}"],
+                   env=dict(os.environ, RAY_metrics_report_interval_ms="1000"))
     url = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 180
         while True:
-            assert proc.poll() is None, open(os.path.join(temp, "head.log")).read()[-3000:]
+            head.check_alive()
             try:
                 jobs.client(url)
                 break
@@ -79,17 +72,7 @@ def ray_head():
                 time.sleep(1)
         yield {"url": url, "metrics": f"http://127.0.0.1:{metrics}/metrics"}
     finally:  # only this head's processes: its own process group
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                continue
-            time.sleep(2)  # let the group's other processes exit on the first signal
-        log.close()
+        head.stop()
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -134,7 +134,7 @@ def test_lora_soup_of_exported_adapters(tiny_model, tmp_path):
             for n, p in policy.named_parameters():
                 if "lora_" in n:
                     p.normal_(std=0.3)
-        dirs[k] = export_policy(policy.state_dict(), cfg, str(tmp_path / k),
+        dirs[k] = export_policy(policy, cfg, str(tmp_path / k),
                                 {"kind": "policy", "objective": k, "reference_model": tiny_model, "beta": 0.1})
     ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
     unit = soup_policies(dirs, {"a": 1.0}, str(tmp_path / "soup_a"), lora=True)

@@ -48,6 +48,10 @@ def test_bad_overrides_raise(override, match):
     ({"train.workers": 0}, "train.workers must be >= 1"),
     ({"objective": ""}, "objective is required"),
     ({"data.objective_labels": {"helpful": "better"}}, "needs data.response_columns"),
+    ({"model.export_dtype": "fp8"}, "model.export_dtype must be auto, float32, bfloat16 or float16, got 'fp8'"),
+    ({"model.export_shard_size": "lots"}, "model.export_shard_size: 'lots' is not a size"),
+    ({"train.placement_strategy": "spread"}, "train.placement_strategy must be PACK, SPREAD"),
+    ({"data.in_memory_mb": -1}, "data.in_memory_mb must be >= 0"),
 ])
 def test_validate_fails_fast(override, match):
     with pytest.raises(ValueError, match=match):

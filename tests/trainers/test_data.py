@@ -28,6 +28,30 @@ def test_jsonl_and_parquet_give_the_same_pairs(tmp_path):
     assert t1.column("idx").to_pylist() == list(range(10))
 
 
+def test_rows_beyond_the_memory_limit_are_staged_and_split_exactly(tmp_path, monkeypatch):
+    """Past data.in_memory_mb the validated rows go to parquet at the stage URI as they come, and the
+    per-worker files hold exactly the rows the in-memory table's slices would."""
+    import trainers.data as data
+    from trainers.launch import split_staged
+
+    monkeypatch.setattr(data, "CHUNK_ROWS", 7)  # several record batches, split across rank borders
+    rows = synthetic_pairs(50, seed=2)
+    rows[3]["chosen"] = ""
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    table, report = load_pairs(DataConfig(path=path, skip_invalid=True), "s")
+    staged, staged_report = load_pairs(DataConfig(path=path, skip_invalid=True, in_memory_mb=0), "s",
+                                       stage=f"file://{tmp_path}/stage")
+    assert isinstance(table, pa.Table) and isinstance(staged, data.StagedRows)
+    assert staged.num_rows == table.num_rows == report.kept == staged_report.kept == 49 and report.skipped == 1
+    assert pq.read_table(tmp_path / "stage" / "rows.parquet").equals(table)
+    parts = split_staged(staged, 3, 16)  # 49 rows, 3 workers: 16 each, the last row dropped
+    assert parts == [f"file://{tmp_path}/stage/rank{r}.parquet" for r in range(3)]
+    for r in range(3):
+        assert pq.read_table(tmp_path / "stage" / f"rank{r}.parquet").equals(table.slice(16 * r, 16))
+    # without a stage the rows stay in memory whatever their size
+    assert isinstance(load_pairs(DataConfig(path=path, skip_invalid=True, in_memory_mb=0), "s")[0], pa.Table)
+
+
 def test_hf_save_to_disk_directory(tmp_path):
     import datasets
 

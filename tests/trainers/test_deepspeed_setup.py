@@ -1,6 +1,8 @@
 """DeepSpeed set-up without Ray: the GPU request fails fast without CUDA; bf16 accumulates and
-reduces gradients in fp32 and exports the fp32 master weights (DeepSpeed's bf16 on its CPU
-accelerator, two gloo ranks); ZeRO-3 builds the model partitioned, before ``deepspeed.initialize``."""
+reduces gradients in fp32 and exports the fp32 master weights, or bf16 when asked (DeepSpeed's
+bf16 on its CPU accelerator, two gloo ranks, ZeRO-2 and ZeRO-3, sharded exports that
+``from_pretrained`` loads in the dtype asked for); ZeRO-3 builds the model partitioned, before
+``deepspeed.initialize``."""
 
 import os
 import socket
@@ -10,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from trainers.config import TrainConfig
+from trainers.core.export import INDEX_FILE, load_state
 from trainers.deepspeed_setup import deepspeed_config, worker_device
 from trainers.jobs.dpo import DPOJobConfig
 
@@ -38,7 +41,9 @@ def _worker(rank, world, port, model_dir, stage, checkpointing, out):
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from trainers.config import ModelConfig
-    from trainers.deepspeed_setup import build_engine, gathered_state_dict
+    from trainers.core.models import load_tokenizer
+    from trainers.deepspeed_setup import build_engine, gathered_tensors
+    from trainers.hf_export import export_model
     from trainers.task import build_policy
 
     seen = {}
@@ -60,7 +65,13 @@ def _worker(rank, world, port, model_dir, stage, checkpointing, out):
                                                  ids[:, 1:].reshape(-1))
         engine.backward(loss)
         engine.step()
-    state = gathered_state_dict(engine, rank)
+    for dtype in (torch.float32, torch.bfloat16):  # rank 0 writes; the other rank gathers alongside
+        tensors = gathered_tensors(engine, rank)
+        if rank == 0:
+            export_model(tensors, engine.module, load_tokenizer(model_dir), f"{out}.{str(dtype)[6:]}", {}, dtype,
+                         max_shard_bytes=200_000)
+        for _ in tensors:
+            assert rank != 0
     import deepspeed
 
     rounded = {}
@@ -68,7 +79,7 @@ def _worker(rank, world, port, model_dir, stage, checkpointing, out):
         with deepspeed.zero.GatheredParameters([p], enabled=stage == 3):
             rounded[n] = p.detach().float().clone()
     if rank == 0:
-        torch.save({"partitioned": seen["partitioned"], "state": state, "module": rounded}, out)
+        torch.save({"partitioned": seen["partitioned"], "module": rounded}, out)
 
 
 @pytest.mark.slow
@@ -82,8 +93,9 @@ def test_bf16_exports_fp32_master_weights_and_zero3_builds_partitioned(tiny_mode
     got = torch.load(out, weights_only=True)
     if stage == 3:  # every weight partitioned as it loaded, before deepspeed.initialize
         assert got["partitioned"] and all(got["partitioned"])
-    state, module = got["state"], got["module"]
-    assert all(v.dtype == torch.float32 for v in state.values())
+    module = got["module"]
+    state = load_state(f"{out}.float32")
+    assert all(v.dtype == torch.float32 for v in state.values()) and (tmp_path / f"result.pt.float32/{INDEX_FILE}").exists()
     # the export is the fp32 master copy: bf16-rounding it gives the module's bf16 weights, and it
     # holds the updates smaller than one bf16 step that the bf16 weights lost
     moved = 0
@@ -91,3 +103,10 @@ def test_bf16_exports_fp32_master_weights_and_zero3_builds_partitioned(tiny_mode
         torch.testing.assert_close(state[name].bfloat16().float(), bf16_weight, rtol=0, atol=0)
         moved += int((state[name] != bf16_weight).any())
     assert moved > 0
+    # asked for bf16: the same masters rounded once, and from_pretrained loads them as bf16
+    from transformers import AutoModelForCausalLM
+
+    half = AutoModelForCausalLM.from_pretrained(f"{out}.bfloat16", dtype="auto")
+    assert half.dtype == torch.bfloat16
+    for name, p in half.named_parameters():
+        torch.testing.assert_close(p.detach(), state[name].bfloat16(), rtol=0, atol=0)

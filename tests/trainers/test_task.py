@@ -24,7 +24,7 @@ def test_lora_export_merges_adapters_and_reloads(tiny_model, tmp_path):
     ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
     with torch.no_grad():
         expected = policy(input_ids=ids).logits
-    out = export_policy(policy.state_dict(), cfg, str(tmp_path / "p"), {"objective": "sentiment", "beta": 0.1})
+    out = export_policy(policy, cfg, str(tmp_path / "p"), {"objective": "sentiment", "beta": 0.1})
     reloaded = load_causal_lm(out).eval()
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
     with torch.no_grad():

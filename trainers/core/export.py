@@ -2,19 +2,27 @@
 
 ``moray.json`` names a policy's objective, reference model, β, loss and data, so that mixers and
 the server can check that policies share a reference and a tokenizer. Weights are read from
-safetensors only (never a pickle).
+safetensors only (never a pickle). :class:`ShardWriter` writes a model tensor by tensor into
+safetensors shards planned ahead from the shapes, so a writer never holds more than one tensor.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
+from trainers.core import storage
+
 METADATA_FILE = "moray.json"
 ADAPTER_DIR = "adapter"  # a LoRA policy's adapter, beside its merged weights
+INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def save_hf(model: torch.nn.Module, tokenizer, out_dir: str, metadata: Dict[str, Any]) -> str:
@@ -28,21 +36,126 @@ def save_hf(model: torch.nn.Module, tokenizer, out_dir: str, metadata: Dict[str,
 
 
 def write_metadata(policy_dir: str, metadata: Dict[str, Any]) -> None:
-    (Path(policy_dir) / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    """``moray.json`` in a local directory or at a storage URI."""
+    storage.write_text(storage.join(policy_dir, METADATA_FILE), json.dumps(metadata, indent=2, sort_keys=True))
 
 
 def read_metadata(policy_dir: str) -> Dict[str, Any]:
-    path = Path(policy_dir) / METADATA_FILE
-    if not path.exists():
+    path = storage.join(policy_dir, METADATA_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{policy_dir} has no {METADATA_FILE}: not a Moray policy")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))
+
+
+def parse_size(size: str) -> int:
+    """Bytes in ``"500MB"``, ``"5GB"``, ``"2GiB"`` or a plain number (Hugging Face's
+    ``max_shard_size`` convention: KB/MB/GB are powers of 10, KiB/MiB/GiB of 2)."""
+    text = str(size).strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            number = text[:-len(unit)].strip()
+            break
+    else:
+        number, factor = text, 1
+    try:
+        value = float(number) * factor
+    except ValueError:
+        raise ValueError(f"{size!r} is not a size such as 500MB or 5GB") from None
+    if value < 1:
+        raise ValueError(f"a size must be at least one byte, got {size!r}")
+    return int(value)
+
+
+class ShardWriter:
+    """A model's tensors into safetensors shards of at most ``max_shard_bytes`` (one bigger tensor
+    gets a shard of its own), written as they arrive: the shards and every header are planned from
+    ``plan`` (``(name, shape, dtype)`` in the order :meth:`write` will be called), so each tensor's
+    bytes go straight to its file and nothing is buffered. One shard is ``model.safetensors``;
+    more are ``model-0000i-of-0000n.safetensors`` with Hugging Face's index."""
+
+    def __init__(self, out_dir: str, plan: List[Tuple[str, Tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        shards: List[List[Tuple[str, Tuple[int, ...], torch.dtype, int]]] = [[]]
+        used = 0
+        for name, shape, dtype in plan:
+            size = _numel(shape) * _element_size(dtype)
+            if shards[-1] and used + size > max_shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append((name, tuple(shape), dtype, size))
+            used += size
+        n = len(shards)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.shards, self.total_size = shards, sum(e[3] for s in shards for e in s)
+        self.expected: Iterator[Tuple[int, int]] = iter([(i, j) for i, s in enumerate(shards) for j in range(len(s))])
+        self.handle = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The next planned tensor (cast to its planned dtype)."""
+        shard, j = next(self.expected, (None, None))
+        if shard is None:
+            raise RuntimeError(f"tensor {name!r} was not planned")
+        planned, shape, dtype, size = self.shards[shard][j]
+        if name != planned or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"expected {planned} {list(shape)}, got {name} {list(tensor.shape)}")
+        if j == 0:
+            self._open(shard)
+        data = tensor.detach().to("cpu", dtype).contiguous().reshape(-1)
+        self.handle.write(memoryview(data.view(torch.uint8).numpy()) if size else b"")
+        if j == len(self.shards[shard]) - 1:
+            self.handle.close()
+            self.handle = None
+
+    def close(self) -> List[str]:
+        """Check that every planned tensor came; write the index. Returns the files written."""
+        left = next(self.expected, None)
+        if left is not None:
+            raise RuntimeError(f"tensor {self.shards[left[0]][left[1]][0]!r} was planned but never written")
+        if len(self.files) > 1:
+            weight_map = {e[0]: f for f, s in zip(self.files, self.shards) for e in s}
+            (self.out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": self.total_size},
+                                                           "weight_map": weight_map}, indent=2))
+            return self.files + [INDEX_FILE]
+        return list(self.files)
+
+    def _open(self, shard: int) -> None:
+        header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, size in self.shards[shard]:
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.handle = open(self.out / self.files[shard], "wb")
+        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def module_tensors(module: torch.nn.Module) -> Iterator[Tuple[str, Optional[torch.Tensor]]]:
+    """A whole module's parameters, then its persistent buffers, in the order a gathered engine
+    yields them (:func:`trainers.deepspeed_setup.gathered_tensors`)."""
+    yield from module.named_parameters()
+    persistent = set(module.state_dict().keys())  # non-persistent buffers (rotary tables) stay out
+    yield from ((n, b) for n, b in module.named_buffers() if n in persistent)
 
 
 def load_state(path: str) -> Dict[str, torch.Tensor]:
     """A checkpoint's tensors from its safetensors files."""
     from safetensors.torch import load_file
 
-    files = sorted(Path(path).glob("*.safetensors"))
+    files = sorted(Path(path).glob("*.safetensors"))  # one file or every shard
     if not files:
         raise FileNotFoundError(f"{path} has no .safetensors weights")
     state: Dict[str, torch.Tensor] = {}

@@ -12,7 +12,7 @@ from trainers.batches import pair_logps
 from trainers.config import JobConfig
 from trainers.data import load_pairs
 from trainers.job import Job
-from trainers.launch import train_on_rows
+from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import get_loss
 from trainers.task import PolicyTask, pair_stats, policy_metadata
 
@@ -40,7 +40,7 @@ def run(job: DPOJobConfig, address: Optional[str] = None, run_name: Optional[str
         failure_marker: str = "") -> Dict[str, Any]:
     """Train one per-objective policy and export it to ``job.out``. Returns the final metrics."""
     job = job.validate()
-    table, report = load_pairs(job.data, job.objective)  # fail fast: before Ray starts
+    table, report = load_pairs(job.data, job.objective, stage=staging_dir(job))  # fail fast: before Ray starts
     return train_on_rows(DPOTask, job, table, report, policy_metadata(job, loss=job.train.loss),
                          run_name or f"{job.train.loss}-{job.objective}", address, failure_marker)
 

@@ -58,7 +58,7 @@ from trainers.core.models import ties_embeddings
 from trainers.core.weights import WeightError, check_weights
 from trainers.data import LoadReport, load_pairs
 from trainers.job import Flag, Job
-from trainers.launch import train_on_rows
+from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import dpo_loss, policy_gradient_loss
 from trainers.rollout import Rollout, TokenizePrompts, pad_prompts
 from trainers.task import PolicyTask, pair_stats, policy_metadata
@@ -290,7 +290,7 @@ def run(job: GAPOJobConfig, address: Optional[str] = None, run_name: Optional[st
     method = "pgapo" if job.preference else "gapo"
     common = dict(objectives=job.objectives, preference=job.preference, p=job.p, balance_params=job.balance_params)
     if not job.online:
-        table, report = load_pairs(job.data, job.objectives[0], also=job.objectives[1:])
+        table, report = load_pairs(job.data, job.objectives[0], also=job.objectives[1:], stage=staging_dir(job))
         return train_on_rows(make_task, job, table, report, policy_metadata(job, method=method, loss="dpo", **common),
                              run_name or f"gapo-{job.objective}", address)
     check_objectives(job.objectives)

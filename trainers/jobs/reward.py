@@ -20,7 +20,8 @@ from reward_models.learned import DEFAULT_BACKBONE, LearnedScorer, encode, load_
 from trainers.config import JobConfig, ModelConfig
 from trainers.batches import pad_pairs
 from trainers.core.config import opt
-from trainers.core.export import load_matching_state, read_metadata, save_hf, write_metadata
+from trainers.core import storage
+from trainers.core.export import read_metadata, write_metadata
 from trainers.core.models import load_tokenizer
 from trainers.data import load_pairs
 from trainers.job import Flag, Job
@@ -95,11 +96,6 @@ class RewardTask(Task):
         c, r = scores[:B], scores[B:]
         return bt_loss(c, r), pair_stats(c, r)
 
-    def export(self, state: Dict[str, torch.Tensor], out_dir: str, metadata: Dict[str, Any]) -> None:
-        model, tok = load_reward_model(self.cfg.model.name_or_path, self.cfg.model.trust_remote_code)
-        load_matching_state(model, state)
-        save_hf(model, tok, out_dir, metadata)
-
 
 def run(job: RewardJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
     """Train a reward model on Ray Train + DeepSpeed; export it with its held-out accuracy."""
@@ -114,7 +110,8 @@ def run(job: RewardJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
     metrics = train_on_rows(RewardTask, job, train, report, metadata, f"reward-{job.objective}", address,
                             tokenize=TokenizeReward)
     if n_eval:
-        scorer = LearnedScorer(job.out)
+        with storage.local_dir(job.out) as local:
+            scorer = LearnedScorer(local)
         prompts = held_out.column("prompt").to_pylist()
         sc = scorer.score(prompts, held_out.column("chosen").to_pylist())
         sr = scorer.score(prompts, held_out.column("rejected").to_pylist())

@@ -20,7 +20,7 @@ from trainers.config import JobConfig
 from trainers.core.config import opt
 from trainers.data import load_pairs
 from trainers.job import Flag, Job
-from trainers.launch import train_on_rows
+from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import wrpo_alpha, wrpo_loss
 from trainers.task import PolicyTask, pair_stats, policy_metadata
 
@@ -71,7 +71,7 @@ class WRPOTask(PolicyTask):
 def run(job: WRPOJobConfig, address: Optional[str] = None, run_name: Optional[str] = None) -> Dict[str, Any]:
     """Train one WRPO policy and export it to ``job.out``. Returns the final metrics."""
     job = job.validate()
-    table, report = load_pairs(job.data, job.objective, extra=("source",))  # before Ray starts
+    table, report = load_pairs(job.data, job.objective, extra=("source",), stage=staging_dir(job))  # before Ray starts
     metadata = policy_metadata(job, method="wrpo", loss="wrpo", alpha_max=job.alpha_max, alpha_steps=job.alpha_steps)
     return train_on_rows(WRPOTask, job, table, report, metadata, run_name or f"wrpo-{job.objective}", address)
 

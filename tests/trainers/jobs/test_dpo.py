@@ -1,9 +1,11 @@
 """End-to-end DPO on Ray Train + DeepSpeed with two CPU workers (slow; runs in CI).
 
 - ZeRO-2 and ZeRO-3: the DPO loss on the training pairs falls from log 2, and the exported HF
-  checkpoint reloads with the trained engine's logits.
+  checkpoint (sharded under ZeRO-3, written through file:// URIs) reloads with the trained engine's
+  logits; the export directory holds the checkpoint alone, the training checkpoints live beside it.
 - Recovery: a worker killed mid-run (after a checkpoint that sits on an epoch boundary) resumes
-  and ends with the same weights as the uninterrupted run, to 1e-6.
+  and ends with the same weights as the uninterrupted run, to 1e-6, also when its rows were
+  staged to parquet instead of held in the driver's memory.
 """
 
 import json
@@ -15,11 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import synthetic_pairs, write_jsonl
+from tests.helpers import assert_only_policy_files, synthetic_pairs, write_jsonl
 from trainers.batches import pad_pairs, pair_logps
 from trainers.checkpoints import probe_input_ids
 from trainers.config import DataConfig
 from trainers.core.config import load_config
+from trainers.core.export import INDEX_FILE, load_state
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.data import load_pairs, tokenize_pair
 from trainers.jobs.dpo import DPOJobConfig
@@ -60,9 +63,10 @@ def _dpo_loss_on(policy_dir, ref_dir, data, beta=0.1):
     return dpo_loss(pc, pr, rc, rr, beta)[0].mean().item()
 
 
-def _check_export(metrics, out, model, data):
+def _check_export(metrics, out, model, data, lora=False):
     out = Path(out)
-    assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
+    assert_only_policy_files(out, lora)
+    assert (out / "tokenizer_config.json").exists()
     meta = json.loads((out / "moray.json").read_text())
     assert meta["objective"] == "sentiment" and meta["reference_model"] == model and meta["beta"] == 0.1
     reloaded = load_causal_lm(str(out)).eval()
@@ -77,12 +81,15 @@ def test_zero2_two_workers_then_recovery_matches(ray_local, tiny_model, train_fi
     clean = run_dpo(_job(tiny_model, train_file, tmp_path / "clean", zero_stage=2))
     assert clean["pairs"] == N_PAIRS and clean["step"] == 6
     _check_export(clean, tmp_path / "clean", tiny_model, train_file)
+    assert list((tmp_path / "ray_storage").glob("dpo-sentiment-*/step_0000003"))  # beside the export
 
     # rank 1 dies at step 4, right after the checkpoint at step 3 = the end of epoch 0
     marker = tmp_path / "killed"
     job = _job(tiny_model, train_file, tmp_path / "resumed", zero_stage=2, fail_at_step=4, max_failures=1)
+    job.data.in_memory_mb = 0  # and its rows staged to parquet, read by Ray Data: the same rows per worker
     resumed = run_dpo(job, failure_marker=str(marker))
     assert marker.exists(), "the injected failure did not happen"
+    assert not list((tmp_path / "ray_storage").glob("staged-*")), "the staged rows were left behind"
     a = load_file(str(tmp_path / "clean" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -105,12 +112,18 @@ def test_failure_on_epoch_boundary_resumes_exactly(ray_local, tiny_model, train_
 
 
 def test_zero3_two_workers_exports_gathered_weights(ray_local, tiny_model, train_file, tmp_path):
-    metrics = run_dpo(_job(tiny_model, train_file, tmp_path / "z3", zero_stage=3))
+    job = _job(tiny_model, train_file, f"file://{tmp_path}/z3", zero_stage=3, storage_path=f"file://{tmp_path}/ckpt")
+    job.model.export_shard_size = "300KB"
+    metrics = run_dpo(job)
     _check_export(metrics, tmp_path / "z3", tiny_model, train_file)
+    assert (tmp_path / "z3" / INDEX_FILE).exists() and len(list((tmp_path / "z3").glob("model-*.safetensors"))) > 1
+    assert list((tmp_path / "ckpt").glob("dpo-sentiment-*/step_0000003"))  # checkpoints at the storage URI
     # the gathered weights are full tensors, not ZeRO-3's empty placeholders
-    state = load_file(str(tmp_path / "z3" / "model.safetensors"))
+    state = load_state(str(tmp_path / "z3"))
     ref = load_file(str(Path(tiny_model) / "model.safetensors"))
-    assert all(state[k].shape == ref[k].shape for k in ref)
+    assert state.keys() == ref.keys() and all(state[k].shape == ref[k].shape for k in ref)
+    assert 0 < metrics["export_bytes"] - sum(v.numel() * 4 for v in state.values()) < 10_000  # the shards' headers
+    assert 0 <= metrics["export_peak_extra_bytes"]
 
 
 def test_lora_two_workers_merges_adapters_into_attention_only(ray_local, tiny_model, train_file, tmp_path):
@@ -118,6 +131,7 @@ def test_lora_two_workers_merges_adapters_into_attention_only(ray_local, tiny_mo
     job.model.lora, job.model.lora_r = True, 4
     run_dpo(job)
     out = tmp_path / "lora"
+    assert_only_policy_files(out, lora=True)
     assert json.loads((out / "moray.json").read_text())["lora_merged"] is True
     trained = load_file(str(out / "model.safetensors"))
     base = load_file(str(Path(tiny_model) / "model.safetensors"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cluster.cli import main
-from tests.helpers import BareEngine, candidates, write_jsonl
+from tests.helpers import BareEngine, assert_only_policy_files, candidates, write_jsonl
 from trainers.batches import pad_pairs
 from trainers.constrained import constraint_values, mopo_ratios
 from trainers.core.config import load_config
@@ -104,7 +104,8 @@ def test_mopo_two_workers_zero2_binds_the_constraint_and_resumes_lambda(ray_loca
     report = meta["constraints_report"]["sentiment"]
     assert report["estimate"] >= 0.5 - 0.01 and report["lambda"] == metrics["lambda/sentiment"]
     assert metrics["threshold/sentiment"] == 0.5 and 0 < metrics["constraint/sentiment"] < 1
-    states = sorted(Path(out, "ray_storage").glob("*/step_*/trainer_state.json"))
+    assert_only_policy_files(out)  # the checkpoints live beside the export, in ray_storage/
+    states = sorted(Path(tmp_path, "ray_storage").glob("*/step_*/trainer_state.json"))
     last = json.loads(states[-1].read_text())
     assert last["step"] == 7 and last["task"]["steps"] == 7  # the dual steps before the failure were restored
     lam7 = last["task"]["lambda"][0]  # the final step's dual step starts from the checkpointed λ
