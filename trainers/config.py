@@ -70,7 +70,7 @@ class DataConfig:
     max_prompt_length: int = opt(256, "Prompt tokens kept (truncated from the left).")
     max_response_length: int = opt(256, "Response tokens kept (truncated from the right).")
     skip_invalid: bool = opt(False, "Drop malformed rows and report how many, instead of failing.")
-    in_memory_mb: int = opt(256, "Validated rows the driver keeps in memory, in MB of Arrow data; beyond it they "
+    in_memory_mb: int = opt(64, "Validated rows the driver keeps in memory, in MB of Arrow data; beyond it they "
                             "are written to parquet under train.storage_path as they are validated, and Ray "
                             "Data reads them on the cluster (the driver never holds a large file).")
 

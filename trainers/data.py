@@ -307,6 +307,7 @@ class RowSink:
         for b in self.batches:
             self.writer.write_batch(b)
         self.batches, self.held = [], 0
+        pa.default_memory_pool().release_unused()  # the pool would otherwise keep what the batches held
 
 
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, is_chat: bool,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from trainers.core import storage
 from trainers.core.models import load_tokenizer
 from trainers.core.runtime import init_ray
-from trainers.data import StagedRows, Tokenize
+from trainers.data import CHUNK_ROWS, StagedRows, Tokenize
 from trainers.loop import train_loop
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def split_staged(staged: StagedRows, workers: int, per_rank: int) -> List[str]:
     start = 0
     with fs.open_input_file(path) as f:
         source = pq.ParquetFile(f)
-        for batch in source.iter_batches():
+        for batch in source.iter_batches(batch_size=CHUNK_ROWS):
             end = start + batch.num_rows
             for r in range(workers):
                 lo, hi = max(start, r * per_rank), min(end, (r + 1) * per_rank)
