@@ -71,7 +71,7 @@ def main() -> None:
 
         cfg = ServeConfig(policies=policies, max_tokens_limit=4 * args.tokens, default_max_tokens=args.tokens,
                           max_batch_size=args.clients,
-                          batch_wait_ms=5, threads=1, soup_cache_size=4).validate()
+                          batch_wait_ms=5, threads=1, soup_cache_mb=4096).validate()
         engine = MixEngine(cfg)
         limits = Limits(names, (0.5, 0.5), "logits", 16, 4 * args.tokens, 2048)
 

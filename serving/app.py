@@ -106,7 +106,8 @@ class MixedPolicyServer:
                 "default_source": "config" if self.cfg.default_weights else "mpo" if self.cfg.mpo_weights else "uniform",
                 "mixing": list(MIXING_MODES), "default_mixing": self.cfg.default_mixing,
                 "max_context": self.engine.max_context, "max_tokens_limit": self.cfg.max_tokens_limit,
-                "soup_cache": {"size": self.cfg.soup_cache_size, "hits": self.engine.soups.hits,
+                "soup_cache": {"budget_mb": self.cfg.soup_cache_mb, "held_mb": self.engine.soups.held_bytes() / 2**20,
+                               "hits": self.engine.soups.hits,
                                "misses": self.engine.soups.misses}}
 
     @api.get("/v1/models")

@@ -7,6 +7,7 @@ serve.yaml`` / ``serve deploy``) and what ``moray serve`` builds from its flags.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple
@@ -30,8 +31,9 @@ class ServeConfig:
         f"'{k}' ({v})" for k, v in MIXING_MODES.items()) + ".")
     max_batch_size: int = opt(8, "Most concurrent requests of one mixing mode decoded in one batch.")
     batch_wait_ms: float = opt(5.0, "How long the first request waits for others to batch with.")
-    soup_cache_size: int = opt(4, "Soup mode: merged models kept for hot weight vectors (merged in the background; "
-                               "meanwhile, and for batches with several vectors, rows decode as per-row soups).")
+    soup_cache_mb: float = opt(2048, "Soup mode: memory for merged copies of the policies, one per hot weight vector "
+                               "(merged in the background, least recently used evicted; meanwhile, and for "
+                               "batches with several vectors, rows decode as per-row soups). 0: never merge.")
     soup_decimals: int = opt(3, "Soup mode: weights are rounded to this many decimals before merging "
                              "(and as the cache key).")
     max_context: int = opt(0, "Prompt + max_tokens limit in tokens; 0: the model's max_position_embeddings.")
@@ -77,10 +79,12 @@ class ServeConfig:
         for key in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("max_batch_size", "soup_cache_size", "max_tokens_limit", "default_max_tokens", "threads",
+        for key in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "threads",
                     "max_ongoing_requests"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
+        if not (self.soup_cache_mb >= 0 and math.isfinite(self.soup_cache_mb)):
+            raise ValueError(f"soup_cache_mb must be a finite number >= 0, got {self.soup_cache_mb}")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})")
         self.default_weight_vector()  # raises on bad default weights

@@ -85,13 +85,16 @@ class SoupCache:
     not cached decodes as a per-row soup (:class:`~serving.rowsoup.RowSoup`); a vector missed a
     second time is hot, and its merge starts on a background thread (tensor by tensor on the
     models' device), never on the decode thread.
-    At most ``size`` merged copies are kept, plus the one being merged and an evicted one still
-    decoding."""
+    Bounded by bytes: the merged copies cached plus the one being merged stay within
+    ``budget_bytes`` (least recently used ones are evicted to make room before a merge starts; a
+    model larger than the budget is never merged). An evicted copy still decoding is freed when
+    its batch ends."""
 
-    def __init__(self, models: Sequence[torch.nn.Module], size: int):
+    def __init__(self, models: Sequence[torch.nn.Module], budget_bytes: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.models, self.size = models, size
+        self.models, self.budget = models, budget_bytes
+        self.model_bytes = sum(t.numel() * t.element_size() for t in models[0].state_dict().values())
         self.cache: "collections.OrderedDict[Tuple[float, ...], torch.nn.Module]" = collections.OrderedDict()
         self.hits = self.misses = 0
         self.lock = threading.Lock()
@@ -99,9 +102,13 @@ class SoupCache:
         self.seen: "collections.OrderedDict[Tuple[float, ...], int]" = collections.OrderedDict()  # misses per vector
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moray-soup-merge")
 
+    def held_bytes(self) -> int:
+        """Bytes of merged weights cached or being merged."""
+        return (len(self.cache) + len(self.merging)) * self.model_bytes
+
     def get(self, weights: Tuple[float, ...]) -> Tuple[Optional[torch.nn.Module], bool]:
         """The merged model and True when it is ready (a unit vector: the policy itself), else
-        ``(None, False)`` (and the merge started if the vector is hot)."""
+        ``(None, False)`` (and the merge started if the vector is hot and fits the budget)."""
         nonzero = [k for k, w in enumerate(weights) if w]
         if len(nonzero) == 1:
             self.hits += 1
@@ -115,8 +122,12 @@ class SoupCache:
             self.seen[weights] = self.seen.pop(weights, 0) + 1
             while len(self.seen) > 4096:
                 self.seen.popitem(last=False)
-            if self.seen[weights] >= 2 and weights not in self.merging:  # hot: asked for again
-                self.merging[weights] = self.pool.submit(self._merge, weights)
+            hot = self.seen[weights] >= 2 and weights not in self.merging
+            if hot and self.model_bytes <= self.budget:
+                while self.cache and self.held_bytes() + self.model_bytes > self.budget:
+                    self.cache.popitem(last=False)
+                if self.held_bytes() + self.model_bytes <= self.budget:  # else: a merge in flight fills it
+                    self.merging[weights] = self.pool.submit(self._merge, weights)
         return None, False
 
     def wait(self) -> None:
@@ -134,8 +145,6 @@ class SoupCache:
                     soup_tensor([s[name] for s in states], [weights[k] for k in nonzero], out=t)
         with self.lock:
             self.cache[weights] = model
-            while len(self.cache) > self.size:
-                self.cache.popitem(last=False)
             del self.merging[weights]
 
 
@@ -178,7 +187,7 @@ class MixEngine:
         gen_eos = getattr(self.models[0].generation_config, "eos_token_id", None)
         eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_ids = sorted(eos_ids)
-        self.soups = SoupCache(self.models, cfg.soup_cache_size)
+        self.soups = SoupCache(self.models, int(cfg.soup_cache_mb * 2**20))
         self.row_soup = RowSoup(self.models)
         # each mixing mode: its batch key (requests with equal keys decode together) and its decoder
         self.modes: Dict[str, Tuple[Callable[[Parsed], Tuple], Callable[[List[Job]], Tuple]]] = {

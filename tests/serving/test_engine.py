@@ -8,13 +8,14 @@ from serving.mixing import soup_state_dicts
 from trainers.core.models import load_causal_lm
 
 
-def test_soup_cache_merges_in_the_background_exactly_and_keeps_size_copies(tiny_model):
+def test_soup_cache_merges_in_the_background_exactly_within_its_byte_budget(tiny_model):
     models = [load_causal_lm(tiny_model).eval() for _ in range(3)]
     with torch.no_grad():
         for k, m in enumerate(models[1:], 1):
             for p in m.parameters():
                 p.add_(0.01 * k * torch.randn(p.shape, generator=torch.Generator().manual_seed(k)))
-    cache = SoupCache(models, size=2)
+    one = sum(t.numel() * t.element_size() for t in models[0].state_dict().values())
+    cache = SoupCache(models, budget_bytes=2 * one + one // 2)  # room for two merged copies
     w = (0.2, 0.3, 0.5)
     assert cache.get(w) == (None, False) and not cache.merging  # asked once: not worth a merge yet
     assert cache.get(w) == (None, False)  # hot: merging starts elsewhere, the caller does not wait
@@ -24,12 +25,17 @@ def test_soup_cache_merges_in_the_background_exactly_and_keeps_size_copies(tiny_
     want = soup_state_dicts([m.state_dict() for m in models], w)
     assert all(torch.equal(t, want[k]) for k, t in merged.state_dict().items())
     assert cache.get((0.0, 1.0, 0.0)) == (models[1], True)  # a unit vector is the policy itself
-    for i in range(1, 5):  # never more than `size` merged copies kept
+    for i in range(1, 5):  # never more bytes than the budget, the merge in flight included
         cache.get((0.1 * i, 0.5, 0.5 - 0.1 * i))
         cache.get((0.1 * i, 0.5, 0.5 - 0.1 * i))
+        assert cache.held_bytes() <= cache.budget
         cache.wait()
-        assert len(cache.cache) <= 2
+        assert len(cache.cache) == 2 and cache.held_bytes() <= cache.budget
     assert w not in cache.cache and cache.misses == 10
+    small = SoupCache(models, budget_bytes=one - 1)  # no copy fits: every batch stays a per-row soup
+    for _ in range(3):
+        assert small.get(w) == (None, False)
+    assert not small.merging and not small.cache
 
 
 def test_policies_spread_over_the_replica_gpus():
@@ -51,6 +57,8 @@ def test_serve_dtype_defaults_to_auto_and_gpu_options_are_checked(tiny_model):
         ServeConfig(policies={"a": tiny_model}, dtype="float16").validate()
     with pytest.raises(ValueError, match="set num_gpus"):
         ServeConfig(policies={"a": tiny_model}, device_map="auto").validate()
+    with pytest.raises(ValueError, match="soup_cache_mb must be a finite number >= 0"):
+        ServeConfig(policies={"a": tiny_model}, soup_cache_mb=-1).validate()
     if not torch.cuda.is_available():  # a GPU replica without CUDA stops at once, before loading anything
         with pytest.raises(RuntimeError, match="CUDA sees none"):
             MixEngine(ServeConfig(policies={"a": tiny_model}, num_gpus=1).validate())
