@@ -172,3 +172,23 @@ class RayNode:
             except subprocess.TimeoutExpired:
                 continue
             time.sleep(2)  # let the group's other processes exit on the first signal
+
+
+def running_replicas() -> int:
+    """RUNNING replicas of the Moray Serve deployment."""
+    from ray import serve
+
+    from serving.deploy import APP_NAME, DEPLOYMENT
+
+    states = serve.status().applications[APP_NAME].deployments[DEPLOYMENT].replica_states
+    return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+
+
+def wait_for(predicate, seconds: float) -> bool:
+    """Poll ``predicate`` every half second; whether it came true within ``seconds``."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False

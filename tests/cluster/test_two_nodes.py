@@ -11,13 +11,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 from cluster import ray_jobs as jobs
 from cluster.cli import main
-from tests.helpers import RayNode, assert_only_policy_files, synthetic_pairs, write_jsonl
+from tests.helpers import RayNode, assert_only_policy_files, synthetic_pairs, wait_for, write_jsonl
 from trainers.core.export import load_state
 from trainers.core.runtime import free_port
 
@@ -43,12 +42,12 @@ def cluster():
     nodes = [head]
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        _wait(lambda: _alive_nodes(url, head) >= 1, 180, "the head did not come up")
+        assert wait_for(lambda: _alive_nodes(url, head) >= 1, 180), "the head did not come up"
         second = RayNode(temp, "second", [f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
                                           f"--dashboard-agent-listen-port={free_port()}",
                                           f"--metrics-export-port={free_port()}"], env)
         nodes.append(second)
-        _wait(lambda: _alive_nodes(url, head, second) == 2, 180, "the second node did not join")
+        assert wait_for(lambda: _alive_nodes(url, head, second) == 2, 180), "the second node did not join"
         yield {"url": url, "head": head, "second": second}
     finally:  # only the processes these nodes started: their own process groups
         for node in reversed(nodes):
@@ -71,13 +70,6 @@ def _alive_nodes(url, *nodes):
         node.check_alive()
     listed = _state(url, "nodes", "--filter", "state=ALIVE")
     return len(listed) if listed else 0
-
-
-def _wait(ready, timeout, what):
-    deadline = time.time() + timeout
-    while not ready():
-        assert time.time() < deadline, what
-        time.sleep(1)
 
 
 def _submit(url, data, model, out, storage, capsys):
@@ -112,7 +104,8 @@ def test_two_nodes_one_worker_each_and_a_lost_node_resumes_exactly(cluster, tiny
 
     # the same job; the second node dies once the first checkpoint is in storage
     lost = _submit(url, data, tiny_model, f"{shared}/resumed", f"{shared}/storage-resumed", capsys)
-    _wait(lambda: list((tmp_path / "storage-resumed").glob("dpo-sentiment-*/step_*")), 300, "no checkpoint appeared")
+    checkpoints = lambda: list((tmp_path / "storage-resumed").glob("dpo-sentiment-*/step_*"))  # noqa: E731
+    assert wait_for(checkpoints, 300), "no checkpoint appeared"
     assert str(client.get_job_status(lost).value) == "RUNNING", "the job ended before the node was lost"
     cluster["second"].kill()
     status = jobs.follow(lost, url)

@@ -2,13 +2,13 @@
 to 2, idle brings it back to 1, and every request of the burst is answered (slow: Ray Serve)."""
 
 import threading
-import time
 
 import pytest
 import requests
 
 from serving.config import ServeConfig
-from serving.deploy import APP_NAME, DEPLOYMENT, run_serve_file, serve_file
+from serving.deploy import run_serve_file, serve_file
+from tests.helpers import running_replicas, wait_for
 from trainers.core.config import load_config
 from trainers.core.runtime import free_port, init_ray
 
@@ -37,25 +37,9 @@ def autoscaled(two_policies):
         ray.shutdown()
 
 
-def _running() -> int:
-    from ray import serve
-
-    states = serve.status().applications[APP_NAME].deployments[DEPLOYMENT].replica_states
-    return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
-
-
-def _wait_for(predicate, seconds: float) -> bool:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def test_a_burst_scales_out_to_two_replicas_and_idle_back_to_one(autoscaled):
     url = autoscaled
-    assert _running() == 1
+    assert running_replicas() == 1
     stop, codes, lock = threading.Event(), [], threading.Lock()
 
     def client():
@@ -69,16 +53,16 @@ def test_a_burst_scales_out_to_two_replicas_and_idle_back_to_one(autoscaled):
     for c in clients:
         c.start()
     try:
-        scaled_out = _wait_for(lambda: _running() == 2, 180)
+        scaled_out = wait_for(lambda: running_replicas() == 2, 180)
         if scaled_out:  # the new replica takes part: a few more requests after it is up
             done = len(codes)
-            _wait_for(lambda: len(codes) >= done + 6, 120)
+            wait_for(lambda: len(codes) >= done + 6, 120)
     finally:
         stop.set()
         for c in clients:
             c.join(300)
     assert scaled_out, "the burst never brought a second replica up"
     assert codes and set(codes) == {200}, f"answers during the burst: {sorted(set(codes))}"
-    assert _wait_for(lambda: _running() == 1, 180), "idle never brought the deployment back to one replica"
+    assert wait_for(lambda: running_replicas() == 1, 180), "idle never brought the deployment back to one replica"
     r = requests.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=120)
     assert r.status_code == 200

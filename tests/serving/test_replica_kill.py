@@ -9,7 +9,8 @@ import pytest
 import requests
 
 from serving.config import ServeConfig
-from serving.deploy import APP_NAME, DEPLOYMENT, run_serve_file, serve_file
+from serving.deploy import DEPLOYMENT, run_serve_file, serve_file
+from tests.helpers import running_replicas, wait_for
 from trainers.core.config import load_config
 from trainers.core.runtime import free_port, init_ray
 
@@ -40,27 +41,11 @@ def _replicas():
             if a["name"].startswith("SERVE_REPLICA::") and f"#{DEPLOYMENT}#" in a["name"]}
 
 
-def _running() -> int:
-    from ray import serve
-
-    states = serve.status().applications[APP_NAME].deployments[DEPLOYMENT].replica_states
-    return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
-
-
-def _wait_for(predicate, seconds):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def test_a_killed_replica_is_replaced_and_the_endpoint_keeps_answering(two_replicas):
     import ray
 
     url = two_replicas
-    assert _wait_for(lambda: _running() == 2, 120)
+    assert wait_for(lambda: running_replicas() == 2, 120)
     before = _replicas()
     assert len(before) == 2, before
     stop, answers, lock = threading.Event(), [], threading.Lock()
@@ -77,13 +62,13 @@ def test_a_killed_replica_is_replaced_and_the_endpoint_keeps_answering(two_repli
     for c in clients:
         c.start()
     try:
-        assert _wait_for(lambda: len(answers) >= 8, 180), "no traffic before the kill"
+        assert wait_for(lambda: len(answers) >= 8, 180), "no traffic before the kill"
         victim = sorted(before)[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         killed_at = time.time()
-        replaced = _wait_for(lambda: _running() == 2 and len(_replicas() - before) == 1, 180)
+        replaced = wait_for(lambda: running_replicas() == 2 and len(_replicas() - before) == 1, 180)
         recovered_at = time.time()
-        _wait_for(lambda: sum(s > recovered_at for s, _ in answers) >= 12, 180)
+        wait_for(lambda: sum(s > recovered_at for s, _ in answers) >= 12, 180)
     finally:
         stop.set()
         for c in clients:
