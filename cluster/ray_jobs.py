@@ -15,6 +15,7 @@ authentication stays on: the client sends the token from ``RAY_AUTH_TOKEN``,
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -24,6 +25,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from cluster.parser import build_parser
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 30  # how long a submission waits for a freshly started head's job agent
+
+log = logging.getLogger(__name__)
 
 
 def client(address: Optional[str] = None):
@@ -82,8 +86,17 @@ def submit(cmd: Sequence[str], address: Optional[str] = None, env: Optional[Dict
     """Submit a checked Moray command; returns ``{"job_id", "dashboard", "entrypoint"}``."""
     c = client(address)
     entrypoint = "python -m cluster.cli " + shlex.join(list(cmd))
-    job_id = c.submit_job(entrypoint=entrypoint, runtime_env=env or None, submission_id=submission_id,
-                          metadata={"moray_command": shlex.join(list(cmd))})
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = c.submit_job(entrypoint=entrypoint, runtime_env=env or None, submission_id=submission_id,
+                                  metadata={"moray_command": shlex.join(list(cmd))})
+            break
+        except RuntimeError as e:  # a head that just started: its job agent is not up yet
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            log.warning("the cluster's job agent is not up yet; submitting again in 2 s")
+            time.sleep(2)
     return {"job_id": job_id, "dashboard": f"{c.get_address()}/#/jobs/{job_id}", "entrypoint": entrypoint}
 
 

@@ -9,6 +9,7 @@ export to ``job.out``. The seconds each stage took are in the returned metrics (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -132,6 +133,15 @@ def run_locations(job) -> Tuple[str, str]:
     return out, where
 
 
+def for_workers(job):
+    """The job as its workers see it: a local model directory by its absolute path (the workers do
+    not run in the driver's directory, and a relative path there would be taken for a hub name)."""
+    path = job.model.name_or_path
+    if os.path.isabs(path) or not os.path.isdir(path):
+        return job
+    return dataclasses.replace(job, model=dataclasses.replace(job.model, name_or_path=os.path.abspath(path)))
+
+
 def check_enough_rows(kept: int, workers: int) -> None:
     if kept < workers:
         raise ValueError(f"{kept} valid pairs cannot feed {workers} workers")
@@ -149,7 +159,7 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
     run = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"make_task": make_task, "job": job, "tokenize": tokenize,
+        train_loop_config={"make_task": make_task, "job": for_workers(job), "tokenize": tokenize,
                            "rows_per_rank": prepared.rows_per_rank,
                            "pad_id": prepared.pad_id, "metadata": metadata, "failure_marker": failure_marker,
                            "run": run},

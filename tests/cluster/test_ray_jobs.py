@@ -57,7 +57,8 @@ def ray_head():
     dashboard, metrics = free_port(), free_port()
     head = RayNode(temp, "head", ["--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
                                   f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}",
-                                  f"--ray-client-server-port={free_port()}", "--num-cpus=4", f"--temp-dir={temp}"],
+                                  f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                                  "--num-cpus=4", f"--temp-dir={temp}"],
                    env=dict(os.environ, RAY_metrics_report_interval_ms="1000"))
     url = f"http://127.0.0.1:{dashboard}"
     try:

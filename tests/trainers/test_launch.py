@@ -4,7 +4,7 @@ the other; an unknown scheme fails before any compute."""
 import pytest
 
 from trainers.jobs.dpo import DPOJobConfig
-from trainers.launch import run_locations, staging_dir
+from trainers.launch import for_workers, run_locations, staging_dir
 
 
 def _job(out, storage=""):
@@ -27,3 +27,13 @@ def test_an_unknown_scheme_fails_before_compute():
         run_locations(_job("nosuch://bucket/dpo"))
     with pytest.raises(ValueError, match="'nosuch://ckpt' is not a storage location"):
         run_locations(_job("out", "nosuch://ckpt"))
+
+
+def test_workers_get_a_local_model_directory_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    job = _job("out")
+    job.model.name_or_path = "base"
+    assert for_workers(job).model.name_or_path == str(tmp_path / "base") and job.model.name_or_path == "base"
+    job.model.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub name stays a hub name
+    assert for_workers(job) is job
