@@ -100,7 +100,7 @@ def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata:
     ``job.out``. ``metadata`` (the job's own ``moray.json`` entries) gains the run's: data, rows,
     epochs, ZeRO stage, workers, seed."""
     check_enough_rows(report.kept, job.train.workers)
-    run_locations(job)
+    locations = run_locations(job)
     tic = time.perf_counter()
     init_ray(address)
     ray_start = time.perf_counter() - tic
@@ -110,7 +110,7 @@ def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata:
     metadata = {**metadata, "data": job.data.path, "pairs": prepared.rows, "epochs": t.epochs,
                 "zero_stage": t.zero_stage, "workers": t.workers, "seed": t.seed}
     try:
-        metrics = fit(make_task, job, prepared, metadata, name, failure_marker, tokenize or Tokenize)
+        metrics = fit(make_task, job, prepared, metadata, name, locations, failure_marker, tokenize or Tokenize)
     finally:
         if isinstance(table, StagedRows):
             storage.remove_dir(storage.parent(table.path))
@@ -148,14 +148,14 @@ def check_enough_rows(kept: int, workers: int) -> None:
 
 
 def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: Dict[str, Any], name: str,
-        failure_marker: str = "", tokenize: type = Tokenize) -> Dict[str, Any]:
-    """Run :func:`trainers.loop.train_loop` on a TorchTrainer; copy the export to ``job.out`` (a
-    local path or a storage URI)."""
+        locations: Tuple[str, str], failure_marker: str = "", tokenize: type = Tokenize) -> Dict[str, Any]:
+    """Run :func:`trainers.loop.train_loop` on a TorchTrainer with Ray Train's storage at
+    ``locations[1]``; copy the export to ``locations[0]`` (both from :func:`run_locations`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     t = job.train
-    out, storage_path = run_locations(job)
+    out, storage_path = locations
     run = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         train_loop,

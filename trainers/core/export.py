@@ -9,9 +9,10 @@ safetensors shards planned ahead from the shapes, so a writer never holds more t
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -80,7 +81,7 @@ class ShardWriter:
         shards: List[List[Tuple[str, Tuple[int, ...], torch.dtype, int]]] = [[]]
         used = 0
         for name, shape, dtype in plan:
-            size = _numel(shape) * _element_size(dtype)
+            size = math.prod(shape) * dtype.itemsize
             if shards[-1] and used + size > max_shard_bytes:
                 shards.append([])
                 used = 0
@@ -130,17 +131,6 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
         self.handle = open(self.out / self.files[shard], "wb")
         self.handle.write(struct.pack("<Q", len(raw)) + raw)
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def module_tensors(module: torch.nn.Module) -> Iterator[Tuple[str, Optional[torch.Tensor]]]:

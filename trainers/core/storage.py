@@ -92,4 +92,3 @@ def local_dir(path: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="moray-") as tmp:
         pyarrow.fs.copy_files(p, tmp, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
         yield tmp
-
