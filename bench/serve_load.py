@@ -36,8 +36,14 @@ from tests.helpers import make_policy  # noqa: E402
 SOUP_VECTORS = [{"sentiment": w, "conciseness": 1 - w} for w in (0.0, 0.25, 0.5, 0.75, 1.0)]
 
 
+def tiny_base(root: Path) -> str:
+    """The tiny model under ``root/base`` (built once)."""
+    base = root / "base"
+    return str(base) if (base / "config.json").exists() else build_tiny_model(str(base), tiny_corpus(400, seed=0))
+
+
 def tiny_policies(root: Path) -> dict:
-    base = build_tiny_model(str(root / "base"), tiny_corpus(400, seed=0))
+    base = tiny_base(root)
     return {"sentiment": make_policy(base, str(root / "sentiment"), 1),
             "conciseness": make_policy(base, str(root / "conciseness"), 2)}
 

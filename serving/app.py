@@ -108,7 +108,8 @@ class MixedPolicyServer:
                 "max_context": self.engine.max_context, "max_tokens_limit": self.cfg.max_tokens_limit,
                 "soup_cache": {"budget_mb": self.cfg.soup_cache_mb, "held_mb": self.engine.soups.held_bytes() / 2**20,
                                "hits": self.engine.soups.hits,
-                               "misses": self.engine.soups.misses}}
+                               "misses": self.engine.soups.misses,
+                               "per_row": self.engine.row_soup.kind}}
 
     @api.get("/v1/models")
     def models(self, request: Request):

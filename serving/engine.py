@@ -25,7 +25,9 @@ from serving.api import Parsed
 from serving.config import ServeConfig
 from serving.decode import LockstepDecoder, Row
 from serving.mixing import MIXING_MODES, soup_tensor
-from serving.rowsoup import RowSoup
+from serving.rowsoup import LoraRowSoup, RowSoup
+from serving.soup import load_lora_factors
+from trainers.core.export import ADAPTER_DIR
 from trainers.core.models import Placement, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,20 @@ def round_weights(weights: Sequence[float], decimals: int) -> Tuple[float, ...]:
     return tuple(x / s for x in r)
 
 
+def per_row_soup(models: Sequence[torch.nn.Module], dirs: Sequence[str]):
+    """The per-row soup for these policies: base forward plus the K adapters when every policy is
+    one base plus its LoRA adapter (``adapter/``), else the K full-weight policies layer by layer."""
+    from pathlib import Path
+
+    if all((Path(d) / ADAPTER_DIR).is_dir() for d in dirs):
+        try:
+            return LoraRowSoup(models, [load_lora_factors(str(Path(d) / ADAPTER_DIR)) for d in dirs])
+        except ValueError as e:
+            log.warning("per-row soups run over the full weights: the LoRA policies are not one base plus "
+                        "their adapters (%s)", e)
+    return RowSoup(models)
+
+
 class MixEngine:
     def __init__(self, cfg: ServeConfig, on_batch: Optional[Callable[[str, int, Optional[bool]], None]] = None):
         """``on_batch(mode, size, soup_cache_hit)``: called after every decoded batch (metrics)."""
@@ -188,7 +204,7 @@ class MixEngine:
         eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_ids = sorted(eos_ids)
         self.soups = SoupCache(self.models, int(cfg.soup_cache_mb * 2**20))
-        self.row_soup = RowSoup(self.models)
+        self.row_soup = per_row_soup(self.models, [cfg.policies[n] for n in self.names])
         # each mixing mode: its batch key (requests with equal keys decode together) and its decoder
         self.modes: Dict[str, Tuple[Callable[[Parsed], Tuple], Callable[[List[Job]], Tuple]]] = {
             "logits": (lambda p: ("logits",), self._logits),

@@ -11,13 +11,20 @@ anything: no copy of any weight, the K policies' own modules are called.
 
 Cost: each parameterised layer runs once per policy whose weight is non-zero in some row (as the
 logits mode's K forwards), attention once.
+
+Policies trained with LoRA from one base differ only in their adapters: :class:`LoraRowSoup` runs
+one forward of policy 0 and adds, in each adapted linear layer, ``Σ_k c_k s_k B_k A_k x`` per row
+with ``c = w − e_0`` (policy 0's weight already holds ``s_0 B_0 A_0``), which is the LoRA soup
+``W_base + Σ_k w_k s_k B_k A_k`` because ``Σ_k w_k = 1``: one base forward plus K low-rank ones.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Mapping, Sequence, Tuple
 
 import torch
+
+Factors = Mapping[str, Tuple[torch.Tensor, torch.Tensor, float]]  # weight name -> (A (r, in), B (out, r), s)
 
 
 class _MixedLeaf(torch.nn.Module):
@@ -52,6 +59,8 @@ class RowSoup:
     weights with :meth:`select_rows` (``(B, K)``, rows on the simplex) before each forward, and
     again whenever rows leave the batch."""
 
+    kind = "full"  # each parameterised layer of every policy runs
+
     def __init__(self, models: Sequence[torch.nn.Module]):
         self.models = list(models)
         self.weights = torch.zeros(0, len(self.models))
@@ -77,6 +86,100 @@ class RowSoup:
     @property
     def device(self) -> torch.device:
         return self.models[0].get_input_embeddings().weight.device
+
+
+class _LoraMixedLinear(torch.nn.Module):
+    """An adapted linear layer of policy 0 plus each row's ``Σ_k c_k s_k B_k A_k x``."""
+
+    def __init__(self, base: torch.nn.Linear, factors: Sequence[Tuple[torch.Tensor, torch.Tensor, float]],
+                 soup: "LoraRowSoup"):
+        super().__init__()
+        self.base, self.soup = base, soup
+        dev, dt = base.weight.device, base.weight.dtype
+        # the K adapters stacked: two matmuls per layer whatever K is; s_k folded into B_k
+        self.register_buffer("A", torch.cat([A for A, _, _ in factors]).to(dev, dt), persistent=False)
+        self.register_buffer("B", torch.cat([B.float() * s for _, B, s in factors], dim=1).to(dev, dt),
+                             persistent=False)
+        self.register_buffer("policy", torch.cat([torch.full((A.shape[0],), k) for k, (A, _, _) in enumerate(factors)]).to(dev),
+                             persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x):
+        c = self.soup.coefficients  # (B, K)
+        if c.shape[0] != x.shape[0]:
+            raise RuntimeError(f"per-row soup: {c.shape[0]} weight vectors selected for a batch of {x.shape[0]} rows")
+        c = c.to(x.device, x.dtype)[:, self.policy].view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        return self.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, self.A) * c, self.B)
+
+
+class LoraRowSoup:
+    """K LoRA policies of one base as one model whose rows each decode their own soup: policy 0's
+    modules plus the K adapters' factors (``factors[k]``: as :func:`serving.soup.load_lora_factors`
+    reads them). Same interface as :class:`RowSoup`.
+
+    Raises ValueError when the policies are not one base plus these adapters: adapted layers that
+    differ, a layer other than ``torch.nn.Linear``, any other weight that differs between policies,
+    or an adapted weight whose ``W_k − s_k B_k A_k`` is not the same base for every k."""
+
+    kind = "lora"  # policy 0's forward plus the K adapters
+
+    def __init__(self, models: Sequence[torch.nn.Module], factors: Sequence[Factors]):
+        if len(factors) != len(models):
+            raise ValueError(f"{len(factors)} adapters for {len(models)} policies")
+        self.models = list(models)
+        self.coefficients = torch.zeros(0, len(models))
+        targets = set(factors[0])
+        if any(set(f) != targets for f in factors[1:]):
+            raise ValueError("the policies' adapters adapt different layers")
+        params = [dict(m.named_parameters()) for m in self.models]
+        for name, p in params[0].items():
+            if name in targets:
+                _check_base(name, [ps[name] for ps in params], [f[name] for f in factors])
+            elif any(not torch.equal(p, ps[name].to(p.device)) for ps in params[1:]):
+                raise ValueError(f"{name} differs between the policies, and no adapter explains it")
+        first = self.models[0]
+        self.model = _shell(first)
+        for name, m in first.named_modules():
+            if not any(True for _ in m.parameters(recurse=False)):
+                continue
+            parent, _, child = name.rpartition(".")
+            holder = self.model.get_submodule(parent) if parent else self.model
+            if name + ".weight" in targets:
+                if type(m) is not torch.nn.Linear:
+                    raise ValueError(f"{name} is a {type(m).__name__}; per-row LoRA soups handle torch.nn.Linear")
+                holder._modules[child] = _LoraMixedLinear(m, [f[name + ".weight"] for f in factors], self)
+            else:
+                holder._modules[child] = m  # the same in every policy: policy 0's own module
+
+    def select_rows(self, weights: torch.Tensor) -> None:
+        """The weight vectors of the batch's rows, ``(B, K)``, rows on the simplex."""
+        if weights.shape[1] != len(self.models):
+            raise ValueError(f"{weights.shape[1]} weights per row for {len(self.models)} policies")
+        c = weights.to(self.device, torch.float32).clone()
+        c[:, 0] -= 1.0
+        self.coefficients = c
+
+    @property
+    def device(self) -> torch.device:
+        return self.models[0].get_input_embeddings().weight.device
+
+
+def _check_base(name: str, weights: Sequence[torch.Tensor], factors) -> None:
+    """``W_k − s_k B_k A_k`` is one base weight for every k (to the weights' rounding)."""
+    for W, (A, B, _) in zip(weights, factors):
+        if (B.shape[0], A.shape[1]) != tuple(W.shape) or A.shape[0] != B.shape[1]:
+            raise ValueError(f"{name}: adapter factors {tuple(B.shape)} x {tuple(A.shape)} for a weight of {tuple(W.shape)}")
+    with torch.no_grad():
+        bases = [W.float() - s * (B.to(W.device).float() @ A.to(W.device).float()) for W, (A, B, s) in zip(weights, factors)]
+        tol = 8 * torch.finfo(weights[0].dtype).eps * float(weights[0].abs().max())
+        for k, b in enumerate(bases[1:], 1):
+            gap = float((b - bases[0].to(b.device)).abs().max())
+            if gap > tol:
+                raise ValueError(f"{name}: policy {k} minus its adapter is not policy 0 minus its adapter "
+                                 f"(they differ by up to {gap:.3g}); not one base")
 
 
 def _shell(module: torch.nn.Module) -> torch.nn.Module:

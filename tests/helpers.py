@@ -101,6 +101,23 @@ def make_policy(src: str, out, seed: int, noise: float = 0.05, metadata: Optiona
     return save_hf(model, load_tokenizer(src), str(out), meta)
 
 
+def make_lora_policy(src: str, out, seed: int, objective: str, r: int = 4, std: float = 0.3) -> str:
+    """A LoRA policy of ``src`` without training: adapters (r, alpha 2r, attention projections) set
+    to seeded normal noise of ``std``, exported as training exports it (merged weights + ``adapter/``)."""
+    from trainers.config import ModelConfig
+    from trainers.task import build_policy, export_policy
+
+    cfg = ModelConfig(name_or_path=src, lora=True, lora_r=r, lora_alpha=2 * r)
+    policy = build_policy(cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_" in n:
+                p.normal_(std=std)
+    return export_policy(policy, cfg, str(out), {"kind": "policy", "objective": objective,
+                                                  "reference_model": src, "beta": 0.1})
+
+
 def preference_batch(tok, rows, ref_model, names=("chosen", "rejected"), columns=None, max_length=64):
     """A padded micro-batch of plain-string rows: the responses ``names`` (read from ``columns`` of
     each row, default the same names) after each row's prompt, with the reference log-probs of

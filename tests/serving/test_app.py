@@ -55,6 +55,7 @@ def test_objectives_and_health(server):
     assert info["objectives"] == ["sentiment", "conciseness"]
     assert info["default_weights"] == {"sentiment": 0.25, "conciseness": 0.75} and info["default_source"] == "mpo"
     assert info["mixing"] == ["logits", "soup"]
+    assert info["soup_cache"]["per_row"] == "full"  # full-weight policies: no adapters to batch over
     assert requests.get(f"{server}/healthz", timeout=30).json()["engine_alive"] is True
 
 

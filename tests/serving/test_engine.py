@@ -159,3 +159,47 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(two_policies)
         assert a_done["tokens"] < 10 and b_done["tokens"] == 48 and b_done["batch"] == 2
     finally:
         engine.close()
+
+
+def test_lora_policies_batch_per_request_soups_over_one_base_forward(tiny_model, tmp_path):
+    """LoRA policies: soup requests with different vectors decode in one batch on the base plus
+    the adapters, each answer the greedy text of its own ``moray mix soup --lora`` checkpoint."""
+    import threading
+
+    from serving.api import Limits, parse_request
+    from serving.config import ServeConfig
+    from serving.engine import MixEngine
+    from serving.soup import soup_policies
+    from tests.helpers import make_lora_policy
+
+    dirs = {k: make_lora_policy(tiny_model, tmp_path / k, seed, k) for k, seed in (("a", 1), ("b", 2))}
+    vectors = [(0.2, 0.8), (0.7, 0.3), (0.5, 0.5)]
+
+    def answers(policies, weights, mixing="soup"):
+        engine = MixEngine(ServeConfig(policies=policies, max_tokens_limit=64, batch_wait_ms=200).validate())
+        limits = Limits(list(policies), (1.0,) * len(policies), mixing, 16, 64, 512)
+        texts, events = [[] for _ in weights], [threading.Event() for _ in weights]
+        try:
+            for i, w in enumerate(weights):
+                body = {"prompt": "Write about the coffee.", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                        "mixing": mixing, "objective_weights": dict(zip(policies, w))}
+
+                def emit(event, i=i):
+                    if event["type"] == "delta":
+                        texts[i].append(event["text"])
+                    else:
+                        assert event["type"] == "done", event
+                        texts[i].append(event["batch"])
+                        events[i].set()
+                engine.submit(parse_request(body, False, engine.tokenizer, limits), emit)
+            assert all(e.wait(120) for e in events)
+            return engine.row_soup.kind, texts
+        finally:
+            engine.close()
+
+    kind, got = answers(dirs, vectors)
+    assert kind == "lora" and all(t[-1] == len(vectors) for t in got)  # one batch of per-row soups
+    for w, texts in zip(vectors, got):
+        merged = soup_policies(dirs, w, str(tmp_path / f"soup{w[0]}"), lora=True)
+        _, (alone,) = answers({"a": merged}, [(1.0,)])
+        assert "".join(texts[:-1]) == "".join(alone[:-1])

@@ -10,11 +10,9 @@ import torch
 from serving.mixing import merge_lora, mix_logits, soup_state_dicts
 from serving.policies import check_compatible, parse_policies
 from serving.soup import soup_policies
-from tests.helpers import make_policy
-from trainers.config import ModelConfig
+from tests.helpers import make_lora_policy, make_policy
 from trainers.core.export import read_metadata
 from trainers.core.models import load_causal_lm
-from trainers.task import build_policy, export_policy
 
 NAMES = ("sentiment", "conciseness")
 
@@ -124,18 +122,7 @@ def test_soup_checkpoint_unit_weights_give_the_policy_logits(tiny_model, tmp_pat
 
 
 def test_lora_soup_of_exported_adapters(tiny_model, tmp_path):
-
-    cfg = ModelConfig(name_or_path=tiny_model, lora=True, lora_r=4, lora_alpha=8)
-    dirs = {}
-    for k, seed in (("a", 1), ("b", 2)):
-        policy = build_policy(cfg)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for n, p in policy.named_parameters():
-                if "lora_" in n:
-                    p.normal_(std=0.3)
-        dirs[k] = export_policy(policy, cfg, str(tmp_path / k),
-                                {"kind": "policy", "objective": k, "reference_model": tiny_model, "beta": 0.1})
+    dirs = {k: make_lora_policy(tiny_model, tmp_path / k, seed, k) for k, seed in (("a", 1), ("b", 2))}
     ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
     unit = soup_policies(dirs, {"a": 1.0}, str(tmp_path / "soup_a"), lora=True)
     with torch.no_grad():

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from serving.mixing import soup_state_dicts
-from serving.rowsoup import RowSoup
+from serving.rowsoup import LoraRowSoup, RowSoup
+from serving.soup import load_lora_factors, soup_policies
+from tests.helpers import make_lora_policy, make_policy
 from trainers.core.models import load_causal_lm
 
 PROMPTS = [[5, 9, 17, 33, 2, 8, 11], [7, 40, 3, 12, 6, 6, 19], [21, 4, 4, 30, 8, 2, 15]]
@@ -67,13 +69,18 @@ def test_a_batch_of_per_row_soups_decodes_each_row_as_its_merged_model(three):
         assert got[rows.index(r)] == alone
 
 
-def test_rows_with_their_own_vectors_join_a_running_per_row_soup(three):
-    """Continuous batching on the per-row soup: joining rows are prefilled with their own vectors
-    and every row decodes as its merged model alone."""
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_rows_with_their_own_vectors_join_a_running_per_row_soup(kind, request):
+    """Continuous batching on the per-row soup (full weights, and LoRA policies on one base):
+    joining rows are prefilled with their own vectors and every row decodes as its merged model alone."""
     from serving.decode import LockstepDecoder, Row, Sampling
 
+    if kind == "full":
+        models = request.getfixturevalue("three")
+        soup = RowSoup(models)
+    else:
+        models, soup = _lora_soup(request.getfixturevalue("lora_three"))
     vectors = [[0.2, 0.3, 0.5], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5]]
-    soup = RowSoup(three)
     dec = LockstepDecoder([soup.model], 0, [], on_rows=lambda live: soup.select_rows(torch.tensor([vectors[i] for i in live])))
     rows = [Row(p, (1.0,), Sampling(max_tokens=n, temperature=0)) for p, n in zip(PROMPTS, [10, 4, 6])]
     calls = []
@@ -84,4 +91,60 @@ def test_rows_with_their_own_vectors_join_a_running_per_row_soup(three):
 
     got = dec.generate(rows[:1], more=more)
     for r, w, g in zip(rows, vectors, got):
-        assert g == LockstepDecoder([_merged(three, w)], 0, []).generate([r])[0]
+        assert g == LockstepDecoder([_merged(models, w)], 0, []).generate([r])[0]
+
+
+@pytest.fixture(scope="module")
+def lora_three(tiny_model, tmp_path_factory):
+    """Three LoRA policies of the tiny model (ranks 4, 4, 2), exported as training exports them."""
+    root = tmp_path_factory.mktemp("lora")
+    return {k: make_lora_policy(tiny_model, root / k, seed, k, r=r)
+            for k, seed, r in (("a", 1, 4), ("b", 2, 4), ("c", 3, 2))}
+
+
+def _lora_soup(dirs):
+    models = [load_causal_lm(d).eval() for d in dirs.values()]
+    return models, LoraRowSoup(models, [load_lora_factors(f"{d}/adapter") for d in dirs.values()])
+
+
+def test_lora_rows_get_the_logits_of_their_lora_soup_from_one_base_forward(lora_three, tmp_path):
+    """Each row's logits are those of ``moray mix soup --lora`` for its vector (W_base + Σ w_k s_k
+    B_k A_k on the reference model), while only policy 0's modules run."""
+    models, soup = _lora_soup(lora_three)
+    assert soup.kind == "lora"
+    weights = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [0.0, 0.6, 0.4], [0.0, 0.0, 1.0]])
+    soup.select_rows(weights)
+    ids = torch.tensor([*PROMPTS, PROMPTS[0][::-1]])
+    with torch.no_grad():
+        got = soup.model(input_ids=ids).logits
+    for b, w in enumerate(weights.tolist()):
+        merged = load_causal_lm(soup_policies(lora_three, w, str(tmp_path / f"soup{b}"), lora=True)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(got[b], merged(input_ids=ids[b:b + 1]).logits[0], rtol=1e-5, atol=1e-5)
+    first = {id(p) for p in models[0].parameters()}
+    assert all(id(p) in first for p in soup.model.parameters())  # no other policy's weight is read
+
+
+def test_policies_that_are_not_one_base_plus_adapters_get_the_full_weight_per_row_soup(lora_three, tiny_model, tmp_path,
+                                                                                      caplog):
+    from serving.engine import per_row_soup
+
+    a, b = lora_three["a"], lora_three["b"]
+    assert per_row_soup([load_causal_lm(d) for d in (a, b)], [a, b]).kind == "lora"
+    # another weight moved too (an MLP layer no adapter touches)
+    moved = load_causal_lm(b)
+    with torch.no_grad():
+        moved.model.layers[0].mlp.up_proj.weight.add_(1e-3)
+    with pytest.raises(ValueError, match="mlp.up_proj.weight differs between the policies"):
+        LoraRowSoup([load_causal_lm(a), moved], [load_lora_factors(f"{d}/adapter") for d in (a, b)])
+    # b's weights with a's adapter: not one base
+    with pytest.raises(ValueError, match="not one base"):
+        LoraRowSoup([load_causal_lm(a), load_causal_lm(b)], [load_lora_factors(f"{a}/adapter")] * 2)
+    # a full-weight policy beside a LoRA one: no adapter/, so the full-weight soup without a word
+    full = make_policy(tiny_model, tmp_path / "full", 1, objective="full")
+    assert per_row_soup([load_causal_lm(d) for d in (a, full)], [a, full]).kind == "full"
+    # a LoRA policy of another base: falls back, and says why
+    other = make_lora_policy(make_policy(tiny_model, tmp_path / "base2", 5), tmp_path / "other", 4, "other")
+    with caplog.at_level("WARNING"):
+        assert per_row_soup([load_causal_lm(d) for d in (a, other)], [a, other]).kind == "full"
+    assert "not one base plus their adapters" in caplog.text
