@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from trainers.batches import pad_pairs, pair_logps
+from trainers.config import ModelConfig
 from trainers.core.export import save_hf
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.data import tokenize_responses
+from trainers.task import build_policy, export_policy
 
 
 EXPORT_FILES = ("config.json", "generation_config.json", "moray.json", "model.safetensors.index.json",
@@ -104,9 +106,6 @@ def make_policy(src: str, out, seed: int, noise: float = 0.05, metadata: Optiona
 def make_lora_policy(src: str, out, seed: int, objective: str, r: int = 4, std: float = 0.3) -> str:
     """A LoRA policy of ``src`` without training: adapters (r, alpha 2r, attention projections) set
     to seeded normal noise of ``std``, exported as training exports it (merged weights + ``adapter/``)."""
-    from trainers.config import ModelConfig
-    from trainers.task import build_policy, export_policy
-
     cfg = ModelConfig(name_or_path=src, lora=True, lora_r=r, lora_alpha=2 * r)
     policy = build_policy(cfg)
     torch.manual_seed(seed)
