@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -219,12 +220,17 @@ def serve(args: argparse.Namespace) -> None:
     from ray import serve
 
     url = run_serve_file(doc, args.address)
-    print(f"serving at {url}/v1 (objectives: GET {url}/v1/objectives); Ctrl-C stops", flush=True)
+    # a supervisor's SIGTERM stops the server as Ctrl-C does (Ray's own handler would dump a stack)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"serving at {url}/v1 (objectives: GET {url}/v1/objectives); Ctrl-C or SIGTERM stops", flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        while not stop.wait(1.0):
+            pass
     except KeyboardInterrupt:
-        serve.shutdown()
+        pass
+    print("stopping: requests in flight get up to graceful_shutdown_timeout_s to finish", flush=True)
+    serve.shutdown()
 
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], Optional[int]]] = {
