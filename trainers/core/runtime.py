@@ -20,8 +20,12 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=True,
-                 logging_level=logging.WARNING)
+        # with its dashboard: the state API lives there, and Ray Train's placement-group cleaner
+        # polls it (warning every second without it); port 0 is any free one, on loopback
+        context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=0, configure_logging=True,
+                           logging_level=logging.WARNING)
+        logging.getLogger(__name__).info("started an embedded Ray on loopback; its dashboard is at http://%s",
+                                         context.dashboard_url)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
