@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -168,8 +169,6 @@ def round_weights(weights: Sequence[float], decimals: int) -> Tuple[float, ...]:
 def per_row_soup(models: Sequence[torch.nn.Module], dirs: Sequence[str]):
     """The per-row soup for these policies: base forward plus the K adapters when every policy is
     one base plus its LoRA adapter (``adapter/``), else the K full-weight policies layer by layer."""
-    from pathlib import Path
-
     if all((Path(d) / ADAPTER_DIR).is_dir() for d in dirs):
         try:
             return LoraRowSoup(models, [load_lora_factors(str(Path(d) / ADAPTER_DIR)) for d in dirs])

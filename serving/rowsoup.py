@@ -52,7 +52,21 @@ class _MixedLeaf(torch.nn.Module):
         return out
 
 
-class RowSoup:
+class _PerRowSoup:
+    """What both per-row soups share: the K policies, the width check of a batch's weights, the device."""
+
+    models: List[torch.nn.Module]
+
+    def _check_width(self, weights: torch.Tensor) -> None:
+        if weights.shape[1] != len(self.models):
+            raise ValueError(f"{weights.shape[1]} weights per row for {len(self.models)} policies")
+
+    @property
+    def device(self) -> torch.device:
+        return self.models[0].get_input_embeddings().weight.device
+
+
+class RowSoup(_PerRowSoup):
     """The K policies (one architecture) as one model whose rows each decode their own soup.
 
     ``RowSoup(models).model`` is a causal LM sharing the policies' modules; set the batch's
@@ -65,27 +79,14 @@ class RowSoup:
         self.models = list(models)
         self.weights = torch.zeros(0, len(self.models))
         self.active: List[int] = list(range(len(self.models)))
-        first = self.models[0]
-        leaves = [name for name, m in first.named_modules() if any(True for _ in m.parameters(recurse=False))]
-        # policy 0's architecture as new module objects holding no parameters (buffers such as
-        # rotary frequencies shared); each leaf with parameters becomes a mixed leaf
-        self.model = _shell(first)
-        for name in leaves:
-            parent, _, child = name.rpartition(".")
-            holder = self.model.get_submodule(parent) if parent else self.model
-            holder._modules[child] = _MixedLeaf([m.get_submodule(name) for m in self.models], self)
+        self.model = _with_leaves(self.models[0], lambda name, _: _MixedLeaf([m.get_submodule(name) for m in self.models], self))
 
     def select_rows(self, weights: torch.Tensor) -> None:
         """The weight vectors of the batch's rows, ``(B, K)``; policies with weight 0 in every row
         are skipped."""
-        if weights.shape[1] != len(self.models):
-            raise ValueError(f"{weights.shape[1]} weights per row for {len(self.models)} policies")
+        self._check_width(weights)
         self.active = [k for k in range(len(self.models)) if bool((weights[:, k] != 0).any())]
         self.weights = weights.to(self.device)
-
-    @property
-    def device(self) -> torch.device:
-        return self.models[0].get_input_embeddings().weight.device
 
 
 class _LoraMixedLinear(torch.nn.Module):
@@ -115,7 +116,7 @@ class _LoraMixedLinear(torch.nn.Module):
         return self.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, self.A) * c, self.B)
 
 
-class LoraRowSoup:
+class LoraRowSoup(_PerRowSoup):
     """K LoRA policies of one base as one model whose rows each decode their own soup: policy 0's
     modules plus the K adapters' factors (``factors[k]``: as :func:`serving.soup.load_lora_factors`
     reads them). Same interface as :class:`RowSoup`.
@@ -140,31 +141,21 @@ class LoraRowSoup:
                 _check_base(name, [ps[name] for ps in params], [f[name] for f in factors])
             elif any(not torch.equal(p, ps[name].to(p.device)) for ps in params[1:]):
                 raise ValueError(f"{name} differs between the policies, and no adapter explains it")
-        first = self.models[0]
-        self.model = _shell(first)
-        for name, m in first.named_modules():
-            if not any(True for _ in m.parameters(recurse=False)):
-                continue
-            parent, _, child = name.rpartition(".")
-            holder = self.model.get_submodule(parent) if parent else self.model
-            if name + ".weight" in targets:
-                if type(m) is not torch.nn.Linear:
-                    raise ValueError(f"{name} is a {type(m).__name__}; per-row LoRA soups handle torch.nn.Linear")
-                holder._modules[child] = _LoraMixedLinear(m, [f[name + ".weight"] for f in factors], self)
-            else:
-                holder._modules[child] = m  # the same in every policy: policy 0's own module
+        self.model = _with_leaves(self.models[0], lambda name, m: self._leaf(name, m, targets, factors))
+
+    def _leaf(self, name: str, m: torch.nn.Module, targets, factors: Sequence[Factors]) -> torch.nn.Module:
+        if name + ".weight" not in targets:
+            return m  # the same in every policy: policy 0's own module
+        if type(m) is not torch.nn.Linear:
+            raise ValueError(f"{name} is a {type(m).__name__}; per-row LoRA soups handle torch.nn.Linear")
+        return _LoraMixedLinear(m, [f[name + ".weight"] for f in factors], self)
 
     def select_rows(self, weights: torch.Tensor) -> None:
         """The weight vectors of the batch's rows, ``(B, K)``, rows on the simplex."""
-        if weights.shape[1] != len(self.models):
-            raise ValueError(f"{weights.shape[1]} weights per row for {len(self.models)} policies")
+        self._check_width(weights)
         c = weights.to(self.device, torch.float32).clone()
         c[:, 0] -= 1.0
         self.coefficients = c
-
-    @property
-    def device(self) -> torch.device:
-        return self.models[0].get_input_embeddings().weight.device
 
 
 def _check_base(name: str, weights: Sequence[torch.Tensor], factors) -> None:
@@ -180,6 +171,17 @@ def _check_base(name: str, weights: Sequence[torch.Tensor], factors) -> None:
             if gap > tol:
                 raise ValueError(f"{name}: policy {k} minus its adapter is not policy 0 minus its adapter "
                                  f"(they differ by up to {gap:.3g}); not one base")
+
+
+def _with_leaves(first: torch.nn.Module, replace) -> torch.nn.Module:
+    """``first``'s architecture as new module objects holding no parameters (buffers such as
+    rotary frequencies shared), each leaf with parameters replaced by ``replace(name, leaf)``."""
+    model = _shell(first)
+    for name, m in first.named_modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            parent, _, child = name.rpartition(".")
+            (model.get_submodule(parent) if parent else model)._modules[child] = replace(name, m)
+    return model
 
 
 def _shell(module: torch.nn.Module) -> torch.nn.Module:
