@@ -9,11 +9,11 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from cluster import ray_jobs
 from cluster.demo import run_demo
-from cluster.metrics import node_metrics_urls, read_metrics
+from cluster.metrics import final_samples, node_metrics_urls, read_metrics
 from cluster.study import run_study
 from reward_models.batch import score_file
 from reward_models.evaluate import EvalSettings, evaluate, front_report, plot, write_json
@@ -121,14 +121,22 @@ def study(args: argparse.Namespace) -> None:
 
 
 def metrics(args: argparse.Namespace) -> None:
-    """``moray metrics``: Moray's metrics on every node of the cluster, now."""
+    """``moray metrics``: Moray's metrics on every node of the cluster, now, then the last values of
+    the training jobs that have ended."""
     import ray
 
     ray.init(address=args.address or "auto", logging_level=logging.WARNING)
-    for url in node_metrics_urls():
-        for name, labels, value in read_metrics(url):
-            tags = ",".join(f"{k}={v}" for k, v in sorted(labels.items()) if k in KEPT_LABELS)
-            print(f"{name}{{{tags}}} {value:g}")
+    print("\n".join(metrics_lines()))
+
+
+def metrics_lines() -> List[str]:
+    """``moray metrics``' lines: every node's samples, then the finished jobs' last gauges."""
+    def line(name: str, labels: Dict[str, str], value: float, final: str = "") -> str:
+        tags = ",".join(f"{k}={v}" for k, v in sorted(labels.items()) if k in KEPT_LABELS)
+        return f"{name}{{{tags}}} {value:g}{final}"
+
+    live = [line(*s) for url in node_metrics_urls() for s in read_metrics(url)]
+    return live + [line(*s, "  # last value of a finished job") for s in final_samples()]
 
 
 def config(args: argparse.Namespace) -> None:

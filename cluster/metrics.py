@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from serving.metrics import serving_specs
 from trainers.core.metrics import MetricSpec
-from trainers.metrics import TRAIN_FAMILIES, TRAIN_PAIRS, TRAIN_SCALARS, training_specs
+from trainers.metrics import TRAIN_FAMILIES, TRAIN_PAIRS, TRAIN_SCALARS, read_final, training_specs
 
 
 def all_specs() -> List[MetricSpec]:
@@ -45,6 +45,12 @@ def read_metrics(url: str, prefix: str = "ray_moray_", timeout: float = 10.0) ->
     text = requests.get(url, timeout=timeout).text
     return [(s.name, dict(s.labels), float(s.value)) for fam in text_string_to_metric_families(text)
             for s in fam.samples if s.name.startswith(prefix)]
+
+
+def final_samples() -> List[Sample]:
+    """The last training gauges of every finished job of the connected cluster (kept in Ray's KV
+    store: a gauge leaves the endpoint two report intervals after its job ends)."""
+    return [(s.name, dict(s.labels), s.value) for s in read_final()]
 
 
 def total(samples: Sequence[Sample], name: str, **labels: str) -> float:

@@ -130,6 +130,8 @@ def train_loop(config: Dict[str, Any]) -> None:
     # this attempt's training-loop throughput (all ranks' rows; rank 0's clock)
     metrics.update(train_seconds=time.perf_counter() - loop_start, pairs_trained=rows_trained * world, step=step,
                    **timings)
+    if published is not None:
+        published.close(metrics)  # its gauges leave the endpoint; the last values stay in Ray's KV store
     export_final(task, engine, rank, config["metadata"], metrics)
 
 

@@ -5,14 +5,18 @@ The loop's own figures (loss, throughput, learning rate, step) and whatever a ta
 a name defined here: scalars (:data:`TRAIN_SCALARS`) and per-objective families ``family/<objective>``
 (:data:`TRAIN_FAMILIES`) -- GAPO's α and gradient norms, MOPO's λ, constraint values and
 thresholds, per-objective losses, margins and accuracies, online rewards; a counter of rows trained.
-Anything else a task reports stays in the job's metrics but is not published.
+Anything else a task reports stays in the job's metrics but is not published. The gauges are set
+again every half report interval while the job lives, and its last values stay in Ray's KV store
+(:data:`FINAL_NAMESPACE`) after it ends.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from trainers.core.metrics import BestEffort, MetricSpec, make_metric
+from trainers.core.metrics import BestEffort, MetricSpec, Republisher, make_metric
 
 TRAIN_TAGS = ("run", "method", "objective")
 
@@ -67,23 +71,65 @@ def training_series(metrics: Mapping[str, Any]) -> List[Tuple[MetricSpec, Option
     return out
 
 
+# Ray's KV namespace of finished jobs' last values, one key ``<run>/<objective>`` per job
+FINAL_NAMESPACE = "moray_final_metrics"
+
+
+@dataclass(frozen=True)
+class FinalSeries:
+    """One gauge's last value as a finished job left it (``name`` with Ray's ``ray_`` prefix)."""
+
+    name: str
+    labels: Dict[str, str]
+    value: float
+
+
+def read_final() -> List[FinalSeries]:
+    """The last values of every finished job of the connected Ray cluster."""
+    from ray.experimental import internal_kv
+
+    out = []
+    for key in sorted(internal_kv._internal_kv_list("", namespace=FINAL_NAMESPACE)):
+        out += [FinalSeries(**s) for s in json.loads(internal_kv._internal_kv_get(key, namespace=FINAL_NAMESPACE))]
+    return out
+
+
 class TrainingMetrics:
-    """Publishes a training job's per-step metrics (one worker: rank 0). A failure to publish is
-    logged once and never stops training."""
+    """Publishes a training job's per-step metrics (one worker: rank 0), keeping its gauges on the
+    endpoint between steps until :meth:`close`. A failure to publish is logged once and never stops
+    training."""
 
     def __init__(self, run: str, method: str, objective: str):
         self.tags = {"run": run, "method": method, "objective": objective}
         self._gauges: Dict[str, Any] = {}
         self._out = BestEffort(lambda: make_metric(TRAIN_PAIRS), "training")
+        self._again = Republisher()
 
     def record(self, metrics: Mapping[str, Any]) -> None:
         if self._out:
             self._out.call(lambda: self._record(metrics))
 
+    def _series(self, metrics: Mapping[str, Any]) -> List[Tuple[MetricSpec, Dict[str, str], float]]:
+        return [(spec, {**self.tags, "objective": objective} if objective else self.tags, value)
+                for spec, objective, value in training_series(metrics)]
+
     def _record(self, metrics: Mapping[str, Any]) -> None:
-        for spec, objective, value in training_series(metrics):
+        for spec, tags, value in self._series(metrics):
             if spec.name not in self._gauges:
                 self._gauges[spec.name] = make_metric(spec)
-            self._gauges[spec.name].set(value, tags={**self.tags, "objective": objective} if objective else self.tags)
+            self._again.set(self._gauges[spec.name], value, tags)
         if metrics.get("step_pairs"):
             self._out.target.inc(float(metrics["step_pairs"]), tags=self.tags)
+
+    def close(self, final: Mapping[str, Any]) -> None:
+        """The job ended: stop re-publishing, and leave ``final``'s gauges in Ray's KV store."""
+        self._again.close()
+        if self._out:
+            self._out.call(lambda: self._keep(final))
+
+    def _keep(self, final: Mapping[str, Any]) -> None:
+        from ray.experimental import internal_kv
+
+        series = [asdict(FinalSeries(f"ray_{spec.name}", tags, value)) for spec, tags, value in self._series(final)]
+        key = f"{self.tags['run']}/{self.tags['objective']}"
+        internal_kv._internal_kv_put(key, json.dumps(series), overwrite=True, namespace=FINAL_NAMESPACE)
