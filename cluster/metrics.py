@@ -80,21 +80,31 @@ def grafana_dashboard() -> Dict[str, Any]:
         panels.append(_panel(i + 1, title, exprs, 12 * (i % 2), 8 * (i // 2), unit, description))
 
     by_run = "{{run}} {{objective}}"
-    for key in ("loss", "reward_margin", "accuracy", "pairs_per_s"):
+
+    def gauge(spec: MetricSpec, legend: str = by_run) -> Tuple[str, str]:
+        return f"ray_{spec.name}{job}", legend
+
+    for key in ("loss", "reward_margin", "accuracy", "pairs_per_s", "tokens_per_s", "lr", "step"):
         s = TRAIN_SCALARS[key]
-        add(f"Training: {key.replace('_', ' ')}", [(f"ray_{s.name}{job}", by_run)], s.unit, s.description)
+        title = {"lr": "learning rate", "pairs_per_s": "pairs per second", "tokens_per_s": "tokens per second"}
+        add(f"Training: {title.get(key, key.replace('_', ' '))}", [gauge(s)], s.unit, s.description)
     add("Training: pairs trained per second (counter rate)",
         [(f"sum by (run, objective) (rate(ray_{TRAIN_PAIRS.name}_total{job}[1m]))", by_run)])
-    for key in ("loss", "accuracy", "reward"):
+    for key in ("loss", "margin", "accuracy", "reward"):
         s = TRAIN_FAMILIES[key]
-        add(f"Per objective: {key}", [(f"ray_{s.name}{job}", by_run)], description=s.description)
-    add("GAPO: alpha and gradient norms", [(f"ray_{TRAIN_FAMILIES['alpha'].name}{job}", "alpha {{run}} {{objective}}"),
-                                          (f"ray_{TRAIN_FAMILIES['grad_norm'].name}{job}", "|g| {{run}} {{objective}}")])
-    add("MOPO: lambda", [(f"ray_{TRAIN_FAMILIES['lambda'].name}{job}", by_run)])
+        add(f"Per objective: {'reward margin' if key == 'margin' else key}", [gauge(s)], description=s.description)
+    add("GAPO: alpha and gradient norms", [gauge(TRAIN_FAMILIES["alpha"], "alpha " + by_run),
+                                          gauge(TRAIN_FAMILIES["grad_norm"], "|g| " + by_run)])
+    add("GAPO: gradient cosine", [gauge(TRAIN_SCALARS["grad_cosine"])],
+        description=TRAIN_SCALARS["grad_cosine"].description)
+    add("MOPO: lambda", [gauge(TRAIN_FAMILIES["lambda"])])
     add("MOPO: constraint values and thresholds",
-        [(f"ray_{TRAIN_FAMILIES['constraint'].name}{job}", "value " + by_run),
-         (f"ray_{TRAIN_FAMILIES['threshold'].name}{job}", "threshold " + by_run)])
-    add("WRPO: alpha", [(f"ray_{TRAIN_SCALARS['alpha'].name}{job}", by_run)])
+        [gauge(TRAIN_FAMILIES["constraint"], "value " + by_run), gauge(TRAIN_FAMILIES["threshold"], "threshold " + by_run)])
+    add("WRPO: alpha", [gauge(TRAIN_SCALARS["alpha"])], description=TRAIN_SCALARS["alpha"].description)
+    for key in ("empty_fraction", "kl"):
+        s = TRAIN_SCALARS[key]
+        add(f"Online GAPO: {'empty samples' if key == 'empty_fraction' else 'KL estimate'}", [gauge(s)], s.unit,
+            s.description)
     add("Serving: requests per second by status",
         [('sum by (status, mixing) (rate(ray_moray_serve_requests_total[1m]))', "{{mixing}} {{status}}")], "reqps")
     add("Serving: latency p50 / p95",
@@ -110,6 +120,9 @@ def grafana_dashboard() -> Dict[str, Any]:
         [("sum by (objective) (rate(ray_moray_serve_objective_weight_sum[5m])) / "
           "sum by (objective) (rate(ray_moray_serve_objective_weight_count[5m]))", "{{objective}}")],
         description="Ray exports a histogram's sum from its bucket midpoints: within 0.05")
+    add("Serving: batch size p50 / p95",
+        [(f'histogram_quantile({q}, sum by (le, mixing) (rate(ray_moray_serve_batch_size_bucket[5m])))',
+          f"p{int(q * 100)} {{{{mixing}}}}") for q in (0.5, 0.95)], description="Requests decoded together")
     add("Serving: replicas", [('count by (deployment) (ray_serve_deployment_replica_healthy{deployment="MixedPolicy"})',
                                "{{deployment}}")])
     return {

@@ -1,5 +1,7 @@
-"""The Grafana dashboard is built from the metric definitions (the metrics themselves are read back
-from Ray's endpoint in test_ray_jobs.py and tests/serving/test_app.py)."""
+"""The Grafana dashboard is built from the metric definitions, and covers them exactly: a panel for
+every metric Moray exports, no panel naming a metric nobody exports (the metrics themselves are read
+back from Ray's endpoint in test_ray_jobs.py, tests/serving/test_app.py and, through a real
+Prometheus, test_prometheus.py)."""
 
 import json
 import re
@@ -8,19 +10,31 @@ from pathlib import Path
 from cluster.metrics import all_specs, grafana_dashboard
 
 ROOT = Path(__file__).resolve().parents[2]
+# the series Ray exports for a metric of each kind (with its ``ray_`` prefix)
+SUFFIXES = {"gauge": ("",), "counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
 
 
-def test_grafana_dashboard_is_the_generated_one_and_names_only_defined_metrics():
+def panel_metrics(dashboard):
+    """Each panel's title -> the Moray series its expressions name."""
+    return {p["title"]: {n for t in p["targets"] for n in re.findall(r"\bray_moray_[a-z_]+", t["expr"])}
+            for p in dashboard["panels"]}
+
+
+def test_grafana_dashboard_is_the_generated_one():
     committed = json.loads((ROOT / "cluster" / "grafana" / "moray.json").read_text())
     assert committed == grafana_dashboard(), "regenerate: python -m cluster.metrics > cluster/grafana/moray.json"
-    suffix = {"gauge": [""], "counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
-    defined = {f"ray_{s.name}{x}" for s in all_specs() for x in suffix[s.kind]}
-    exprs = [t["expr"] for p in committed["panels"] for t in p["targets"]]
-    used = {n for e in exprs for n in re.findall(r"\bray_moray_[a-z_]+", e)}
-    assert used and used <= defined, used - defined
     ids = [p["id"] for p in committed["panels"]]
-    assert len(ids) == len(set(ids))
-    # every training family and the serving request counter have a panel
-    for name in ("moray_train_loss", "moray_train_gapo_alpha", "moray_train_mopo_lambda", "moray_train_mopo_constraint",
-                 "moray_serve_requests_total", "moray_serve_latency_seconds_bucket", "moray_serve_soup_cache_total"):
-        assert any("ray_" + name in e for e in exprs), name
+    assert len(ids) == len(set(ids)) and len(set(panel_metrics(committed))) == len(ids)
+
+
+def test_every_exported_metric_has_a_panel_and_every_panel_an_exported_metric():
+    dashboard = grafana_dashboard()
+    series = {f"ray_{s.name}{x}": s.name for s in all_specs() for x in SUFFIXES[s.kind]}
+    named = panel_metrics(dashboard)
+    unknown = {title: names - set(series) for title, names in named.items() if names - set(series)}
+    assert not unknown, f"panels naming metrics nobody exports: {unknown}"
+    variable = dashboard["templating"]["list"][1]["query"]
+    assert set(re.findall(r"\bray_moray_[a-z_]+", variable)) <= set(series), variable
+    shown = {series[n] for names in named.values() for n in names}
+    assert not {s.name for s in all_specs()} - shown, "metrics without a panel"
+    assert all(names for title, names in named.items() if title.startswith(("Training", "Per objective", "GAPO")))

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from cluster.commands import metrics_lines
 from cluster.metrics import final_samples, node_metrics_urls, read_metrics
 from tests.helpers import wait_for
 from trainers.metrics import TrainingMetrics
@@ -45,3 +46,5 @@ def test_gauges_stay_between_slow_steps_and_the_last_values_outlive_the_job(publ
     assert wait_for(lambda: _loss(url) == [], 30), read_metrics(url)
     final = {(n, lab["objective"]): v for n, lab, v in final_samples() if lab["run"] == "slow-run"}
     assert final == {("ray_moray_train_loss", "sentiment"): 0.5, ("ray_moray_train_step", "sentiment"): 2.0}
+    assert "ray_moray_train_loss{method=dpo,objective=sentiment,run=slow-run} 0.5  # last value of a finished job" \
+        in metrics_lines()
