@@ -4,10 +4,7 @@ per-objective DPO jobs run side by side, their training metrics are read from th
 Prometheus endpoint while they run, and a third job is stopped."""
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import threading
 import time
 
@@ -16,7 +13,6 @@ import pytest
 from cluster import ray_jobs as jobs
 from cluster.cli import main
 from cluster.metrics import read_metrics
-from tests.helpers import RayNode
 from trainers.core.runtime import free_port
 from trainers.metrics import TRAIN_PAIRS, TRAIN_SCALARS
 
@@ -49,32 +45,6 @@ def test_unreachable_cluster_is_a_clear_error(capsys):
     port = free_port()
     assert main(["jobs", "list", "--address", f"http://127.0.0.1:{port}"]) == 2
     assert "Failed to connect" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    temp = tempfile.mkdtemp(prefix="moray-head-", dir="/tmp")  # short: Ray's socket paths live under it
-    dashboard, metrics = free_port(), free_port()
-    head = RayNode(temp, "head", ["--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-                                  f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}",
-                                  f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-                                  "--num-cpus=4", f"--temp-dir={temp}"],
-                   env=dict(os.environ, RAY_metrics_report_interval_ms="1000"))
-    url = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            head.check_alive()
-            try:
-                jobs.client(url)
-                break
-            except ConnectionError:
-                assert time.time() < deadline, "the head's dashboard did not come up"
-                time.sleep(1)
-        yield {"url": url, "metrics": f"http://127.0.0.1:{metrics}/metrics"}
-    finally:  # only this head's processes: its own process group
-        head.stop()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 class Scraper(threading.Thread):
