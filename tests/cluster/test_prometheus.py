@@ -144,6 +144,18 @@ def test_every_panel_has_data_over_a_short_run(ray_head, tiny_model, tmp_path, c
         end = time.time()
 
         assert not has_data(prom, "ray_moray_train_no_such_metric", start, end)
+
+        # the jobs ended: `moray metrics` still prints each one's last values (from Ray's KV store)
+        import ray
+
+        try:
+            assert main(["metrics", "--address", ray_head["gcs"]]) == 0
+        finally:
+            ray.shutdown()
+        finished = {(m.group(1), m.group(2)) for m in re.finditer(
+            r"^ray_moray_train_(\w+)\{method=([\w-]+),.*  # last value of a finished job$", capsys.readouterr().out, re.M)}
+        assert {("step", "gapo"), ("gapo_grad_cosine", "gapo"), ("mopo_lambda", "mopo"), ("wrpo_alpha", "wrpo"),
+                ("online_kl", "online-gapo")} <= finished, finished
         missing = [(p["title"], t["expr"]) for p in grafana_dashboard()["panels"] for t in p["targets"]
                    if not has_data(prom, t["expr"].replace("$run", ".*"), start, end)]
         assert not missing, json.dumps(missing, indent=1)
