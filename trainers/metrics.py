@@ -90,7 +90,8 @@ def read_final() -> List[FinalSeries]:
 
     out = []
     for key in sorted(internal_kv._internal_kv_list("", namespace=FINAL_NAMESPACE)):
-        out += [FinalSeries(**s) for s in json.loads(internal_kv._internal_kv_get(key, namespace=FINAL_NAMESPACE))]
+        kept = internal_kv._internal_kv_get(key, namespace=FINAL_NAMESPACE)  # None: deleted since listed
+        out += [FinalSeries(**s) for s in json.loads(kept or "[]")]
     return out
 
 
