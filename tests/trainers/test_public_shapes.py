@@ -130,3 +130,38 @@ def test_every_published_shape_tokenizes(tmp_path, tiny_model):
         assert 0 < start < len(out["chosen_ids"][0]), name
         response = tok.decode(out["chosen_ids"][0][start:])
         assert "2+2" not in response and "Human:" not in response, name
+
+
+@pytest.mark.slow
+def test_published_shapes_train_one_step(ray_local, tiny_model, tmp_path):
+    """One DPO step over a file holding HH-RLHF, UltraFeedback (with and without its prompt column)
+    and TRL rows side by side (each row as published; rows are mapped one by one), then one GAPO
+    step on PKU-SafeRLHF's two labels and one on pairs made from UltraFeedback's per-aspect ratings."""
+    from cluster.cli import main
+    from tests.trainers.test_ratings import ultrafeedback_rows as rated_rows
+    from trainers.core.config import load_config
+    from trainers.jobs.dpo import DPOJobConfig, run as run_dpo
+    from trainers.jobs.gapo import GAPOJobConfig, run as run_gapo
+
+    one_step = {"model.name_or_path": tiny_model, "train.workers": 1, "train.micro_batch_size": 8,
+                "train.checkpoint_every": 0, "train.log_every": 1, "data.max_prompt_length": 64,
+                "data.max_response_length": 32}
+    rows = hh_rows() + ultrafeedback_rows() + ultrafeedback_rows(with_prompt=False) + trl_rows()
+    dpo = run_dpo(load_config(DPOJobConfig, overrides={
+        **one_step, "objective": "helpful", "out": str(tmp_path / "dpo"),
+        "data.path": write_jsonl(tmp_path / "mixed.jsonl", rows)}))
+    assert dpo["pairs"] == 8 and dpo["step"] == 1
+
+    pku = run_gapo(load_config(GAPOJobConfig, overrides={
+        **one_step, "objectives": ["helpful", "harmless"], "out": str(tmp_path / "pku"),
+        "data.path": write_jsonl(tmp_path / "pku.jsonl", pku_rows() * 4),
+        "data.response_columns": PKU["response_columns"], "data.objective_labels": PKU["objective_labels"]}))
+    assert pku["pairs"] == 8 and pku["step"] == 1
+
+    main(["pairs", "--from-ratings", write_jsonl(tmp_path / "uf_raw.jsonl", rated_rows() * 4),
+          "--prompt-column", "instruction", "--responses", "completions", "--out", str(tmp_path / "rated"),
+          "--ratings", "helpfulness=annotations.helpfulness.Rating,honesty=annotations.honesty.Rating"])
+    rated = run_gapo(load_config(GAPOJobConfig, overrides={
+        **one_step, "objectives": ["helpfulness", "honesty"], "out": str(tmp_path / "rated_gapo"),
+        "data.path": str(tmp_path / "rated" / "pairs_multi.jsonl"), "train.micro_batch_size": 2}))
+    assert rated["pairs"] == 2 and rated["step"] == 1
