@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from trainers.core import storage
 from trainers.core.models import load_tokenizer
-from trainers.core.runtime import init_ray
+from trainers.core.runtime import init_ray, interactive
 from trainers.data import CHUNK_ROWS, StagedRows, Tokenize
 from trainers.loop import train_loop
 
@@ -152,6 +152,7 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
     """Run :func:`trainers.loop.train_loop` on a TorchTrainer with Ray Train's storage at
     ``locations[1]``; copy the export to ``locations[0]`` (both from :func:`run_locations`)."""
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     t = job.train
@@ -162,7 +163,7 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
         train_loop_config={"make_task": make_task, "job": for_workers(job), "tokenize": tokenize,
                            "rows_per_rank": prepared.rows_per_rank,
                            "pad_id": prepared.pad_id, "metadata": metadata, "failure_marker": failure_marker,
-                           "run": run},
+                           "run": run, "progress": interactive()},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker},
                                                placement_strategy=t.placement_strategy),
@@ -173,7 +174,9 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
             # Ray Train's per-report INFO lines drown the progress bar; its warnings still show
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets={f"rank{r}": shard for r, shard in enumerate(prepared.shards)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # options of our own: Train's defaults copy DataContext's exclude_resources, a deprecated setter
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
     )
     tic, started_at = time.perf_counter(), time.time()
     result = trainer.fit()
