@@ -165,3 +165,30 @@ def test_published_shapes_train_one_step(ray_local, tiny_model, tmp_path):
         **one_step, "objectives": ["helpfulness", "honesty"], "out": str(tmp_path / "rated_gapo"),
         "data.path": str(tmp_path / "rated" / "pairs_multi.jsonl"), "train.micro_batch_size": 2}))
     assert rated["pairs"] == 2 and rated["step"] == 1
+
+
+def test_a_tokenizer_that_cannot_render_the_rows_fails_before_ray(tiny_model, tmp_path):
+    """Chat rows and a tokenizer without a chat template: the job stops on the driver, naming the
+    row and the reason, instead of in every worker."""
+    import shutil
+
+    import ray
+
+    from trainers.core.config import load_config
+    from trainers.jobs.dpo import DPOJobConfig, run as run_dpo
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model, plain)
+    for f in plain.glob("chat_template.*"):
+        f.unlink()
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not getattr(load_tokenizer(str(plain)), "chat_template", None)
+    started = ray.is_initialized()
+    job = load_config(DPOJobConfig, overrides={
+        "objective": "helpful", "out": str(tmp_path / "out"), "model.name_or_path": str(plain),
+        "data.path": write_jsonl(tmp_path / "mixed.jsonl", hh_rows() + ultrafeedback_rows())})
+    with pytest.raises(PreferenceDataError, match=r"mixed.jsonl: valid row 2 .* cannot be tokenized"):
+        run_dpo(job)
+    assert ray.is_initialized() == started

@@ -56,8 +56,9 @@ def encode_response(tokenizer, prompt: Prompt, response: Prompt, max_length: Opt
         prompt_text = render(tokenizer, prompt)
         full = tokenizer.apply_chat_template(list(prompt) + list(response), tokenize=False)
         if not full.startswith(prompt_text):
-            raise ValueError("chat template does not render the prompt as a prefix of the conversation; "
-                             "pass plain-string columns instead")
+            raise ValueError("the chat template does not render the prompt as the start of the conversation "
+                             "(templates that rewrite earlier turns once a reply follows); render the rows "
+                             "to plain-string prompt/chosen/rejected with this template's turn markers")
         ids = tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"]
     return ids[:max_length] if max_length else ids
 
