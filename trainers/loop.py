@@ -26,9 +26,9 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from trainers.batches import length_buckets, to_device
-from trainers.core.runtime import quiet_ray_data
 from trainers.checkpoints import (export_final, load_engine_state, maybe_fail, quiet_report_logs, report,
                                   resume_state)
+from trainers.core.runtime import quiet_ray_data
 from trainers.deepspeed_setup import build_engine, worker_device
 from trainers.metrics import TrainingMetrics
 from trainers.reference import ReferenceTable
@@ -81,8 +81,8 @@ def train_loop(config: Dict[str, Any]) -> None:
     step = math.ceil(micro / t.grad_accum)
     if rank == 0 and micro:
         log.warning("resuming from the checkpoint at optimizer step %d of %d", step, sched.total_steps)
-    bar = tqdm(total=sched.total_steps, desc=f"{task.name} {task.cfg.objective}") \
-        if rank == 0 and config.get("progress", True) else None
+    drawn = rank == 0 and config.get("progress", True)
+    bar = tqdm(total=sched.total_steps, desc=f"{task.name} {task.cfg.objective}") if drawn else None
     if bar is not None:
         bar.update(step)
     published = TrainingMetrics(config.get("run", task.name), task.name, task.cfg.objective) if rank == 0 else None
