@@ -13,6 +13,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from cluster.commands import COMMANDS  # noqa: E402
 from cluster.parser import build_parser  # noqa: E402
+from trainers.core.runtime import interactive, quiet_progress  # noqa: E402
 from trainers.job import PromiseUnmet  # noqa: E402
 
 
@@ -20,6 +21,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_progress(interactive())  # a log file gets sentences; bars stay on a terminal
     try:
         return COMMANDS[args.command](args) or 0
     except (ValueError, FileNotFoundError, ConnectionError) as e:

@@ -25,11 +25,12 @@ from serving.deploy import load_serve_file, run_serve_file, serve_file, write_se
 from serving.mpo import compute_mpo_weights
 from serving.policies import parse_policies
 from serving.soup import soup_policies
-from trainers.core.config import describe, load_config, parse_dotted, parse_numbers
+from trainers.core.config import describe, load_config, parse_assignments, parse_dotted, parse_numbers
 from trainers.core.models import Placement
 from trainers.core.runtime import init_ray
 from trainers.core.weights import check_weights
 from trainers.job import config_from
+from trainers.ratings import RatingsMapping, pairs_from_ratings
 from trainers.jobs import JOBS, get_job
 
 KEPT_LABELS = ("run", "method", "objective", "route", "mixing", "status", "result", "le", "replica")
@@ -61,7 +62,18 @@ def placement(args: argparse.Namespace) -> Placement:
 
 
 def pairs(args: argparse.Namespace) -> None:
-    """``moray pairs``: on-policy pairs and candidates, or WRPO rows (``--wrpo``)."""
+    """``moray pairs``: on-policy pairs and candidates, WRPO rows (``--wrpo``), or pairs and
+    candidates from a rated dataset (``--from-ratings``)."""
+    if args.from_ratings:
+        if not args.ratings:
+            raise ValueError("--from-ratings needs --ratings objective=path[,objective=path...]")
+        mapping = RatingsMapping(parse_assignments(args.ratings), args.prompt_column, args.responses,
+                                 args.response_field)
+        print(json.dumps(pairs_from_ratings(args.from_ratings, mapping, args.out, args.min_margin,
+                                            split=args.split, skip_invalid=args.skip_invalid), indent=2))
+        return
+    if not args.prompts or not args.objectives:
+        raise ValueError("moray pairs needs --prompts and --objectives (or --from-ratings)")
     objectives = objective_list(args.objectives)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, actors=args.actors, placement=placement(args))

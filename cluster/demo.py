@@ -242,7 +242,10 @@ def serve_mixes(policies: Dict[str, str], mpo_file: str, mpo_weights: Dict[str, 
     cfg = load_config(ServeConfig, overrides={"policies": policies, "mpo_weights": mpo_file, "threads": 2,
                                               "max_tokens_limit": s.max_new_tokens,
                                               "default_max_tokens": s.max_new_tokens, "batch_wait_ms": 20})
-    url = run_serve_file(serve_file(cfg, port=port))
+    doc = serve_file(cfg, port=port)
+    for deployment in doc["applications"][0]["deployments"]:  # a line per request would be most of the demo's log
+        deployment["logging_config"] = {"enable_access_log": False}
+    url = run_serve_file(doc)
     vectors = {"sentiment=1": {"sentiment": 1.0}, "0.5/0.5": {"sentiment": 0.5, "conciseness": 0.5},
                "conciseness=1": {"conciseness": 1.0}, "mpo-maxmin": mpo_weights}
     rows: Dict[str, Dict[str, float]] = {}

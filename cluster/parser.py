@@ -96,19 +96,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pairs(sub) -> None:
     """On-policy pairs, candidates, WRPO rows."""
-    pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample, score, best vs worst")
+    pairs = sub.add_parser("pairs", help="preference pairs: on-policy (sample, score, best vs worst) or from a "
+                           "dataset rated per attribute (--from-ratings)")
     pairs.add_argument("--model", help="policy to sample from (HF name or path)")
     pairs.add_argument("--wrpo", action="store_true", help="WRPO rows: the target's best and worst sample and "
                        "the best of the --sources' samples")
     pairs.add_argument("--target", help="--wrpo: the model to be trained (default --model)")
     pairs.add_argument("--sources", help="--wrpo: comma-separated source models (HF names or paths)")
     pairs.add_argument("--weights", help="--wrpo with several objectives: a=0.5,b=0.5 over standardised scores")
-    pairs.add_argument("--prompts", required=True, help="a .txt file (one per line), a jsonl or parquet "
+    pairs.add_argument("--from-ratings", dest="from_ratings", help="a rated dataset (jsonl, parquet, HF dataset "
+                       "directory or hub name): per objective its best-rated response against its worst, written as "
+                       "on-policy pairs are; needs --ratings (no model, no Ray)")
+    pairs.add_argument("--ratings", help="--from-ratings: objective=where its rating is, comma-separated; a dotted "
+                       "path inside each response entry (helpfulness=annotations.helpfulness.Rating) or a column "
+                       "(helpfulness=helpfulness); the objectives are yours to name")
+    pairs.add_argument("--responses", default="", help="--from-ratings: the column holding each row's list of rated "
+                       "responses (UltraFeedback: completions); omitted: one row per response, grouped by prompt")
+    pairs.add_argument("--response-field", dest="response_field", default="response",
+                       help="--from-ratings: the response text's field in each entry (or its column)")
+    pairs.add_argument("--min-margin", dest="min_margin", type=float, default=0.0,
+                       help="--from-ratings: drop pairs whose rating gap is this or less (ties always are)")
+    pairs.add_argument("--skip-invalid", dest="skip_invalid", action="store_true",
+                       help="--from-ratings: drop malformed rows and count them instead of failing")
+    pairs.add_argument("--prompts", help="a .txt file (one per line), a jsonl or parquet "
                        "file, an HF dataset directory or hub name, or demo:N (built-in prompts)")
     pairs.add_argument("--prompt-column", dest="prompt_column", default="prompt",
-                       help="column holding prompts (jsonl, parquet, HF datasets)")
+                       help="column holding prompts (jsonl, parquet, HF datasets; --from-ratings too)")
     pairs.add_argument("--split", default="train", help="split of an HF dataset")
-    pairs.add_argument("--objectives", required=True, help=objectives_help())
+    pairs.add_argument("--objectives", help=objectives_help())
     pairs.add_argument("--samples-per-prompt", dest="n", type=int, default=4)
     pairs.add_argument("--out", required=True, help="directory for pairs_<objective>.jsonl and candidates.jsonl")
     pairs.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)

@@ -86,31 +86,38 @@ def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str
     out = _output_dir(objectives, n, prompts, out_dir)
     tok = load_tokenizer(model_path)
     responses = sample_responses(model_path, prompts, n, seed=seed, **sampling)
-    scores = score_candidates(objectives, prompts, responses, tok)
+    return write_pair_files(out, prompts, responses, score_candidates(objectives, prompts, responses, tok), objectives)
+
+
+def write_pair_files(out: Path, prompts: Sequence[str], responses: Sequence[Sequence[str]],
+                     scores: Dict[str, Any], objectives: Sequence[str], min_margin: float = 0.0) -> Dict[str, Any]:
+    """:func:`make_pairs`' files from prompts, their responses and ``scores[k][i]``: objective
+    ``k``'s scores of ``responses[i]`` (NaN: unscored). Returns what :func:`make_pairs` returns."""
     result: Dict[str, Any] = {"pairs": {}, "counts": {}}
     for k in objectives:
-        pairs = best_vs_worst(prompts, responses, list(scores[k]))
+        pairs = best_vs_worst(prompts, responses, list(scores[k]), min_margin)
         for p in pairs:
             p["prompt"] = user_turn(p["prompt"])
         result["pairs"][k] = write_jsonl(str(out / f"pairs_{k}.jsonl"), pairs)
         result["counts"][k] = len(pairs)
     if len(objectives) > 1:
-        multi = labelled_pairs(prompts, responses, scores, objectives)
+        multi = labelled_pairs(prompts, responses, scores, objectives, min_margin)
         result["pairs_multi"] = write_jsonl(str(out / "pairs_multi.jsonl"), multi)
         result["counts"]["multi"] = len(multi)
-    candidates = [{"prompt": user_turn(p), "responses": rs, "scores": {k: [None if np.isnan(v) else float(v) for v in scores[k][i]]
-                                                           for k in objectives}}
+    candidates = [{"prompt": user_turn(p), "responses": list(rs),
+                   "scores": {k: [None if np.isnan(v) else float(v) for v in scores[k][i]] for k in objectives}}
                   for i, (p, rs) in enumerate(zip(prompts, responses))]
     result["candidates"] = write_jsonl(str(out / "candidates.jsonl"), candidates)
     return result
 
 
 def labelled_pairs(prompts: Sequence[str], responses: Sequence[Sequence[str]], scores: Dict[str, np.ndarray],
-                   objectives: Sequence[str]) -> List[Dict[str, Any]]:
+                   objectives: Sequence[str], min_margin: float = 0.0) -> List[Dict[str, Any]]:
     """Pairs labelled by every objective: for each prompt, each objective's best vs worst sample,
     as ``response_0``/``response_1`` with ``better_<objective>`` = the index (0/1) of the response
-    that objective scores higher. Pairs on which some objective ties (or cannot score) are dropped;
-    a pair two objectives both pick is kept once. Read it with ``data.response_columns:
+    that objective scores higher. Pairs on which some objective ties (or cannot score), or whose
+    picking objective's margin is <= ``min_margin``, are dropped; a pair two objectives both pick is
+    kept once. Read it with ``data.response_columns:
     [response_0, response_1]`` and ``data.objective_labels: {k: better_k}``."""
     rows = []
     for i, (prompt, resp) in enumerate(zip(prompts, responses)):
@@ -120,7 +127,7 @@ def labelled_pairs(prompts: Sequence[str], responses: Sequence[Sequence[str]], s
             if np.isfinite(sc).sum() < 2:
                 continue
             hi, lo = int(np.nanargmax(sc)), int(np.nanargmin(sc))
-            if (hi, lo) in seen or resp[hi] == resp[lo]:
+            if (hi, lo) in seen or resp[hi] == resp[lo] or sc[hi] - sc[lo] <= min_margin:
                 continue
             seen.add((hi, lo))
             labels = {}

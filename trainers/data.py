@@ -31,7 +31,7 @@ from trainers.batches import response_names
 from trainers.config import DataConfig
 from trainers.core import storage
 from trainers.core.models import load_tokenizer
-from trainers.core.prompts import encode, encode_response
+from trainers.core.prompts import encode, encode_response, split_prompt
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +177,16 @@ def map_row(row: Dict[str, Any], cfg: DataConfig, objective: str, also: Sequence
                **{f"sign_{k}": 1.0 if labels[k] == labels[objective] else -1.0 for k in also}}
     else:
         out = {k: get(k) for k in FIELDS}
-        if out["prompt"] is None and _is_messages(out["chosen"]) and _is_messages(out["rejected"]):
-            # conversation-only rows (e.g. HH-RLHF): the shared turns before the last are the prompt
-            out = {"prompt": out["chosen"][:-1], "chosen": out["chosen"][-1:], "rejected": out["rejected"][-1:]}
     out.update({k: get(k) for k in extra})
-    for k in (*FIELDS, *extra):
+    responses = ("chosen", "rejected", *extra)
+    for k in responses:
+        problem = field_problem(out[k])
+        if problem:
+            return None, f"{k} {problem}"
+    out, problem = split_prompt(out, responses)
+    if problem:
+        return None, problem
+    for k in FIELDS:
         problem = field_problem(out[k])
         if problem:
             return None, f"{k} {problem}"

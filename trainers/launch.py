@@ -16,10 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import pyarrow as pa
+
 from trainers.core import storage
 from trainers.core.models import load_tokenizer
-from trainers.core.runtime import init_ray
-from trainers.data import CHUNK_ROWS, StagedRows, Tokenize
+from trainers.core.runtime import init_ray, interactive
+from trainers.data import CHUNK_ROWS, PreferenceDataError, StagedRows, Tokenize
 from trainers.loop import train_loop
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,8 @@ def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata:
     ``job.out``. ``metadata`` (the job's own ``moray.json`` entries) gains the run's: data, rows,
     epochs, ZeRO stage, workers, seed."""
     check_enough_rows(report.kept, job.train.workers)
+    if tokenize is None:
+        check_rendering(job, table)
     locations = run_locations(job)
     tic = time.perf_counter()
     init_ray(address)
@@ -142,6 +146,24 @@ def for_workers(job):
     return dataclasses.replace(job, model=dataclasses.replace(job.model, name_or_path=os.path.abspath(path)))
 
 
+def check_rendering(job, table) -> None:
+    """The workers' tokenization of the first row and the first chat row, on the driver before Ray
+    starts: a tokenizer that cannot render the pairs (no chat template, a template that does not
+    render the prompt as a prefix of the conversation) fails here, not in every worker."""
+    if not isinstance(table, pa.Table) or table.num_rows == 0:
+        return
+    chat = table.column("is_chat").to_pylist()
+    rows = sorted({0, chat.index(True) if True in chat else 0})
+    m, d = job.model, job.data
+    tokenize = Tokenize(m.name_or_path, d.max_prompt_length, d.max_response_length, m.trust_remote_code)
+    for i in rows:
+        try:
+            tokenize({k: table.column(k).slice(i, 1).to_numpy(zero_copy_only=False) for k in table.column_names})
+        except (ValueError, TypeError) as e:
+            raise PreferenceDataError(f"{d.path}: valid row {i} (counting kept rows) cannot be tokenized with "
+                                      f"{m.name_or_path}'s tokenizer: {e}") from None
+
+
 def check_enough_rows(kept: int, workers: int) -> None:
     if kept < workers:
         raise ValueError(f"{kept} valid pairs cannot feed {workers} workers")
@@ -152,6 +174,7 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
     """Run :func:`trainers.loop.train_loop` on a TorchTrainer with Ray Train's storage at
     ``locations[1]``; copy the export to ``locations[0]`` (both from :func:`run_locations`)."""
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     t = job.train
@@ -162,7 +185,7 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
         train_loop_config={"make_task": make_task, "job": for_workers(job), "tokenize": tokenize,
                            "rows_per_rank": prepared.rows_per_rank,
                            "pad_id": prepared.pad_id, "metadata": metadata, "failure_marker": failure_marker,
-                           "run": run},
+                           "run": run, "progress": interactive()},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker},
                                                placement_strategy=t.placement_strategy),
@@ -173,7 +196,9 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
             # Ray Train's per-report INFO lines drown the progress bar; its warnings still show
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets={f"rank{r}": shard for r, shard in enumerate(prepared.shards)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # options of our own: Train's defaults copy DataContext's exclude_resources, a deprecated setter
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
     )
     tic, started_at = time.perf_counter(), time.time()
     result = trainer.fit()

@@ -17,15 +17,18 @@ import logging
 import math
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from trainers.batches import length_buckets, to_device
 from trainers.checkpoints import (export_final, load_engine_state, maybe_fail, quiet_report_logs, report,
                                   resume_state)
+from trainers.core.runtime import quiet_ray_data
 from trainers.deepspeed_setup import build_engine, worker_device
 from trainers.metrics import TrainingMetrics
 from trainers.reference import ReferenceTable
@@ -37,12 +40,16 @@ def train_loop(config: Dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``make_task`` (job config -> task), ``job`` (the job's
     config), ``tokenize`` (a class: rows of text -> token ids, e.g. :class:`trainers.data.Tokenize`),
     ``rows_per_rank``, ``pad_id``, ``metadata`` (for the export), ``run`` (the run's name),
-    ``failure_marker`` (recovery tests)."""
+    ``failure_marker`` (recovery tests), ``progress`` (draw a progress bar: the driver is on a terminal)."""
     import ray.train
     from ray.experimental.tqdm_ray import tqdm
 
     entered, entered_at = time.perf_counter(), time.time()  # entered_at: the driver's clock, for worker start-up
     quiet_report_logs()
+    quiet_ray_data(progress=False)  # the training bar is the progress; Ray Data's would be forwarded per batch
+    # DeepSpeed's ZeRO all-gathers call torch's deprecated name: nothing a user can act on, twice per worker
+    warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     task = config["make_task"](config["job"])
     t = task.cfg.train
     torch.set_num_threads(t.cpus_per_worker)
@@ -74,7 +81,8 @@ def train_loop(config: Dict[str, Any]) -> None:
     step = math.ceil(micro / t.grad_accum)
     if rank == 0 and micro:
         log.warning("resuming from the checkpoint at optimizer step %d of %d", step, sched.total_steps)
-    bar = tqdm(total=sched.total_steps, desc=f"{task.name} {task.cfg.objective}") if rank == 0 else None
+    drawn = rank == 0 and config.get("progress", True)
+    bar = tqdm(total=sched.total_steps, desc=f"{task.name} {task.cfg.objective}") if drawn else None
     if bar is not None:
         bar.update(step)
     published = TrainingMetrics(config.get("run", task.name), task.name, task.cfg.objective) if rank == 0 else None
@@ -149,20 +157,30 @@ class Schedule:
         return cls(per_epoch, per_epoch * epochs, math.ceil(per_epoch * epochs / grad_accum))
 
 
+class CutWindow(NumpyBatchCollateFn):
+    """Ray Data collate step (numpy rows in): a window of rows is tokenized (``tokenize``), grouped
+    by length with a seed of ``(seed, epoch, first row)`` and cut into micro-batches (``collate``:
+    rows -> tensors, the task's)."""
+
+    def __init__(self, t, epoch: int, pad_id: int, tokenize: Callable, collate: Callable):
+        self.t, self.epoch, self.pad_id, self.tokenize, self.collate = t, epoch, pad_id, tokenize, collate
+
+    def __call__(self, rows: Dict[str, np.ndarray]) -> List[Dict[str, torch.Tensor]]:
+        t = self.t
+        rows = self.tokenize(rows)
+        seed = (t.seed, self.epoch, int(rows["idx"][0]))
+        return [self.collate(rows, self.pad_id, index)
+                for index in length_buckets(rows, t.micro_batch_size, seed, t.shuffle)]
+
+
 def epoch_batches(shard, epoch: int, t, pad_id: int, tokenize: Callable, collate: Callable):
-    """Yield the micro-batches of one epoch, in a deterministic, seeded order: a window of rows is
-    tokenized (``tokenize``), grouped by length and cut (``collate``: rows -> tensors, the task's),
-    on Ray Data's prefetch thread."""
+    """Yield the micro-batches of one epoch, in a deterministic, seeded order (:class:`CutWindow`,
+    run on Ray Data's prefetch thread)."""
     window = t.micro_batch_size * t.bucket_batches
-
-    def cut(rows: Dict[str, np.ndarray]) -> List[Dict[str, torch.Tensor]]:
-        rows = tokenize(rows)
-        seed = (t.seed, epoch, int(rows["idx"][0]))
-        return [collate(rows, pad_id, index) for index in length_buckets(rows, t.micro_batch_size, seed, t.shuffle)]
-
     kwargs: Dict[str, Any] = {}
     if t.shuffle:
         kwargs = {"local_shuffle_buffer_size": window, "local_shuffle_seed": t.seed * 100_003 + epoch}
+    cut = CutWindow(t, epoch, pad_id, tokenize, collate)
     for batches in shard.iter_torch_batches(batch_size=window, collate_fn=cut, prefetch_batches=1, **kwargs):
         yield from batches
 

@@ -1,33 +1,35 @@
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from cluster import ray_jobs as jobs
-from cluster.demo import run_demo
 from tests.helpers import RayNode
 from trainers.core.runtime import free_port
 
 
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
-    """`moray demo --tiny` once: its directory and table (the study test finishes the same directory)."""
-    import contextlib
-    import io
-
-    import ray
-
-
+    """`moray demo --tiny` once, as a user runs it with its output going to a file (the study test
+    finishes the same directory): its directory, table (results.json) and the whole console log,
+    Ray's forwarded worker output included."""
     root = tmp_path_factory.mktemp("demo") / "demo"
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            table = run_demo(tiny=True, out=str(root))
-    finally:
-        ray.shutdown()
-    return {"dir": root, "table": table, "stdout": printed.getvalue()}
+    log = root.parent / "demo.log"
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    with open(log, "wb") as out:
+        done = subprocess.run([sys.executable, "-m", "cluster.cli", "demo", "--tiny", "--out", str(root)],
+                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=repo, env=env,
+                              timeout=3600)
+    text = log.read_bytes().decode("utf-8", errors="replace")
+    assert done.returncode == 0, text[-4000:]
+    return {"dir": root, "table": json.loads((root / "results.json").read_text()), "stdout": text}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from tests.cluster.log_kinds import line_kinds
+
 pytestmark = pytest.mark.slow
 
 
@@ -37,3 +39,16 @@ def test_tiny_demo_moves_each_objective(tiny_demo):
     mopo = table["mopo"]
     assert mopo["mean_length_tokens"] < 0.8 * base["mean_length_tokens"]
     assert mopo["mean_sentiment"] > conc["mean_sentiment"] + 0.05
+
+
+def test_tiny_demo_log_reads_as_sentences(tiny_demo):
+    """The demo's console log, written to a file: no progress blocks or bars (no terminal), no
+    deprecation warnings from Moray's own calls into Ray, no stack dumps, no preemption-watcher
+    errors from the embedded node; what is left is mostly Moray's sentences and the table."""
+    text = tiny_demo["stdout"]
+    kinds = line_kinds(text)
+    lines = sum(kinds.values())
+    assert kinds["progress_bar"] == kinds["ray_data_progress"] == kinds["stack_dump"] == 0, kinds
+    assert "iter_torch_batches(collate_fn)" not in text and "exclude_resources" not in text
+    assert "PreemptionWatcher" not in text
+    assert kinds["moray"] >= 15 and lines <= 150, kinds
