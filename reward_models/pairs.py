@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from reward_models.batch import Scorers
 from reward_models.objectives import check_objectives, score_all
 from reward_models.sampling import sample_responses
 from trainers.core.models import load_tokenizer
@@ -41,15 +42,17 @@ def best_vs_worst(prompts: Sequence[str], responses: Sequence[Sequence[str]], sc
 
 
 def score_candidates(names: Sequence[str], prompts: Sequence[str], responses: Sequence[Sequence[str]],
-                     tokenizer: Optional[object] = None) -> Dict[str, np.ndarray]:
-    """Scores ``(prompts, n)`` per objective; empty samples get NaN instead of failing the batch."""
+                     tokenizer: Optional[object] = None, scorers: Optional[Scorers] = None) -> Dict[str, np.ndarray]:
+    """Scores ``(prompts, n)`` per objective; empty samples get NaN instead of failing the batch.
+    ``scorers``: loaded once by the caller, on its placement (else built here, in this process)."""
     n = max((len(r) for r in responses), default=0)
     if any(len(r) != n for r in responses):
         raise ValueError("every prompt needs the same number of samples")
     flat = [(i, j, p, r) for i, (p, rs) in enumerate(zip(prompts, responses)) for j, r in enumerate(rs) if r.strip()]
     out = {k: np.full((len(prompts), n), np.nan) for k in names}
     if flat:
-        scored = score_all(names, [f[2] for f in flat], [f[3] for f in flat], tokenizer)
+        ps, rs = [f[2] for f in flat], [f[3] for f in flat]
+        scored = scorers.score(ps, rs) if scorers is not None else score_all(names, ps, rs, tokenizer)
         rows, cols = np.array([f[0] for f in flat]), np.array([f[1] for f in flat])
         for k in names:
             out[k][rows, cols] = scored[k]
@@ -86,7 +89,11 @@ def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str
     out = _output_dir(objectives, n, prompts, out_dir)
     tok = load_tokenizer(model_path)
     responses = sample_responses(model_path, prompts, n, seed=seed, **sampling)
-    scores = score_candidates(objectives, prompts, responses, tok)
+    scorers = Scorers(objectives, model_path, sampling.get("placement"))  # on the sampling actors' placement
+    try:
+        scores = score_candidates(objectives, prompts, responses, tok, scorers)
+    finally:
+        scorers.close()
     result: Dict[str, Any] = {"pairs": {}, "counts": {}}
     for k in objectives:
         pairs = best_vs_worst(prompts, responses, list(scores[k]))
