@@ -49,11 +49,22 @@ class _MixedLeaf(torch.nn.Module):
         out = None
         for k in self.soup.active:
             part = self.parts[k]
-            dev = next(part.parameters()).device  # policy k's GPU: its inputs go there, its output comes back
+            dev = _execution_device(part)  # policy k's GPU: its inputs go there, its output comes back
             y = part(*_to(dev, x, *args), **{key: _to(dev, v)[0] for key, v in kwargs.items()}).to(x.device)
             term = y * w[:, k].to(y.device, y.dtype).view(-1, *([1] * (y.dim() - 1)))
             out = term if out is None else out + term
         return out
+
+
+def _execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: its accelerate hook's execution device (offloaded weights wait on
+    ``meta`` until the hook loads them), else its weights' device."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return next(module.parameters()).device
 
 
 def _to(device: torch.device, *values):
@@ -72,7 +83,7 @@ class _PerRowSoup:
 
     @property
     def device(self) -> torch.device:
-        return self.models[0].get_input_embeddings().weight.device
+        return _execution_device(self.models[0].get_input_embeddings())
 
 
 class RowSoup(_PerRowSoup):
@@ -145,6 +156,8 @@ class LoraRowSoup(_PerRowSoup):
         if any(set(f) != targets for f in factors[1:]):
             raise ValueError("the policies' adapters adapt different layers")
         params = [dict(m.named_parameters()) for m in self.models]
+        if any(p.device.type == "meta" for ps in params for p in ps.values()):
+            raise ValueError("the policies' weights are offloaded (on meta until a hook loads them)")
         for name, p in params[0].items():
             if name in targets:
                 _check_base(name, [ps[name] for ps in params], [f[name] for f in factors])
