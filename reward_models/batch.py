@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from reward_models.objectives import check_objectives, get_scorer, score_checked
 from trainers.core.models import Placement, load_tokenizer
+from trainers.core.runtime import init_ray
 
 
 class ScoreBatch:
@@ -58,6 +59,7 @@ class Scorers:
         if placement.gpus:
             import ray
 
+            init_ray()  # joins the running Ray (the sampling stages') or starts one on loopback
             self.actor = ray.remote(_ScoreActor).options(**placement.resources()).remote(
                 self.objectives, tokenizer_path, placement)
         else:
