@@ -289,16 +289,23 @@ def pipeline_gapo_offline(out: Path, base: str, gpus: int) -> str:
                   "--data", str(out / "data" / "pairs_multi.jsonl"), "--zero-stage", "2")
 
 
+def gapo_online_script(base: str, out: str, use_gpu: bool) -> str:
+    """Python that trains online GAPO on relevance and conciseness under ZeRO-3 with 2 workers and
+    prints ``RELEVANCE [...]``, the rollouts' mean relevance rewards."""
+    return (f"from trainers.jobs.gapo import GAPOJobConfig, run\n"
+            f"c = GAPOJobConfig(objectives=['relevance', 'conciseness'], online=True, samples_per_prompt=2, "
+            f"max_new_tokens=24, out={out!r})\n"
+            f"c.model.name_or_path, c.data.path = {base!r}, 'demo:16'\n"
+            f"c.train.zero_stage, c.train.workers, c.train.use_gpu = 3, 2, {use_gpu!r}\n"
+            "c.train.micro_batch_size, c.train.log_every = 4, 1\n"
+            "m = run(c)\n"
+            "import json; print('RELEVANCE', json.dumps([h.get('reward/relevance') for h in [m, *m.get('history', [])]]))\n")
+
+
 def gapo_online_relevance_zero3(out: Path, base: str, gpus: int) -> str:
     """Online GAPO with relevance under ZeRO-3 on 2 workers: the rollout's MiniLM must be whole on
     each GPU worker (zero.Init partitioned it before); its reward is a cosine in [-1, 1]."""
-    job = (f"from trainers.jobs.gapo import GAPOJobConfig, run\n"
-           f"c = GAPOJobConfig(objectives=['relevance', 'conciseness'], online=True, samples_per_prompt=2, "
-           f"max_new_tokens=24, out={str(out / 'gapo_online')!r})\n"
-           f"c.model.name_or_path, c.data.path = {base!r}, 'demo:16'\n"
-           "c.train.zero_stage, c.train.workers, c.train.use_gpu, c.train.micro_batch_size, c.train.log_every = 3, 2, True, 4, 1\n"
-           "m = run(c)\n"
-           "import json; print('RELEVANCE', json.dumps([h.get('reward/relevance') for h in m.get('history', [])]))\n")
+    job = gapo_online_script(base, str(out / "gapo_online"), use_gpu=True)
     run = subprocess.run([sys.executable, "-c", job], capture_output=True, text=True,
                          env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"))
     (out / "gapo_online.log").write_text(run.stdout + "\n" + run.stderr)
