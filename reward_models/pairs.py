@@ -14,7 +14,6 @@ import numpy as np
 from reward_models.batch import Scorers
 from reward_models.objectives import check_objectives, score_all
 from reward_models.sampling import sample_responses
-from trainers.core.models import load_tokenizer
 from trainers.core.prompts import user_turn
 
 
@@ -59,6 +58,17 @@ def score_candidates(names: Sequence[str], prompts: Sequence[str], responses: Se
     return out
 
 
+def score_on_placement(names: Sequence[str], prompts: Sequence[str], responses: Sequence[Sequence[str]],
+                       tokenizer_path: str, placement=None) -> Dict[str, np.ndarray]:
+    """:func:`score_candidates` with the scorers on ``placement`` (the sampling actors'; on a GPU,
+    one Ray actor), loaded once and freed after."""
+    scorers = Scorers(names, tokenizer_path, placement)
+    try:
+        return score_candidates(names, prompts, responses, scorers=scorers)
+    finally:
+        scorers.close()
+
+
 def _output_dir(objectives: Sequence[str], n: int, prompts: Sequence[str], out_dir: str):
     """Check what every sampling job needs (known objectives, n >= 2 samples, some prompts) and
     create the output directory."""
@@ -87,13 +97,8 @@ def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str
     "pairs_multi": path}`` (the ``multi`` entries only with several objectives).
     """
     out = _output_dir(objectives, n, prompts, out_dir)
-    tok = load_tokenizer(model_path)
     responses = sample_responses(model_path, prompts, n, seed=seed, **sampling)
-    scorers = Scorers(objectives, model_path, sampling.get("placement"))  # on the sampling actors' placement
-    try:
-        scores = score_candidates(objectives, prompts, responses, tok, scorers)
-    finally:
-        scorers.close()
+    scores = score_on_placement(objectives, prompts, responses, model_path, sampling.get("placement"))
     result: Dict[str, Any] = {"pairs": {}, "counts": {}}
     for k in objectives:
         pairs = best_vs_worst(prompts, responses, list(scores[k]))
@@ -187,14 +192,13 @@ def make_wrpo_pairs(target: str, sources: Sequence[str], prompts: Sequence[str],
     if not sources:
         raise ValueError("WRPO needs at least one source model")
     out = _output_dir(objectives, n, prompts, out_dir)
-    tok = load_tokenizer(target)
     tgt = sample_responses(target, prompts, n, seed=seed, **sampling)
     src = [[] for _ in prompts]
     for j, model in enumerate(sources):
         for i, rs in enumerate(sample_responses(model, prompts, n, seed=seed + 1 + j, **sampling)):
             src[i].extend(rs)
     both = [a + b for a, b in zip(tgt, src)]  # one scoring pass, one standardisation
-    scored = scalarise(score_candidates(objectives, prompts, both, tok), weights)
+    scored = scalarise(score_on_placement(objectives, prompts, both, target, sampling.get("placement")), weights)
     rows = wrpo_rows(prompts, tgt, src, scored[:, :n], scored[:, n:])
     path = write_jsonl(str(out / "wrpo.jsonl"), rows)
     return {"wrpo": path, "count": len(rows), "prompts": len(prompts), "sources": list(sources), "target": target}
