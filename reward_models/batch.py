@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from reward_models.objectives import check_objectives, get_scorer, score_checked
 from trainers.core.models import Placement, load_tokenizer
+from trainers.core.runtime import init_ray
 
 
 class ScoreBatch:
@@ -33,6 +34,55 @@ class ScoreBatch:
         for k, scorer in self.scorers.items():
             out[f"score_{k}"] = score_checked(k, scorer, prompts, responses)
         return out
+
+
+class _ScoreActor:
+    """A Ray actor holding one :class:`ScoreBatch` on its GPU."""
+
+    def __init__(self, *args):
+        self.scorer = ScoreBatch(*args)
+
+    def score(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        return self.scorer(batch)
+
+
+class Scorers:
+    """The objectives' scorers loaded once for a whole command (every policy ``moray eval``
+    scores, every sample ``moray pairs`` scores): in this process on a CPU placement, else in one
+    Ray actor on the placement's GPU and dtype."""
+
+    def __init__(self, objectives: Sequence[str], tokenizer_path: Optional[str] = None,
+                 placement: Optional[Placement] = None):
+        placement = placement or Placement()
+        self.objectives = list(objectives)
+        self.actor, self.local = None, None
+        if placement.gpus:
+            import ray
+
+            init_ray()  # joins the running Ray (the sampling stages') or starts one on loopback
+            self.actor = ray.remote(_ScoreActor).options(**placement.resources()).remote(
+                self.objectives, tokenizer_path, placement)
+        else:
+            self.local = ScoreBatch(self.objectives, tokenizer_path, placement)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Dict[str, np.ndarray]:
+        """Each objective's scores of the (prompt, response) rows, checked as :func:`score_checked` checks."""
+        batch = {"prompt": np.array(list(prompts), dtype=object), "response": np.array(list(responses), dtype=object)}
+        if self.actor is not None:
+            import ray
+
+            out = ray.get(self.actor.score.remote(batch))
+        else:
+            out = self.local(batch)
+        return {k: np.asarray(out[f"score_{k}"], dtype=np.float64) for k in self.objectives}
+
+    def close(self) -> None:
+        """Free the actor's GPU."""
+        if self.actor is not None:
+            import ray
+
+            ray.kill(self.actor)
+            self.actor = None
 
 
 def read_rows(path: str):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from reward_models import GENERATE_TOP_K
+from reward_models.batch import Scorers
 from reward_models.objectives import check_objectives
 from reward_models.pairs import score_candidates
 from reward_models.sampling import sample_responses
@@ -131,16 +132,24 @@ def evaluate(policies: Mapping[str, Any], prompts: Sequence[str], objectives: Se
     s = settings or EvalSettings()
     tok = load_tokenizer(tokenizer_path)
     out: Dict[str, Dict[str, Any]] = {}
+    scorers = Scorers(objectives, tokenizer_path, s.placement)  # loaded once for every policy
+    try:
+        _evaluate_each(policies, prompts, objectives, tok, s, scorers, on_policy, out)
+    finally:
+        scorers.close()
+    return out
+
+
+def _evaluate_each(policies, prompts, objectives, tok, s: EvalSettings, scorers: Scorers, on_policy, out) -> None:
     for name, source in policies.items():
         responses = generate_for(source, prompts, s)
-        scores = score_candidates(objectives, prompts, responses, tok)
+        scores = score_candidates(objectives, prompts, responses, tok, scorers)
         empty = sum(not r.strip() for rs in responses for r in rs) / max(1, sum(len(rs) for rs in responses))
         out[name] = {"objectives": summarise(scores), "empty_fraction": empty, "example": responses[0][0]}
         if on_policy:
             on_policy(name, out[name])
         log.info("%s: %s", name, ", ".join(f"{k} {v['mean']:.3f} ± {v['ci95']:.3f}"
                                            for k, v in out[name]["objectives"].items()))
-    return out
 
 
 def points_of(results: Mapping[str, Mapping[str, Any]], objectives: Sequence[str]) -> np.ndarray:

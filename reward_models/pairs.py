@@ -11,9 +11,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from reward_models.batch import Scorers
 from reward_models.objectives import check_objectives, score_all
 from reward_models.sampling import sample_responses
-from trainers.core.models import load_tokenizer
 from trainers.core.prompts import user_turn
 
 
@@ -41,19 +41,32 @@ def best_vs_worst(prompts: Sequence[str], responses: Sequence[Sequence[str]], sc
 
 
 def score_candidates(names: Sequence[str], prompts: Sequence[str], responses: Sequence[Sequence[str]],
-                     tokenizer: Optional[object] = None) -> Dict[str, np.ndarray]:
-    """Scores ``(prompts, n)`` per objective; empty samples get NaN instead of failing the batch."""
+                     tokenizer: Optional[object] = None, scorers: Optional[Scorers] = None) -> Dict[str, np.ndarray]:
+    """Scores ``(prompts, n)`` per objective; empty samples get NaN instead of failing the batch.
+    ``scorers``: loaded once by the caller, on its placement (else built here, in this process)."""
     n = max((len(r) for r in responses), default=0)
     if any(len(r) != n for r in responses):
         raise ValueError("every prompt needs the same number of samples")
     flat = [(i, j, p, r) for i, (p, rs) in enumerate(zip(prompts, responses)) for j, r in enumerate(rs) if r.strip()]
     out = {k: np.full((len(prompts), n), np.nan) for k in names}
     if flat:
-        scored = score_all(names, [f[2] for f in flat], [f[3] for f in flat], tokenizer)
+        ps, rs = [f[2] for f in flat], [f[3] for f in flat]
+        scored = scorers.score(ps, rs) if scorers is not None else score_all(names, ps, rs, tokenizer)
         rows, cols = np.array([f[0] for f in flat]), np.array([f[1] for f in flat])
         for k in names:
             out[k][rows, cols] = scored[k]
     return out
+
+
+def score_on_placement(names: Sequence[str], prompts: Sequence[str], responses: Sequence[Sequence[str]],
+                       tokenizer_path: str, placement=None) -> Dict[str, np.ndarray]:
+    """:func:`score_candidates` with the scorers on ``placement`` (the sampling actors'; on a GPU,
+    one Ray actor), loaded once and freed after."""
+    scorers = Scorers(names, tokenizer_path, placement)
+    try:
+        return score_candidates(names, prompts, responses, scorers=scorers)
+    finally:
+        scorers.close()
 
 
 def _output_dir(objectives: Sequence[str], n: int, prompts: Sequence[str], out_dir: str):
@@ -84,9 +97,9 @@ def make_pairs(model_path: str, prompts: Sequence[str], objectives: Sequence[str
     "pairs_multi": path}`` (the ``multi`` entries only with several objectives).
     """
     out = _output_dir(objectives, n, prompts, out_dir)
-    tok = load_tokenizer(model_path)
     responses = sample_responses(model_path, prompts, n, seed=seed, **sampling)
-    return write_pair_files(out, prompts, responses, score_candidates(objectives, prompts, responses, tok), objectives)
+    scores = score_on_placement(objectives, prompts, responses, model_path, sampling.get("placement"))
+    return write_pair_files(out, prompts, responses, scores, objectives)
 
 
 def write_pair_files(out: Path, prompts: Sequence[str], responses: Sequence[Sequence[str]],
@@ -187,14 +200,13 @@ def make_wrpo_pairs(target: str, sources: Sequence[str], prompts: Sequence[str],
     if not sources:
         raise ValueError("WRPO needs at least one source model")
     out = _output_dir(objectives, n, prompts, out_dir)
-    tok = load_tokenizer(target)
     tgt = sample_responses(target, prompts, n, seed=seed, **sampling)
     src = [[] for _ in prompts]
     for j, model in enumerate(sources):
         for i, rs in enumerate(sample_responses(model, prompts, n, seed=seed + 1 + j, **sampling)):
             src[i].extend(rs)
     both = [a + b for a, b in zip(tgt, src)]  # one scoring pass, one standardisation
-    scored = scalarise(score_candidates(objectives, prompts, both, tok), weights)
+    scored = scalarise(score_on_placement(objectives, prompts, both, target, sampling.get("placement")), weights)
     rows = wrpo_rows(prompts, tgt, src, scored[:, :n], scored[:, n:])
     path = write_jsonl(str(out / "wrpo.jsonl"), rows)
     return {"wrpo": path, "count": len(rows), "prompts": len(prompts), "sources": list(sources), "target": target}

@@ -5,6 +5,7 @@ evaluation, MPO's reference samples. Prompts are asked as Moray asks any model
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -13,6 +14,8 @@ import torch
 from reward_models import GENERATE_TOP_K
 from trainers.core.models import Placement, load_tokenizer
 from trainers.core.prompts import ask, encode, left_pad
+
+log = logging.getLogger(__name__)
 
 
 class Generate:
@@ -82,3 +85,50 @@ def sample_responses(model_path: str, prompts: Sequence[str], n: int, max_new_to
                         compute=ray.data.ActorPoolStrategy(size=actors))
     rows = sorted(ds.take_all(), key=lambda r: r["row"])
     return [json.loads(r["responses"]) for r in rows]
+
+
+def stage_groups(demands: Sequence[float], available: float) -> List[List[int]]:
+    """Consecutive stages grouped so that each group's GPUs (``demands[i]`` for stage i's whole
+    actor pool) fit the ``available`` ones: a group's pools run side by side, groups one after
+    another. Ray Data starts every pool of a pipeline at once, so a downstream pool holding the GPU
+    its upstream stage waits for would wait forever. ValueError when one stage alone cannot fit."""
+    too_big = [i for i, d in enumerate(demands) if d > available]
+    if too_big:
+        raise ValueError(f"stage {too_big[0]} needs {demands[too_big[0]]:g} GPUs (actors x GPUs per actor) but the "
+                         f"cluster has {available:g}: ask for fewer actors or fewer GPUs per actor")
+    groups: List[List[int]] = []
+    held = available + 1.0
+    for i, d in enumerate(demands):
+        if held + d > available:
+            groups.append([])
+            held = 0.0
+        groups[-1].append(i)
+        held += d
+    return groups
+
+
+def run_stages(ds, stages: Sequence[Any], actors: int, resources: Dict[str, float], batch_size: int,
+               num_cpus: Optional[float] = None):
+    """``ds`` through ``stages`` (``(callable class, constructor args, constructor kwargs)``), each
+    an actor pool of ``actors`` actors asking ``resources``: all streaming side by side when the
+    cluster's GPUs hold every pool, else in :func:`stage_groups`, each group materialised (its
+    actors, and their GPUs, released) before the next starts. A cluster showing no GPU yet (an
+    autoscaler adds them) streams."""
+    import ray
+    import ray.data
+
+    demand = actors * float(resources.get("num_gpus", 0))
+    available = float(ray.cluster_resources().get("GPU", 0))
+    groups = stage_groups([demand] * len(stages), available) if demand and available else [list(range(len(stages)))]
+    if len(groups) > 1:
+        log.info("the %d stages' GPU actor pools need %g GPUs, the cluster has %g: running them in %d groups, "
+                 "one after another", len(stages), demand * len(stages), available, len(groups))
+    extra = {"num_cpus": num_cpus} if num_cpus else {}
+    for g, group in enumerate(groups):
+        for i in group:
+            fn, args, kwargs = stages[i]
+            ds = ds.map_batches(fn, fn_constructor_args=args, fn_constructor_kwargs=kwargs, batch_size=batch_size,
+                                compute=ray.data.ActorPoolStrategy(size=actors), **extra, **resources)
+        if g < len(groups) - 1:
+            ds = ds.materialize()
+    return ds

@@ -106,14 +106,20 @@ class LockstepDecoder:
         self.device = torch.device(device)
         self.on_rows = on_rows
 
-    def _step(self, k: int, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        """Model ``k``'s next-token logits ``(B, V)`` in fp32 on the decoder's device; its inputs go
-        to the device of its embeddings (policies may live on different GPUs)."""
-        model = self.models[k]
-        dev = model.get_input_embeddings().weight.device
-        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].to(self.device, torch.float32)
+    def _forwards(self, active: Sequence[int], ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                  caches) -> torch.Tensor:
+        """The active models' next-token logits ``(K, B, V)`` in fp32 on the decoder's device.
+
+        Policies may live on different GPUs: the inputs are copied to every model's device before
+        any forward is launched, and no result is read before every forward is launched, so the K
+        forwards run side by side (a copy queued behind policy 0's forward would hold policy 1's
+        GPU idle until policy 0 finished)."""
+        devices = [self.models[k].get_input_embeddings().weight.device for k in active]
+        moved = {d: (ids.to(d), mask.to(d), pos.to(d)) for d in dict.fromkeys(devices)}
+        outs = [self.models[k](input_ids=moved[d][0], attention_mask=moved[d][1], position_ids=moved[d][2],
+                               past_key_values=caches[k], use_cache=True, logits_to_keep=1).logits
+                for k, d in zip(active, devices)]
+        return torch.stack([o[:, -1].to(self.device, torch.float32) for o in outs])
 
     @torch.no_grad()
     def generate(self, rows: Sequence[Row], on_token: Optional[Callable[[int, int], bool]] = None,
@@ -145,7 +151,7 @@ class LockstepDecoder:
         if self.on_rows is not None:
             self.on_rows(live)
         while live:
-            logits = torch.stack([self._step(k, step_ids, mask, step_pos, caches[k]) for k in active])
+            logits = self._forwards(active, step_ids, mask, step_pos, caches)
             mixed = mix_logits(logits, torch.tensor([[weights[i][k] for k in active] for i in live]))
             chosen = sample_rows(mixed, [rows[i].sampling for i in live], [gens[i] for i in live])
             tokens = chosen.tolist()  # the step's one copy to the host (the text streams need the tokens)
@@ -197,8 +203,7 @@ class LockstepDecoder:
             if self.on_rows is not None:  # the prefill's rows are the joining ones (numbered from first)
                 self.on_rows(list(range(first, first + n)))
             pos = (new_mask.cumsum(1) - 1).clamp(min=0)
-            for k in active:
-                self._step(k, ids.to(self.device), new_mask, pos, new_caches[k])
+            self._forwards(active, ids.to(self.device), new_mask, pos, new_caches)
         T = max(mask.shape[1] - 1, Ln)  # cache length both sides are padded to
         joined = {k: _stack_caches(caches[k], new_caches[k], n, T) for k in active}
         ones = torch.ones((n, 1), dtype=mask.dtype, device=self.device)

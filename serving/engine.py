@@ -157,6 +157,15 @@ def policy_devices(k: int, gpus: int) -> List[torch.device]:
     return [torch.device("cuda", i % gpus) if gpus else torch.device("cpu") for i in range(k)]
 
 
+def load_policies(paths: Sequence[str], devices: Sequence[torch.device], dtype: torch.dtype,
+                  trust_remote_code: bool = False, device_map: str = "") -> List[torch.nn.Module]:
+    """The policies in the serving dtype, each loaded straight onto its device (``device_map``
+    'auto': sharded over the GPUs as it loads), one after another: the host never holds the K
+    policies at once (it held all of them, in full, before any moved to its GPU)."""
+    return [load_causal_lm(p, trust_remote_code, dtype=dtype, device_map=device_map or str(d)).eval()
+            for p, d in zip(paths, devices)]
+
+
 def round_weights(weights: Sequence[float], decimals: int) -> Tuple[float, ...]:
     """Weights rounded for the soup cache key, renormalised onto the simplex."""
     r = [round(w, decimals) for w in weights]
@@ -191,11 +200,8 @@ class MixEngine:
         first = cfg.policies[self.names[0]]
         self.tokenizer = load_tokenizer(first, cfg.trust_remote_code)
         devices = policy_devices(len(self.names), torch.cuda.device_count() if cfg.num_gpus else 0)
-        self.models = [load_causal_lm(cfg.policies[n], cfg.trust_remote_code, dtype=dtype,
-                                      device_map=cfg.device_map or None).eval()
-                       for n in self.names]
-        if not cfg.device_map:
-            self.models = [m.to(d) for m, d in zip(self.models, devices)]
+        self.models = load_policies([cfg.policies[n] for n in self.names], devices, dtype, cfg.trust_remote_code,
+                                    cfg.device_map)
         self.max_context = cfg.max_context or int(getattr(self.models[0].config, "max_position_embeddings", 2048))
         eos = self.tokenizer.eos_token_id
         eos_ids = set([eos] if eos is not None else [])

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from reward_models.sampling import Generate
+from reward_models.sampling import Generate, run_stages
 from serving.policies import check_compatible
 from trainers.core.logps import logits_needed, pad_sequences, sequence_logps
 from trainers.core.models import Placement, load_tokenizer
@@ -161,14 +161,11 @@ def sample_log_ratios(policies: Dict[str, str], ref: str, prompts: Sequence[str]
     ds = ray.data.from_items([{"row": i, "prompt": p} for i, p in enumerate(prompts)])
     # exact samples of the reference (no top-k): the estimates of F and its gradient assume y ~ π_ref
     placement = placement or Placement()
-    ds = ds.map_batches(Generate, fn_constructor_args=(ref, m, max_new_tokens, temperature, 1.0, seed),
-                        fn_constructor_kwargs={"keep_ids": True, "top_k": 0, "placement": placement},
-                        batch_size=batch_size, num_cpus=share, compute=ray.data.ActorPoolStrategy(size=actors),
-                        **placement.resources())
-    for name, path in [("__ref__", ref)] + list(policies.items()):
-        ds = ds.map_batches(SequenceLogps, fn_constructor_args=(path, name), fn_constructor_kwargs={"placement": placement},
-                            batch_size=batch_size, num_cpus=share, compute=ray.data.ActorPoolStrategy(size=actors),
-                            **placement.resources())
+    stages = [(Generate, (ref, m, max_new_tokens, temperature, 1.0, seed),
+               {"keep_ids": True, "top_k": 0, "placement": placement})]
+    stages += [(SequenceLogps, (path, name), {"placement": placement})
+               for name, path in [("__ref__", ref)] + list(policies.items())]
+    ds = run_stages(ds, stages, actors, placement.resources(), batch_size, num_cpus=share)
     rows = sorted(ds.take_all(), key=lambda r: r["row"])
     ref_lp = np.array([json.loads(r["logp___ref__"]) for r in rows])  # (P, m)
     return np.stack([np.array([json.loads(r[f"logp_{k}"]) for r in rows]) - ref_lp for k in policies], axis=-1)

@@ -20,6 +20,8 @@ with ``c = w − e_0`` (policy 0's weight already holds ``s_0 B_0 A_0``), which 
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import List, Mapping, Sequence, Tuple
 
 import torch
@@ -46,10 +48,28 @@ class _MixedLeaf(torch.nn.Module):
             raise RuntimeError(f"per-row soup: {w.shape[0]} weight vectors selected for a batch of {x.shape[0]} rows")
         out = None
         for k in self.soup.active:
-            y = self.parts[k](x, *args, **kwargs)
-            term = y * w[:, k].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+            part = self.parts[k]
+            dev = _execution_device(part)  # policy k's GPU: its inputs go there, its output comes back
+            y = part(*_to(dev, x, *args), **{key: _to(dev, v)[0] for key, v in kwargs.items()}).to(x.device)
+            term = y * w[:, k].to(y.device, y.dtype).view(-1, *([1] * (y.dim() - 1)))
             out = term if out is None else out + term
         return out
+
+
+def _execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: its accelerate hook's execution device (offloaded weights wait on
+    ``meta`` until the hook loads them), else its weights' device."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return next(module.parameters()).device
+
+
+def _to(device: torch.device, *values):
+    """``values`` with their tensors on ``device`` (anything else as it is)."""
+    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in values)
 
 
 class _PerRowSoup:
@@ -63,7 +83,7 @@ class _PerRowSoup:
 
     @property
     def device(self) -> torch.device:
-        return self.models[0].get_input_embeddings().weight.device
+        return _execution_device(self.models[0].get_input_embeddings())
 
 
 class RowSoup(_PerRowSoup):
@@ -136,6 +156,8 @@ class LoraRowSoup(_PerRowSoup):
         if any(set(f) != targets for f in factors[1:]):
             raise ValueError("the policies' adapters adapt different layers")
         params = [dict(m.named_parameters()) for m in self.models]
+        if any(p.device.type == "meta" for ps in params for p in ps.values()):
+            raise ValueError("the policies' weights are offloaded (on meta until a hook loads them)")
         for name, p in params[0].items():
             if name in targets:
                 _check_base(name, [ps[name] for ps in params], [f[name] for f in factors])
@@ -198,4 +220,22 @@ def _shell(module: torch.nn.Module) -> torch.nn.Module:
     for hooks in ("_forward_hooks", "_forward_pre_hooks"):
         if hooks in clone.__dict__:
             clone.__dict__[hooks] = type(module.__dict__[hooks])(module.__dict__[hooks])
+    # accelerate's hooks (device_map, offload) are instance attributes bound to the policy's module
+    # (forward = partial(new_forward, module), _old_forward = module.forward): bound to the copy
+    # instead, else the copy would run the policy's own children and never the mixed leaves
+    for key, value in module.__dict__.items():
+        rebound = _rebind(value, module, clone)
+        if rebound is not value:
+            clone.__dict__[key] = rebound
+    if "forward" in clone.__dict__ and "_old_forward" in clone.__dict__:
+        functools.update_wrapper(clone.__dict__["forward"], clone.__dict__["_old_forward"])
     return clone
+
+
+def _rebind(value, old: torch.nn.Module, new: torch.nn.Module):
+    """``value`` bound to ``new`` where it is a method or a partial bound to ``old``, else itself."""
+    if isinstance(value, types.MethodType) and value.__self__ is old:
+        return types.MethodType(value.__func__, new)
+    if isinstance(value, functools.partial) and value.args and value.args[0] is old:
+        return functools.partial(value.func, new, *value.args[1:], **value.keywords)
+    return value

@@ -28,7 +28,7 @@ import torch
 from reward_models.objectives import get_scorer, score_checked
 from trainers.core.logps import logits_needed
 from trainers.core.logps import pad_sequences, sequence_logps
-from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.core.models import Placement, load_causal_lm, load_tokenizer
 from trainers.core.prompts import ask, encode, left_pad
 from trainers.data import ragged
 from trainers.deepspeed_setup import use_bf16
@@ -74,7 +74,8 @@ class Rollout:
         self.tok = load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
         self.zero3 = train_cfg.zero_stage == 3
         self.ref = None if model_cfg.lora else frozen_reference(model_cfg, train_cfg)
-        self.scorers = {k: get_scorer(k, self.tok) for k in objectives}
+        # on the worker's device (its GPU: the current CUDA device), each whole (built outside ZeRO-3)
+        self.scorers = {k: get_scorer(k, self.tok, Placement(1.0 if train_cfg.use_gpu else 0.0)) for k in objectives}
         self.n, self.max_new_tokens, self.temperature, self.seed = samples, max_new_tokens, temperature, train_cfg.seed
 
     @torch.no_grad()

@@ -79,3 +79,64 @@ def test_front_report_and_plot(tmp_path):
     path = plot(results, ["s", "c"], str(tmp_path / "front.png"), groups={"dpo-s": "dpo", "dpo-c": "dpo"},
                 transform={"c": lambda v: -v}, labels={"c": "tokens"})
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def minilm_reward_model(tmp_path_factory):
+    """A learned reward-model directory as ``moray train reward`` writes one (MiniLM backbone with
+    a seeded scalar head; the training does not matter here)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from reward_models.learned import resolve_backbone
+    from trainers.core.export import METADATA_FILE
+
+    out = tmp_path_factory.mktemp("rm")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_backbone("minilm"), num_labels=1)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve_backbone("minilm")).save_pretrained(out)
+    (out / METADATA_FILE).write_text(json.dumps({"kind": "reward_model"}))
+    return str(out)
+
+
+def test_eval_loads_a_learned_reward_model_once_for_every_policy(minilm_reward_model, tiny_model, monkeypatch):
+    """Two policies evaluated: the reward model loads once (it was loaded again for each), and the
+    scores are those of the reward model scoring each sample alone."""
+    import reward_models.learned as learned
+    from reward_models.evaluate import EvalSettings, evaluate
+    from reward_models.objectives import get_scorer
+
+    loads = []
+    real = learned.load_reward_model
+    monkeypatch.setattr(learned, "load_reward_model", lambda *a, **k: (loads.append(a[0]), real(*a, **k))[1])
+    prompts = ["How was the movie?", "Tell me about the park."]
+    answers = {"a": [["I liked it.", "It was long."], ["Green and calm.", "Big."]],
+               "b": [["Terrible.", "Fine, I guess."], ["Lovely trees.", "Crowded on Sundays."]]}
+    policies = {name: (lambda p, n, s, r=r: r) for name, r in answers.items()}
+    got = evaluate(policies, prompts, [minilm_reward_model], tiny_model, EvalSettings(samples=2))
+    assert loads == [minilm_reward_model]
+    alone = get_scorer(minilm_reward_model)
+    for name, r in answers.items():
+        want = np.mean([np.mean(alone.score([p] * 2, rs)) for p, rs in zip(prompts, r)])
+        assert abs(got[name]["objectives"][minilm_reward_model]["mean"] - want) < 1e-6
+
+
+def test_relevance_runs_in_the_placements_dtype():
+    """``relevance`` loads MiniLM on the placement's device in its dtype (it ignored the placement):
+    bf16 scores are the fp32 ones to bf16's precision."""
+    import torch
+
+    from reward_models.objectives import get_scorer
+    from trainers.core.models import Placement
+
+    prompts, responses = ["How was the movie?", "Tell me about the park."], ["I liked the film.", "Pasta is cheap."]
+    fp32 = get_scorer("relevance", placement=Placement())
+    bf16 = get_scorer("relevance", placement=Placement(dtype="bfloat16"))
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    want, got = fp32.score(prompts, responses), bf16.score(prompts, responses)
+    assert want[0] > want[1] + 0.1  # the on-topic answer is the more relevant
+    assert np.abs(got - want).max() < 2e-2

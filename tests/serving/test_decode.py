@@ -221,3 +221,40 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(loaded, join_
     out = dec.generate([first], more=more, on_finish=finished.append)
     assert out == [dec.generate([r])[0] for r in [first, *joiners]]
     assert finished.index(1) < finished.index(0)  # the 3-token joiner ended before the long row
+
+
+def test_every_policys_forward_is_launched_before_any_result_is_read(loaded):
+    """Logits mode on K GPUs: the K forwards of a step (and of a joining row's prefill) are all
+    issued before any logits are copied to the decoder's device, and the inputs are on every
+    model's device before the first forward, so no GPU waits for another's forward. On the CPU the
+    order of the operations is what can be checked: the trace outside the models' forwards."""
+    from torch.overrides import TorchFunctionMode
+
+    tok, models = loaded
+    trace, depth = [], [0]
+    handles = []
+    for k, m in enumerate(models):
+        handles.append(m.register_forward_pre_hook(
+            lambda mod, a, k=k: (trace.append(f"forward {k}"), depth.__setitem__(0, depth[0] + 1))[0]))
+        handles.append(m.register_forward_hook(lambda mod, a, o: depth.__setitem__(0, depth[0] - 1)))
+
+    class Copies(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to and depth[0] == 0:
+                trace.append("logits read" if args[0].is_floating_point() else "input copy")
+            return func(*args, **(kwargs or {}))
+
+    rows = [Row(tok(p)["input_ids"], (0.5, 0.5), Sampling(max_tokens=4, temperature=0)) for p in PROMPTS[:2]]
+    joining = [Row(tok(PROMPTS[2])["input_ids"], (0.3, 0.7), Sampling(max_tokens=3, temperature=0))]
+    try:
+        with Copies():
+            got = LockstepDecoder(models, 0, []).generate(
+                rows, more=lambda n, c=[]: (c.append(n), joining if len(c) == 1 else [])[1])
+    finally:
+        for h in handles:
+            h.remove()
+    starts = [i for i, e in enumerate(trace) if e == "forward 0"]
+    assert len(starts) >= 5  # the steps and the prefill of the joining row
+    for i in starts:
+        assert trace[i:i + len(models)] == [f"forward {k}" for k in range(len(models))], trace[i - 3:i + 4]
+    assert len(got) == 3 and [len(g) for g in got] == [4, 4, 3]  # the values: the tests above

@@ -203,3 +203,26 @@ def test_lora_policies_batch_per_request_soups_over_one_base_forward(tiny_model,
         merged = soup_policies(dirs, w, str(tmp_path / f"soup{w[0]}"), lora=True)
         _, (alone,) = answers({"a": merged}, [(1.0,)])
         assert "".join(texts[:-1]) == "".join(alone[:-1])
+
+
+def test_each_policy_loads_in_the_serving_dtype_straight_onto_its_device(two_policies, monkeypatch):
+    """The host never holds the K policies at once: each is loaded onto its own device in the serving
+    dtype (``device_map`` of that device) before the next is read, not all on the host, then moved."""
+    import serving.engine as engine_module
+    from serving.config import ServeConfig
+    from serving.engine import MixEngine
+
+    loads = []
+    real = engine_module.load_causal_lm
+
+    def spy(path, *args, **kwargs):
+        model = real(path, *args, **kwargs)
+        loads.append((kwargs.get("device_map"), {(p.device.type, p.dtype) for p in model.parameters()}))
+        return model
+
+    monkeypatch.setattr(engine_module, "load_causal_lm", spy)
+    engine = MixEngine(ServeConfig(policies=two_policies, dtype="bfloat16").validate())
+    try:
+        assert loads == [("cpu", {("cpu", torch.bfloat16)})] * len(two_policies)
+    finally:
+        engine.close()

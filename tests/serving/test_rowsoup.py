@@ -148,3 +148,65 @@ def test_policies_that_are_not_one_base_plus_adapters_get_the_full_weight_per_ro
     with caplog.at_level("WARNING"):
         assert per_row_soup([load_causal_lm(d) for d in (a, other)], [a, other]).kind == "full"
     assert "not one base plus their adapters" in caplog.text
+
+
+def _dispatched(path, offload=False):
+    """A policy with accelerate's hooks, as a ``device_map`` spreading it over GPUs installs them
+    (instance-level ``forward`` on the model and on each block); here every block on the CPU.
+    ``offload``: weights on ``meta`` until each leaf's hook loads them (``cpu_offload``)."""
+    from accelerate import cpu_offload, dispatch_model
+
+    model = load_causal_lm(path).eval()
+    if offload:
+        model = cpu_offload(model, execution_device="cpu")
+        assert "forward" in model.__dict__ and model.lm_head.weight.device.type == "meta"
+        return model
+    blocks = ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head",
+              *(f"model.layers.{i}" for i in range(len(model.model.layers)))]
+    model = dispatch_model(model, device_map={b: "cpu" for b in blocks}, force_hooks=True)
+    assert "forward" in model.model.layers[0].__dict__  # the hooks are there
+    return model
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "full-offload", "lora-offload"])
+def test_per_row_soups_mix_every_row_under_accelerate_hooks(kind, request, tmp_path):
+    """Under a device_map, accelerate binds each hooked module's forward to that module: the soup's
+    copies must run their own (mixed) children, not policy 0's."""
+    weights = torch.tensor([[0.2, 0.3, 0.5], [0.0, 0.6, 0.4]])
+    ids = torch.tensor(PROMPTS[:2])
+    if kind.startswith("full"):
+        paths = [*request.getfixturevalue("two_policies").values(), request.getfixturevalue("tiny_model")]
+        plain = [load_causal_lm(p).eval() for p in paths]
+        soup = RowSoup([_dispatched(p, offload=kind == "full-offload") for p in paths])
+        wants = [_merged(plain, w)(input_ids=ids[b:b + 1]).logits[0] for b, w in enumerate(weights.tolist())]
+    else:
+        from serving.engine import per_row_soup
+
+        dirs = request.getfixturevalue("lora_three")
+        # offloaded LoRA policies: the full-weight per-row soup (the same soup, Σ w_k = 1)
+        soup = per_row_soup([_dispatched(d, offload=kind == "lora-offload") for d in dirs.values()], list(dirs.values()))
+        assert soup.kind == ("full" if kind == "lora-offload" else "lora")
+        wants = [load_causal_lm(soup_policies(dirs, w, str(tmp_path / f"soup{b}"), lora=True)).eval()(
+            input_ids=ids[b:b + 1]).logits[0] for b, w in enumerate(weights.tolist())]
+    soup.select_rows(weights)
+    with torch.no_grad():
+        got = soup.model(input_ids=ids).logits
+    for b, want in enumerate(wants):
+        torch.testing.assert_close(got[b], want.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_each_policy_runs_on_its_own_device(three):
+    """Policies on different devices (a replica's GPUs): each policy's leaves get their inputs on
+    that policy's device. ``meta`` stands in for a second GPU: PyTorch refuses any op mixing it with
+    the CPU, so a leaf fed policy 0's activations fails; moved ones run, and the result coming back
+    is the one copy meta cannot give (it holds no data)."""
+    other = copy.deepcopy(three[1]).to("meta")
+    seen = []
+    for m in other.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].device))
+    soup = RowSoup([three[0], other])
+    soup.select_rows(torch.tensor([[0.5, 0.5]]))
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
+        soup.model(input_ids=torch.tensor(PROMPTS[:1]))
+    assert seen and all(d.type == "meta" for d in seen)
