@@ -60,9 +60,27 @@ def pad_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] 
     return {**out, **_riders(rows, index)}
 
 
-def pack_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] | None = None) -> Dict[str, Any]:
+# Attention kernels a config may name ('' is transformers' default, SDPA) -> whether packing needs ONE row:
+# transformers 5 reads restarting position_ids as separate sequences under flash attention only when the
+# batch has one row (modeling_flash_attention_utils._is_packed_sequence); with more rows its flash path
+# ignores them and packed sequences attend to each other. SDPA and eager build a block-diagonal mask
+# from position_ids at any number of rows (masking_utils.find_packed_sequence_indices).
+ATTENTION_ONE_ROW = {"": False, "sdpa": False, "eager": False, "flash_attention_2": True, "flash_attention_3": True}
+
+
+def packs_one_row(attn_implementation: str) -> bool:
+    """Whether :func:`pack_pairs` must put every sequence in one row for this attention kernel."""
+    if attn_implementation not in ATTENTION_ONE_ROW:
+        raise ValueError(f"unknown attention implementation {attn_implementation!r}: one of "
+                         f"{', '.join(repr(k) for k in ATTENTION_ONE_ROW)}")
+    return ATTENTION_ONE_ROW[attn_implementation]
+
+
+def pack_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] | None = None,
+               one_row: bool = False) -> Dict[str, Any]:
     """Every response sequence of the rows packed without padding: first-fit decreasing into rows
-    as long as the longest sequence, each sequence's ``position_ids`` counting from 0, so that
+    as long as the longest sequence (``one_row``: all in one row, as flash attention needs, see
+    :data:`ATTENTION_ONE_ROW`), each sequence's ``position_ids`` counting from 0, so that
     transformers attends within each sequence only (a block-diagonal causal mask with SDPA and
     eager attention, varlen kernels with flash attention). Padding is only what no sequence fits.
 
@@ -73,7 +91,7 @@ def pack_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int]
     order), ``sequences`` (their number), ``responses`` and the riders of :func:`pad_pairs`."""
     seqs, starts, names, index = _sequences(rows, index)
     lengths = [len(s) for s in seqs]
-    capacity = max(lengths)
+    capacity = sum(lengths) if one_row else max(lengths)
     room: List[int] = []  # free tokens per packed row
     place: List[Tuple[int, int]] = [(0, 0)] * len(seqs)  # (row, offset) of each sequence
     for s in sorted(range(len(seqs)), key=lambda i: -lengths[i]):

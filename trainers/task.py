@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from trainers.batches import pack_pairs, pad_pairs
+from trainers.batches import pack_pairs, packs_one_row, pad_pairs
 from trainers.core.export import module_tensors, parse_size
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.hf_export import export_model
@@ -52,8 +52,10 @@ class Task:
     # -- optional hooks ------------------------------------------------------------------------
     def collate(self, rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int]) -> Dict[str, Tensor]:
         """Rows of the worker's shard (``index`` of them) -> one micro-batch: packed without padding
-        (``train.packing``) or right-padded."""
-        return (pack_pairs if self.cfg.train.packing else pad_pairs)(rows, pad_id, index)
+        (``train.packing``; in one row under flash attention) or right-padded."""
+        if self.cfg.train.packing:
+            return pack_pairs(rows, pad_id, index, one_row=packs_one_row(self.cfg.model.attn_implementation))
+        return pad_pairs(rows, pad_id, index)
 
     def start_step(self, step: int, total_steps: int) -> None:
         """Before each optimizer step's first micro-batch (e.g. WRPO's α schedule)."""
