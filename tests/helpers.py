@@ -208,3 +208,18 @@ def wait_for(predicate, seconds: float) -> bool:
             return True
         time.sleep(0.5)
     return False
+
+
+def head_logps(model, batch, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Sequence log-probs ``(R, B)`` of a padded batch from ``model``'s own final hidden states (in its
+    dtype), with the LM head and the log-softmax in ``dtype``: float64 is the reference the training
+    path's float32 head is held to; the model's own dtype is what a bf16 head gave before."""
+    from trainers.core.logps import sequence_logps
+
+    keep = int(batch["logits_to_keep"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                logits_to_keep=1, output_hidden_states=True)
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias.to(dtype)
+    logits = torch.nn.functional.linear(out.hidden_states[-1][:, -keep:].to(dtype), head.weight.to(dtype), bias)
+    return sequence_logps(logits, batch["input_ids"], batch["response_mask"]).double().view(len(batch["responses"]), -1)

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from trainers.core.logps import logits_needed, pad_sequences, sequence_logps
+from trainers.core.logps import head_logits, logits_needed, pad_sequences, response_logits, sequence_logps
 
 
 def response_names(columns: Iterable[str]) -> List[str]:
@@ -138,30 +138,28 @@ def pair_logps(model: torch.nn.Module, batch: Dict[str, Any], responses: int = 2
     """One forward over every response of the batch; returns one ``(B,)`` tensor per response
     (pairs: ``(chosen_logps, rejected_logps)``; ``responses``: R of :func:`pad_pairs`).
 
-    A padded batch passes ``logits_to_keep`` (transformers causal LMs) so prompt positions never
-    reach the LM head; a packed one (:func:`pack_pairs`) runs the head on the predicting positions only.
+    The LM head runs in float32 (:func:`~trainers.core.logps.head_logits`): in a padded batch on the
+    last ``logits_to_keep`` positions only, so prompt positions never reach it; in a packed one
+    (:func:`pack_pairs`) on the predicting positions only.
     """
     if "pred_index" in batch:
         logps = packed_logps(model, batch)
     else:
         keep = batch_logits_to_keep(batch)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                       logits_to_keep=keep).logits
+        logits, _ = response_logits(model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
     return tuple(logps.view(responses, -1))
 
 
 def packed_logps(model: torch.nn.Module, batch: Dict[str, Any]) -> torch.Tensor:
     """Sequence log-probs ``(S,)`` of a packed batch (:func:`pack_pairs`): one forward for the final
-    hidden states (its own logits only at the last position), the LM head on the ``M`` positions that
-    predict a response token, their log-softmax in float32 (float64 for a float64 model), and a sum
+    hidden states (its own logits only at the last position), the LM head in float32 (float64 for a
+    float64 model) on the ``M`` positions that predict a response token, their log-softmax, and a sum
     per sequence."""
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                 logits_to_keep=1, output_hidden_states=True)
     hidden = out.hidden_states[-1].flatten(0, 1)[batch["pred_index"]]  # (M, H)
-    logits = getattr(model, "module", model).get_output_embeddings()(hidden)  # (M, V)
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
+    logits = head_logits(model, hidden)  # (M, V)
     token = logits.gather(1, batch["pred_labels"][:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
     return token.new_zeros(batch["sequences"]).index_add(0, batch["pred_owner"], token)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import candidates, synthetic_pairs
+from tests.helpers import candidates, head_logps, synthetic_pairs
 from trainers.batches import ATTENTION_ONE_ROW, pack_pairs, packs_one_row, pad_pairs, pair_logps
 from trainers.config import ModelConfig
 from trainers.core.models import load_causal_lm, load_tokenizer
@@ -97,3 +97,23 @@ def test_flash_attention_gets_one_row_that_transformers_reads_as_separate_sequen
     assert rows["position_ids"].shape[0] == 3 and not _is_packed_sequence(rows["position_ids"], 3)
     with pytest.raises(ValueError, match="flex_attention"):
         packs_one_row("flex_attention")
+
+
+HEAD_BOUND = 1e-3  # nat per sequence: a float32 head and log-softmax against float64, on the same hidden states
+
+
+def test_bf16_model_log_probs_come_from_a_float32_head(tiny_model):
+    """A bf16 model with logits around 20 (its head scaled), as trained LMs have: the head runs in
+    float32, so the sequence log-probs are float64's on the same hidden states within HEAD_BOUND;
+    the bf16 head (the path before) rounds logits to steps of 0.125 there and misses by far more."""
+    tok = load_tokenizer(tiny_model)
+    cols = _rows(tok, synthetic_pairs(8, seed=1), ["chosen", "rejected"])
+    model = load_causal_lm(tiny_model, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)
+        batch = pad_pairs(cols, tok.pad_token_id, list(range(8)))
+        want = head_logps(model, batch)
+        got = torch.stack(pair_logps(model, batch)).double()
+        bf16_head = head_logps(model, batch, torch.bfloat16)
+    new, old = float((got - want).abs().max()), float((bf16_head - want).abs().max())
+    assert new <= HEAD_BOUND < old, (new, old)

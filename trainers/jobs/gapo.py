@@ -53,7 +53,7 @@ from trainers.balancing import averaged_gram, gapo_from_gram, gram_of, pgapo_fro
 from trainers.batches import batch_logits_to_keep, pad_pairs
 from trainers.config import JobConfig
 from trainers.core.config import opt, parse_numbers
-from trainers.core.logps import sequence_logps
+from trainers.core.logps import response_logits, sequence_logps
 from trainers.core.models import ties_embeddings
 from trainers.core.weights import WeightError, check_weights
 from trainers.data import LoadReport, load_pairs
@@ -198,21 +198,21 @@ class GAPOTask(PolicyTask):
         head = module.get_output_embeddings() if cfg.balance_params == "head" else None
         tied = head is not None and head.weight is module.get_input_embeddings().weight
         head_only = head is not None and not tied
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                     logits_to_keep=keep, output_hidden_states=head_only)
-        per_row, stats = self.objective_losses(out.logits, batch)
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits, hidden = response_logits(engine, keep, **inputs)  # the head in float32
+        per_row, stats = self.objective_losses(logits, batch)
         if head_only:  # the head on the detached final hidden states: exact head gradients, no DeepSpeed hooks
             params = [p for p in head.parameters() if p.requires_grad]
-            hidden = out.hidden_states[-1][:, -keep:].detach()
+            hidden = hidden.detach().to(logits.dtype)
             # ZeRO-3: every worker gathers the (partitioned) head for these K gradients, then lets it go;
             # F.linear, not head(...), so ZeRO-3's module hooks do not release it mid-way. Stages 0-2: no-op.
             with _gathered(params):
-                side = self.objective_losses(F.linear(hidden, head.weight, head.bias), batch)[0]
+                bias = None if head.bias is None else head.bias.to(logits.dtype)
+                side = self.objective_losses(F.linear(hidden, head.weight.to(logits.dtype), bias), batch)[0]
                 grads = _objective_grads(side, params)
         else:  # a second forward through the bare module: every weight, or the tied head's full gradient
             params = [p for p in (head if head is not None else module).parameters() if p.requires_grad]
-            side = self.objective_losses(module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         use_cache=False, logits_to_keep=keep).logits, batch)[0]
+            side = self.objective_losses(response_logits(module, keep, **inputs)[0], batch)[0]
             grads = _objective_grads(side, params)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         gram = averaged_gram(grads) if distributed else gram_of(grads)  # of the global batch's gradients

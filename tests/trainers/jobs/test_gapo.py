@@ -209,3 +209,13 @@ def test_online_gapo_two_workers(ray_local, tiny_model, tmp_path, stage):
     assert meta["zero_stage"] == stage
     trained, base = load_causal_lm(str(out)), load_causal_lm(tiny_model)
     assert (trained.lm_head.weight - base.lm_head.weight).abs().max() > 1e-5
+
+
+def test_online_reference_uses_the_configured_attention(tiny_model):
+    """The frozen reference of online GAPO loads with the policy's attention kernel, not transformers'
+    default (under flash attention it would otherwise run another kernel than the policy)."""
+    from trainers.config import ModelConfig, TrainConfig
+    from trainers.rollout import frozen_reference
+
+    ref = frozen_reference(ModelConfig(name_or_path=tiny_model, attn_implementation="eager"), TrainConfig())
+    assert ref.config._attn_implementation == "eager"
