@@ -15,6 +15,7 @@ import torch
 from trainers.batches import pack_pairs, packs_one_row, pad_pairs
 from trainers.core.export import module_tensors, parse_size
 from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.deepspeed_setup import load_placement
 from trainers.hf_export import export_model
 
 Tensor = torch.Tensor
@@ -78,12 +79,12 @@ def pair_stats(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Dict[str, Te
     return {"reward_margin": c - r, "accuracy": (c > r).to(c.dtype), "chosen_reward": c, "rejected_reward": r}
 
 
-def build_policy(model_cfg, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_policy(model_cfg, dtype: torch.dtype = torch.float32, device_map: Optional[str] = None) -> torch.nn.Module:
     """The trainable causal LM of ``model_cfg`` (:class:`~trainers.config.ModelConfig`), wrapped
-    with LoRA adapters if configured."""
+    with LoRA adapters if configured; loaded in ``dtype``, onto ``device_map`` (a device) if given."""
     model = load_causal_lm(model_cfg.name_or_path, model_cfg.trust_remote_code, dtype=dtype,
                            attn_implementation=model_cfg.attn_implementation or None,
-                           without_dropout=not model_cfg.keep_dropout)
+                           without_dropout=not model_cfg.keep_dropout, device_map=device_map)
     if model_cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -122,5 +123,6 @@ class PolicyTask(Task):
     needs_reference = True
 
     def build(self) -> torch.nn.Module:
-        return build_policy(self.cfg.model)
+        """The policy in the training dtype, on the worker's GPU where ZeRO allows (:func:`load_placement`)."""
+        return build_policy(self.cfg.model, *load_placement(self.cfg.train))
 
