@@ -130,7 +130,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     # this attempt's training-loop throughput (all ranks' rows; rank 0's clock)
     metrics.update(train_seconds=time.perf_counter() - loop_start, pairs_trained=rows_trained * world, step=step,
                    **timings)
-    export_final(task, engine, rank, config["metadata"], metrics)
+    export_final(task, engine, rank, config["metadata"], metrics, config["export"])
 
 
 @dataclass(frozen=True)
