@@ -90,8 +90,9 @@ def export_final(task, engine, rank: int, metadata: Dict[str, Any], metrics: Dic
                  target: ExportTarget) -> None:
     """Export the trained weights through the task on rank 0, gathered one tensor at a time and
     written straight to ``target``'s location (no local copy first), and report it:
-    ``export_location``, the export's size in ``export_bytes``, and rank 0's peak resident memory
-    above its level before the export in ``export_peak_extra_bytes`` (Linux)."""
+    ``export_location``, the export's size in ``export_bytes``, and on Linux rank 0's peak resident
+    memory above its level before the export in ``export_peak_extra_bytes`` and the bytes it wrote
+    to its disk meanwhile in ``export_disk_write_bytes``."""
     import ray
     import ray.train
     from pyarrow.fs import FileSelector
@@ -102,10 +103,12 @@ def export_final(task, engine, rank: int, metadata: Dict[str, Any], metrics: Dic
     tensors = gathered_tensors(engine, rank)
     if rank == 0:
         where = target.location(ray.get_runtime_context().get_node_id())
-        before = reset_peak_rss()
+        before, written = reset_peak_rss(), disk_writes()
         task.export(tensors, engine.module, where, metadata, dtype)
         if before is not None:
             metrics["export_peak_extra_bytes"] = peak_rss() - before
+        if written is not None:  # what the export cost rank 0's disk (a remote URI: only the small files)
+            metrics["export_disk_write_bytes"] = disk_writes() - written
         fs, root = filesystem(where)
         metrics["export_bytes"] = sum(f.size for f in fs.get_file_info(FileSelector(root, recursive=True))
                                       if f.path.endswith(".safetensors"))
@@ -128,17 +131,25 @@ def reset_peak_rss() -> Optional[int]:
         return None
 
 
+def disk_writes() -> Optional[int]:
+    """Bytes this process has sent to block storage (Linux ``/proc/self/io`` ``write_bytes``), or None."""
+    try:
+        return _status_bytes("write_bytes", "/proc/self/io", 1)
+    except OSError:
+        return None
+
+
 def peak_rss() -> int:
     """Peak resident memory since :func:`reset_peak_rss`, in bytes."""
     return _status_bytes("VmHWM")
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _status_bytes(field: str, path: str = "/proc/self/status", unit: int = 1024) -> int:
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
+                return int(line.split()[1]) * unit
+    raise OSError(f"{path} has no {field}")
 
 
 def maybe_fail(fail_at_step: int, step: int, rank: int, world: int, marker: str) -> None:

@@ -190,6 +190,7 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
         fs, path = storage.filesystem(written)
         storage.copy_dir(fs, path, out)
         storage.remove_dir(written)
+    metrics["export_copied"] = written != out
     if "entered_at" in metrics:  # controller, placement group, worker processes and their imports
         metrics["workers_start_seconds"] = metrics.pop("entered_at") - started_at
     metrics.update(seconds=time.perf_counter() - tic, pairs=prepared.rows,
