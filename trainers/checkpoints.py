@@ -117,7 +117,12 @@ def export_final(task, engine, rank: int, metadata: Dict[str, Any], metrics: Dic
         if rank == 0:
             raise RuntimeError(f"the task's export stopped before {name!r}")
     metrics["export_seconds"] = time.perf_counter() - tic
-    ray.train.report(metrics)
+    # Ray Train returns the metrics of the last report that carried a checkpoint: a marker of a few bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            (Path(tmp) / "export.json").write_text(json.dumps({"location": metrics["export_location"]}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+                         checkpoint_dir_name="final")
 
 
 def reset_peak_rss() -> Optional[int]:

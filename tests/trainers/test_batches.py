@@ -6,23 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import candidates, head_logps, synthetic_pairs
+from tests.helpers import (HEAD_BOUND, bf16_head_errors, candidates, packing_gap, response_columns,
+                           synthetic_pairs)
 from trainers.batches import ATTENTION_ONE_ROW, pack_pairs, packs_one_row, pad_pairs, pair_logps
 from trainers.config import ModelConfig
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.jobs.dpo import DPOJobConfig, DPOTask
-from trainers.data import tokenize_responses
 
 
-def _rows(tok, rows, names):
-    cols = {f"{k}_{p}": [] for k in names for p in ("ids", "start")}
-    for r in rows:
-        t = tokenize_responses(tok, r["prompt"], {k: r[k] for k in names}, False, 64, 64)
-        for k in cols:
-            cols[k].append(t[k])
-    cols["idx"] = np.arange(len(rows))
-    cols["sign_x"] = np.where(np.arange(len(rows)) % 2 == 0, 1.0, -1.0)
-    return cols
+_rows = response_columns
 
 
 @pytest.mark.parametrize("responses", [2, 4])
@@ -69,12 +61,8 @@ def test_packed_log_probs_equal_padded_ones_for_each_attention_that_runs_here(ti
     tok = load_tokenizer(tiny_model)
     cols = _rows(tok, synthetic_pairs(6, seed=3), ["chosen", "rejected"])
     model = load_causal_lm(tiny_model, attn_implementation=attn).double().eval()
-    index = [5, 1, 3, 0]
-    padded, packed = pad_pairs(cols, tok.pad_token_id, index), pack_pairs(cols, tok.pad_token_id, index, one_row)
-    assert (packed["input_ids"].shape[0] == 1) == one_row
-    with torch.no_grad():
-        want, got = torch.stack(pair_logps(model, padded)), torch.stack(pair_logps(model, packed))
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (pack_pairs(cols, tok.pad_token_id, [5, 1], one_row)["input_ids"].shape[0] == 1) == one_row
+    assert packing_gap(model, cols, tok.pad_token_id, [5, 1, 3, 0], one_row) <= 1e-6
 
 
 def test_flash_attention_gets_one_row_that_transformers_reads_as_separate_sequences():
@@ -99,21 +87,9 @@ def test_flash_attention_gets_one_row_that_transformers_reads_as_separate_sequen
         packs_one_row("flex_attention")
 
 
-HEAD_BOUND = 1e-3  # nat per sequence: a float32 head and log-softmax against float64, on the same hidden states
-
-
 def test_bf16_model_log_probs_come_from_a_float32_head(tiny_model):
     """A bf16 model with logits around 20 (its head scaled), as trained LMs have: the head runs in
     float32, so the sequence log-probs are float64's on the same hidden states within HEAD_BOUND;
     the bf16 head (the path before) rounds logits to steps of 0.125 there and misses by far more."""
-    tok = load_tokenizer(tiny_model)
-    cols = _rows(tok, synthetic_pairs(8, seed=1), ["chosen", "rejected"])
-    model = load_causal_lm(tiny_model, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(30)
-        batch = pad_pairs(cols, tok.pad_token_id, list(range(8)))
-        want = head_logps(model, batch)
-        got = torch.stack(pair_logps(model, batch)).double()
-        bf16_head = head_logps(model, batch, torch.bfloat16)
-    new, old = float((got - want).abs().max()), float((bf16_head - want).abs().max())
+    new, old = bf16_head_errors(tiny_model)
     assert new <= HEAD_BOUND < old, (new, old)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from trainers.config import TrainConfig
 from trainers.core.export import INDEX_FILE, load_state
+from tests.helpers import lora_zero3_worker
 from trainers.config import ModelConfig
 from trainers.core.models import load_causal_lm
 from trainers.deepspeed_setup import (PERSIST_BELOW, deepspeed_config, load_placement, persistence_threshold,
@@ -144,31 +145,16 @@ def test_zero3_keeps_lora_factors_whole_in_its_config(tiny_model):
     assert zero["stage3_param_persistence_threshold"] == max(factors)
 
 
-def _lora_worker(rank, world, port, model_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    from trainers.deepspeed_setup import build_engine
-
-    cfg = TrainConfig(zero_stage=3, micro_batch_size=1)
-    engine = build_engine(lambda: build_policy(ModelConfig(name_or_path=model_dir, lora=True, lora_r=200)), cfg,
-                          total_steps=1, on_gpu=False)
-    state = {n: (getattr(p, "ds_persist", False), p.data.numel(), p.ds_numel)
-             for n, p in engine.module.named_parameters()}
-    if rank == 0:
-        torch.save(state, out)
-
-
 @pytest.mark.slow
 def test_zero3_does_not_partition_lora_factors(tiny_model, tmp_path):
-    """Two gloo ranks under ZeRO-3: every LoRA factor is persistent and held whole on each rank, the
-    base model's large weights stay partitioned."""
+    """Two gloo ranks under ZeRO-3: after a forward every LoRA factor is persistent and held whole on
+    each rank, the base model's large weights stay partitioned."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "state.pt"
-    mp.spawn(_lora_worker, args=(2, port, tiny_model, str(out)), nprocs=2, join=True)
-    state = torch.load(out, weights_only=True)
+    mp.spawn(lora_zero3_worker, args=(2, port, tiny_model, str(out)), nprocs=2, join=True)
+    state = torch.load(out, weights_only=True)["state"]
     lora = {n: v for n, v in state.items() if "lora_" in n}
     assert lora and all(persist and held == whole for persist, held, whole in lora.values())
     big = {n: v for n, v in state.items() if "lora_" not in n and v[2] > max(w for _, _, w in lora.values())}
