@@ -4,8 +4,8 @@ Every ``train.checkpoint_every`` optimizer steps each worker reports its DeepSpe
 reference log-probs, and rank 0 the trainer state (micro-batches done, step, the task's own
 state); a restarted run restores them all.
 At the end rank 0 exports the model through its task, gathered and written one tensor at a time
-straight to the export location (:class:`ExportTarget`), and reports it with the trained engine's logits on fixed token ids
-(tests compare the export with them).
+straight to the export location (:class:`ExportTarget`), and reports it with the trained engine's
+logits on fixed token ids (tests compare the export with them).
 """
 
 from __future__ import annotations
