@@ -208,3 +208,90 @@ def wait_for(predicate, seconds: float) -> bool:
             return True
         time.sleep(0.5)
     return False
+
+
+def head_logps(model, batch, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Sequence log-probs ``(R, B)`` of a padded batch from ``model``'s own final hidden states (in its
+    dtype), with the LM head and the log-softmax in ``dtype``: float64 is the reference the training
+    path's float32 head is held to; the model's own dtype is what a bf16 head gave before."""
+    from trainers.core.logps import sequence_logps
+
+    keep = int(batch["logits_to_keep"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                logits_to_keep=1, output_hidden_states=True)
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias.to(dtype)
+    logits = torch.nn.functional.linear(out.hidden_states[-1][:, -keep:].to(dtype), head.weight.to(dtype), bias)
+    return sequence_logps(logits, batch["input_ids"], batch["response_mask"]).double().view(len(batch["responses"]), -1)
+
+
+def response_columns(tok, rows, names, max_length: int = 64):
+    """Rows of text as the tokenized columns the loop collates (``<name>_ids``, ``<name>_start``), with
+    ``idx`` and a float rider ``sign_x``."""
+    cols = {f"{k}_{p}": [] for k in names for p in ("ids", "start")}
+    for r in rows:
+        t = tokenize_responses(tok, r["prompt"], {k: r[k] for k in names}, False, max_length, max_length)
+        for k in cols:
+            cols[k].append(t[k])
+    cols["idx"] = np.arange(len(rows))
+    cols["sign_x"] = np.where(np.arange(len(rows)) % 2 == 0, 1.0, -1.0)
+    return cols
+
+
+@torch.no_grad()
+def packing_gap(model, cols, pad_id: int, index, one_row: bool) -> float:
+    """Largest |packed - padded| sequence log-prob of ``model`` over the rows ``index`` of ``cols``
+    (packed in rows, or in one row as under flash attention), on the model's device."""
+    from trainers.batches import pack_pairs, to_device
+
+    device = next(model.parameters()).device
+    padded, packed = pad_pairs(cols, pad_id, index), pack_pairs(cols, pad_id, index, one_row)
+    want = torch.stack(pair_logps(model, to_device(padded, device))).double()
+    got = torch.stack(pair_logps(model, to_device(packed, device))).double()
+    return float((got - want).abs().max())
+
+
+HEAD_BOUND = 1e-3  # nat per sequence: a float32 head and log-softmax against float64, on the same hidden states
+
+
+@torch.no_grad()
+def bf16_head_errors(model_path: str, device: str = "cpu", scale: float = 30.0):
+    """``(now, before)``: the largest gap per sequence between a bf16 model's log-probs and float64's
+    on its own hidden states, through the training path (float32 head) and through a bf16 head. The
+    head is scaled so the logits are about 20, as trained LMs' are."""
+    tok = load_tokenizer(model_path)
+    cols = response_columns(tok, synthetic_pairs(8, seed=1), ["chosen", "rejected"])
+    model = load_causal_lm(model_path, dtype=torch.bfloat16).to(device).eval()
+    model.get_output_embeddings().weight.mul_(scale)
+    from trainers.batches import to_device
+
+    batch = to_device(pad_pairs(cols, tok.pad_token_id, list(range(8))), torch.device(device))
+    want = head_logps(model, batch)
+    got = torch.stack(pair_logps(model, batch)).double()
+    return float((got - want).abs().max()), float((head_logps(model, batch, torch.bfloat16) - want).abs().max())
+
+
+def lora_zero3_worker(rank, world, port, model_dir, out, on_gpu: bool = False):
+    """One rank of a ZeRO-3 engine over a LoRA (r = 200) policy after one forward: rank 0 saves each
+    parameter's ``(persistent, elements held, elements whole)`` and the engine's last-position logits
+    on fixed ids to ``out``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    if not on_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    else:
+        torch.cuda.set_device(rank)
+    torch.set_num_threads(1)
+    from trainers.checkpoints import probe_input_ids
+    from trainers.config import TrainConfig
+    from trainers.deepspeed_setup import build_engine, load_placement
+
+    cfg = TrainConfig(zero_stage=3, micro_batch_size=1, use_gpu=on_gpu)
+    lora = ModelConfig(name_or_path=model_dir, lora=True, lora_r=200)
+    engine = build_engine(lambda: build_policy(lora, *load_placement(cfg)), cfg, total_steps=1, on_gpu=on_gpu)
+    ids = probe_input_ids(engine.module.config.vocab_size).to(engine.device)
+    with torch.no_grad():  # persistent parameters are gathered once, at the first forward
+        logits = engine(input_ids=ids).logits[0, -1].float().cpu()
+    state = {n: (getattr(p, "ds_persist", False), p.data.numel(), p.ds_numel) for n, p in engine.module.named_parameters()}
+    if rank == 0:
+        torch.save({"state": state, "logits": logits}, out)

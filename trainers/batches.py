@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from trainers.core.logps import logits_needed, pad_sequences, sequence_logps
+from trainers.core.logps import head_logits, logits_needed, pad_sequences, response_logits, sequence_logps
 
 
 def response_names(columns: Iterable[str]) -> List[str]:
@@ -60,9 +60,27 @@ def pad_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] 
     return {**out, **_riders(rows, index)}
 
 
-def pack_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] | None = None) -> Dict[str, Any]:
+# Attention kernels a config may name ('' is transformers' default, SDPA) -> whether packing needs ONE row:
+# transformers 5 reads restarting position_ids as separate sequences under flash attention only when the
+# batch has one row (modeling_flash_attention_utils._is_packed_sequence); with more rows its flash path
+# ignores them and packed sequences attend to each other. SDPA and eager build a block-diagonal mask
+# from position_ids at any number of rows (masking_utils.find_packed_sequence_indices).
+ATTENTION_ONE_ROW = {"": False, "sdpa": False, "eager": False, "flash_attention_2": True, "flash_attention_3": True}
+
+
+def packs_one_row(attn_implementation: str) -> bool:
+    """Whether :func:`pack_pairs` must put every sequence in one row for this attention kernel."""
+    if attn_implementation not in ATTENTION_ONE_ROW:
+        raise ValueError(f"unknown attention implementation {attn_implementation!r}: one of "
+                         f"{', '.join(repr(k) for k in ATTENTION_ONE_ROW)}")
+    return ATTENTION_ONE_ROW[attn_implementation]
+
+
+def pack_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int] | None = None,
+               one_row: bool = False) -> Dict[str, Any]:
     """Every response sequence of the rows packed without padding: first-fit decreasing into rows
-    as long as the longest sequence, each sequence's ``position_ids`` counting from 0, so that
+    as long as the longest sequence (``one_row``: all in one row, as flash attention needs, see
+    :data:`ATTENTION_ONE_ROW`), each sequence's ``position_ids`` counting from 0, so that
     transformers attends within each sequence only (a block-diagonal causal mask with SDPA and
     eager attention, varlen kernels with flash attention). Padding is only what no sequence fits.
 
@@ -73,7 +91,7 @@ def pack_pairs(rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int]
     order), ``sequences`` (their number), ``responses`` and the riders of :func:`pad_pairs`."""
     seqs, starts, names, index = _sequences(rows, index)
     lengths = [len(s) for s in seqs]
-    capacity = max(lengths)
+    capacity = sum(lengths) if one_row else max(lengths)
     room: List[int] = []  # free tokens per packed row
     place: List[Tuple[int, int]] = [(0, 0)] * len(seqs)  # (row, offset) of each sequence
     for s in sorted(range(len(seqs)), key=lambda i: -lengths[i]):
@@ -120,30 +138,28 @@ def pair_logps(model: torch.nn.Module, batch: Dict[str, Any], responses: int = 2
     """One forward over every response of the batch; returns one ``(B,)`` tensor per response
     (pairs: ``(chosen_logps, rejected_logps)``; ``responses``: R of :func:`pad_pairs`).
 
-    A padded batch passes ``logits_to_keep`` (transformers causal LMs) so prompt positions never
-    reach the LM head; a packed one (:func:`pack_pairs`) runs the head on the predicting positions only.
+    The LM head runs in float32 (:func:`~trainers.core.logps.head_logits`): in a padded batch on the
+    last ``logits_to_keep`` positions only, so prompt positions never reach it; in a packed one
+    (:func:`pack_pairs`) on the predicting positions only.
     """
     if "pred_index" in batch:
         logps = packed_logps(model, batch)
     else:
         keep = batch_logits_to_keep(batch)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                       logits_to_keep=keep).logits
+        logits, _ = response_logits(model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
     return tuple(logps.view(responses, -1))
 
 
 def packed_logps(model: torch.nn.Module, batch: Dict[str, Any]) -> torch.Tensor:
     """Sequence log-probs ``(S,)`` of a packed batch (:func:`pack_pairs`): one forward for the final
-    hidden states (its own logits only at the last position), the LM head on the ``M`` positions that
-    predict a response token, their log-softmax in float32 (float64 for a float64 model), and a sum
+    hidden states (its own logits only at the last position), the LM head in float32 (float64 for a
+    float64 model) on the ``M`` positions that predict a response token, their log-softmax, and a sum
     per sequence."""
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                 logits_to_keep=1, output_hidden_states=True)
     hidden = out.hidden_states[-1].flatten(0, 1)[batch["pred_index"]]  # (M, H)
-    logits = getattr(model, "module", model).get_output_embeddings()(hidden)  # (M, V)
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
+    logits = head_logits(model, hidden)  # (M, V)
     token = logits.gather(1, batch["pred_labels"][:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
     return token.new_zeros(batch["sequences"]).index_add(0, batch["pred_owner"], token)
 

@@ -3,9 +3,9 @@
 Every ``train.checkpoint_every`` optimizer steps each worker reports its DeepSpeed shard and its
 reference log-probs, and rank 0 the trainer state (micro-batches done, step, the task's own
 state); a restarted run restores them all.
-At the end rank 0 exports the model through its task, gathered and written one tensor at a time,
-and reports it as the ``final`` checkpoint, with the trained engine's logits on fixed token ids
-(tests compare the export with them).
+At the end rank 0 exports the model through its task, gathered and written one tensor at a time
+straight to the export location (:class:`ExportTarget`), and reports it with the trained engine's
+logits on fixed token ids (tests compare the export with them).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from trainers.core.storage import filesystem, is_uri
 from trainers.deepspeed_setup import gathered_tensors
 from trainers.hf_export import export_dtype
 from trainers.reference import ReferenceTable
@@ -69,27 +71,56 @@ def report(metrics: Dict[str, Any], engine, rank: int, save: bool, state: Dict[s
                          checkpoint_dir_name=f"step_{state['step']:07d}")
 
 
-def export_final(task, engine, rank: int, metadata: Dict[str, Any], metrics: Dict[str, Any]) -> None:
-    """Export the trained weights through the task on rank 0, gathered one tensor at a time, and
-    report the export. Rank 0's peak resident memory above its level before the export is in
-    ``export_peak_extra_bytes`` (Linux), the export's size in ``export_bytes``."""
+@dataclass(frozen=True)
+class ExportTarget:
+    """Where the final export goes: ``out``, the job's location, written once and straight there
+    when it is a storage URI or a local path on rank 0's node (the driver's node: ``driver_node``);
+    else ``staging``, in Ray Train's storage (which every node reaches), for the driver to copy."""
+
+    out: str
+    staging: str
+    driver_node: str
+
+    def location(self, node: str) -> str:
+        """The directory rank 0, on Ray node ``node``, writes the export to."""
+        return self.out if is_uri(self.out) or node == self.driver_node else self.staging
+
+
+def export_final(task, engine, rank: int, metadata: Dict[str, Any], metrics: Dict[str, Any],
+                 target: ExportTarget) -> None:
+    """Export the trained weights through the task on rank 0, gathered one tensor at a time and
+    written straight to ``target``'s location (no local copy first), and report it:
+    ``export_location``, the export's size in ``export_bytes``, and on Linux rank 0's peak resident
+    memory above its level before the export in ``export_peak_extra_bytes`` and the bytes it wrote
+    to its disk meanwhile in ``export_disk_write_bytes``."""
+    import ray
     import ray.train
+    from pyarrow.fs import FileSelector
 
     tic = time.perf_counter()
     metrics = {**metrics, "probe_logits": probe_logits(engine), "exported": True}
     dtype = export_dtype(task.cfg.model.export_dtype, engine.bfloat16_enabled())
     tensors = gathered_tensors(engine, rank)
+    if rank == 0:
+        where = target.location(ray.get_runtime_context().get_node_id())
+        before, written = reset_peak_rss(), disk_writes()
+        task.export(tensors, engine.module, where, metadata, dtype)
+        if before is not None:
+            metrics["export_peak_extra_bytes"] = peak_rss() - before
+        if written is not None:  # what the export cost rank 0's disk (a remote URI: only the small files)
+            metrics["export_disk_write_bytes"] = disk_writes() - written
+        fs, root = filesystem(where)
+        metrics["export_bytes"] = sum(f.size for f in fs.get_file_info(FileSelector(root, recursive=True))
+                                      if f.path.endswith(".safetensors"))
+        metrics["export_location"] = where
+    for name, _ in tensors:  # the other ranks gather alongside rank 0; rank 0 must have used them all
+        if rank == 0:
+            raise RuntimeError(f"the task's export stopped before {name!r}")
+    metrics["export_seconds"] = time.perf_counter() - tic
+    # Ray Train returns the metrics of the last report that carried a checkpoint: a marker of a few bytes
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
-            before = reset_peak_rss()
-            task.export(tensors, engine.module, tmp, metadata, dtype)
-            if before is not None:
-                metrics["export_peak_extra_bytes"] = peak_rss() - before
-            metrics["export_bytes"] = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
-        for name, _ in tensors:  # the other ranks gather alongside rank 0; rank 0 must have used them all
-            if rank == 0:
-                raise RuntimeError(f"the task's export stopped before {name!r}")
-        metrics["export_seconds"] = time.perf_counter() - tic
+            (Path(tmp) / "export.json").write_text(json.dumps({"location": metrics["export_location"]}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
                          checkpoint_dir_name="final")
 
@@ -105,17 +136,25 @@ def reset_peak_rss() -> Optional[int]:
         return None
 
 
+def disk_writes() -> Optional[int]:
+    """Bytes this process has sent to block storage (Linux ``/proc/self/io`` ``write_bytes``), or None."""
+    try:
+        return _status_bytes("write_bytes", "/proc/self/io", 1)
+    except OSError:
+        return None
+
+
 def peak_rss() -> int:
     """Peak resident memory since :func:`reset_peak_rss`, in bytes."""
     return _status_bytes("VmHWM")
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _status_bytes(field: str, path: str = "/proc/self/status", unit: int = 1024) -> int:
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
+                return int(line.split()[1]) * unit
+    raise OSError(f"{path} has no {field}")
 
 
 def maybe_fail(fail_at_step: int, step: int, rank: int, world: int, marker: str) -> None:

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List
 
+from trainers.batches import ATTENTION_ONE_ROW
 from trainers.core.config import opt
 from trainers.core.export import parse_size
 from trainers.hf_export import EXPORT_DTYPES
@@ -41,8 +42,9 @@ class ModelConfig:
                                          "Module names that receive LoRA adapters.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory (works with "
                                        "ZeRO-3 and with LoRA).")
-    attn_implementation: str = opt("", "Attention kernel: '' (transformers' default, SDPA), sdpa, eager, or "
-                                   "flash_attention_2 (GPU, needs the flash-attn package).")
+    attn_implementation: str = opt("", "Attention kernel: '' (transformers' default, SDPA), sdpa, eager, "
+                                   "flash_attention_2 or flash_attention_3 (GPU, need the flash-attn package; "
+                                   "packing then puts a micro-batch in one row, the layout their varlen path reads).")
     export_dtype: str = opt("auto", "The exported weights' dtype: auto (the training dtype: bf16 when trained in "
                             "bf16, else float32) | float32 | bfloat16 | float16.")
     export_shard_size: str = opt("5GB", "Largest safetensors file of the export (Hugging Face's max_shard_size, "
@@ -169,6 +171,9 @@ class JobConfig:
         if t.placement_strategy not in PLACEMENT_STRATEGIES:
             errors.append(f"train.placement_strategy must be {one_of(PLACEMENT_STRATEGIES)}, got {t.placement_strategy!r}")
         m = self.model
+        if m.attn_implementation not in ATTENTION_ONE_ROW:
+            errors.append(f"model.attn_implementation must be {one_of(repr(k) for k in ATTENTION_ONE_ROW)}, "
+                          f"got {m.attn_implementation!r}")
         if m.export_dtype not in ("auto", *EXPORT_DTYPES):
             errors.append(f"model.export_dtype must be {one_of(['auto', *EXPORT_DTYPES])}, got {m.export_dtype!r}")
         try:

@@ -24,14 +24,37 @@ def use_bf16(cfg: TrainConfig, on_gpu: bool) -> bool:
     return cfg.bf16 == "true" or (cfg.bf16 == "auto" and on_gpu)
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> Dict[str, Any]:
-    """The DeepSpeed JSON config for a TrainConfig."""
+PERSIST_BELOW = 10_000  # ZeRO-3: parameters of at most this many elements (norms, biases) stay whole on every rank
+
+
+def persistence_threshold(model: torch.nn.Module) -> int:
+    """ZeRO-3's ``stage3_param_persistence_threshold`` for ``model``: :data:`PERSIST_BELOW`, raised for
+    an adapter model (peft: LoRA) to its largest trainable parameter, so every adapter factor stays
+    whole -- partitioned, each r x d factor costs an all-gather of a few KB at every use (about 8 per
+    layer per pass), and all of them together are small by construction."""
+    if not hasattr(model, "peft_config"):
+        return PERSIST_BELOW
+    return max([PERSIST_BELOW] + [getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad])
+
+
+def load_placement(cfg: TrainConfig) -> Tuple[torch.dtype, Optional[str]]:
+    """The dtype and device a worker's policy loads in. The training dtype: DeepSpeed's bf16 casts
+    every parameter to bf16 before its optimizer copies them into fp32 master weights, so a bf16
+    load gives the same masters with half the host memory (fp32 buffers such as rotary frequencies
+    stay fp32 either way). On a GPU under ZeRO 0-2, straight onto the worker's GPU (``device_map``);
+    ZeRO-3 loads partitioned under ``zero.Init`` instead, which takes no ``device_map``."""
+    dtype = torch.bfloat16 if use_bf16(cfg, cfg.use_gpu) else torch.float32
+    return dtype, (str(worker_device(True)) if cfg.use_gpu and cfg.zero_stage < 3 else None)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool, persist_below: int = PERSIST_BELOW) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for a TrainConfig (``persist_below``: :func:`persistence_threshold`)."""
     zero: Dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 2:
         zero.update(contiguous_gradients=True, overlap_comm=on_gpu)
     if cfg.zero_stage == 3:
-        # small models: keep tiny params (norms, biases) unpartitioned; gather weights for export
-        zero.update(stage3_param_persistence_threshold=10_000, stage3_gather_16bit_weights_on_model_save=True)
+        # keep small params (norms, biases, adapters) unpartitioned; gather weights for export
+        zero.update(stage3_param_persistence_threshold=persist_below, stage3_gather_16bit_weights_on_model_save=True)
     bf16 = use_bf16(cfg, on_gpu)
     precision: Dict[str, Any] = {}
     if bf16:  # bf16 weights and activations; gradients accumulated and reduced in fp32 (ZeRO's fp32 master)
@@ -83,7 +106,7 @@ def worker_device(use_gpu: bool) -> torch.device:
 def build_engine(build: Callable[[], torch.nn.Module], cfg: TrainConfig, total_steps: int, on_gpu: bool):
     """The model ``build()`` returns in a DeepSpeed engine with AdamW, the schedule and the ZeRO
     stage of ``cfg``. Under ZeRO-3 ``build`` runs inside ``deepspeed.zero.Init``: parameters are
-    partitioned as they load."""
+    partitioned as they load; adapters stay whole (:func:`persistence_threshold`)."""
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -99,6 +122,8 @@ def build_engine(build: Callable[[], torch.nn.Module], cfg: TrainConfig, total_s
 
         zero3 = HfDeepSpeedConfig(config)  # while it lives, from_pretrained builds under zero.Init
     model = build()
+    if zero3 is not None:  # read by deepspeed.initialize, once the model (with its adapters) exists
+        config = deepspeed_config(cfg, world, on_gpu, persistence_threshold(model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
+from trainers.core import storage
 from trainers.core.export import ADAPTER_DIR, ShardWriter, module_tensors, write_metadata
 
 Tensor = torch.Tensor
@@ -37,7 +38,8 @@ def export_model(tensors: Iterable[Tuple[str, Optional[Tensor]]], module: torch.
                  max_shard_bytes: int = 5 * 10**9) -> List[str]:
     """Write ``module``'s trained weights (``tensors``: ``(name, tensor)`` in
     :func:`~trainers.core.export.module_tensors` order; under ZeRO-3 ``module`` holds partitions
-    only, its shapes are read from them) as an HF checkpoint in ``out_dir``, floating tensors in
+    only, its shapes are read from them) as an HF checkpoint in ``out_dir`` (a directory or a storage
+    URI, the weights written there once), floating tensors in
     ``dtype``. Consumes ``tensors`` to the end. Returns the weight files written."""
     lora = hasattr(module, "peft_config")
     plan = [(name, tuple(t.shape), dtype if t.is_floating_point() else t.dtype)
@@ -51,12 +53,13 @@ def export_model(tensors: Iterable[Tuple[str, Optional[Tensor]]], module: torch.
     config = copy.deepcopy(base.config)
     config.architectures = [type(base).__name__]
     config.dtype = dtype
-    config.save_pretrained(out_dir)
-    if getattr(base, "generation_config", None) is not None and base.can_generate():
-        base.generation_config.save_pretrained(out_dir)
-    if lora:
-        _save_adapter(module, adapter, Path(out_dir) / ADAPTER_DIR)
-    tokenizer.save_pretrained(out_dir)
+    with storage.writing_dir(out_dir) as local:  # the small files (a storage URI: staged, then copied)
+        config.save_pretrained(local)
+        if getattr(base, "generation_config", None) is not None and base.can_generate():
+            base.generation_config.save_pretrained(local)
+        if lora:
+            _save_adapter(module, adapter, Path(local) / ADAPTER_DIR)
+        tokenizer.save_pretrained(local)
     write_metadata(out_dir, metadata)
     return files
 

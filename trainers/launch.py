@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pyarrow as pa
 
+from trainers.checkpoints import ExportTarget
 from trainers.core import storage
 from trainers.core.models import load_tokenizer
 from trainers.core.runtime import init_ray, interactive
@@ -172,7 +173,8 @@ def check_enough_rows(kept: int, workers: int) -> None:
 def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: Dict[str, Any], name: str,
         locations: Tuple[str, str], failure_marker: str = "", tokenize: type = Tokenize) -> Dict[str, Any]:
     """Run :func:`trainers.loop.train_loop` on a TorchTrainer with Ray Train's storage at
-    ``locations[1]``; copy the export to ``locations[0]`` (both from :func:`run_locations`)."""
+    ``locations[1]``; rank 0 writes the export to ``locations[0]`` (both from :func:`run_locations`),
+    or into the storage for this driver to copy when it runs on another node and the location is local."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -185,7 +187,9 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
         train_loop_config={"make_task": make_task, "job": for_workers(job), "tokenize": tokenize,
                            "rows_per_rank": prepared.rows_per_rank,
                            "pad_id": prepared.pad_id, "metadata": metadata, "failure_marker": failure_marker,
-                           "run": run, "progress": interactive()},
+                           "run": run, "progress": interactive(),
+                           "export": ExportTarget(out, storage.join(storage_path, run, "export"),
+                                                  ray.get_runtime_context().get_node_id())},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker},
                                                placement_strategy=t.placement_strategy),
@@ -204,11 +208,15 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
     result = trainer.fit()
     if result.error:
         raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without an exported policy")
-    # storage to the export location, filesystem to filesystem: the driver's disk is not involved
-    storage.copy_dir(result.checkpoint.filesystem, result.checkpoint.path, out)
     metrics = dict(result.metrics or {})
+    written = metrics.pop("export_location", None)
+    if written is None:
+        raise RuntimeError("training finished without an exported policy")
+    if written != out:  # rank 0 ran on another node than a local export location: one copy from storage
+        fs, path = storage.filesystem(written)
+        storage.copy_dir(fs, path, out)
+        storage.remove_dir(written)
+    metrics["export_copied"] = written != out
     if "entered_at" in metrics:  # controller, placement group, worker processes and their imports
         metrics["workers_start_seconds"] = metrics.pop("entered_at") - started_at
     metrics.update(seconds=time.perf_counter() - tic, pairs=prepared.rows,

@@ -140,7 +140,7 @@ def train_loop(config: Dict[str, Any]) -> None:
                    **timings)
     if published is not None:
         published.close(metrics)  # its gauges leave the endpoint; the last values stay in Ray's KV store
-    export_final(task, engine, rank, config["metadata"], metrics)
+    export_final(task, engine, rank, config["metadata"], metrics, config["export"])
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from reward_models.objectives import get_scorer, score_checked
-from trainers.core.logps import logits_needed
-from trainers.core.logps import pad_sequences, sequence_logps
+from trainers.core.logps import logits_needed, pad_sequences, response_logits, sequence_logps
 from trainers.core.models import Placement, load_causal_lm, load_tokenizer
 from trainers.core.prompts import ask, encode, left_pad
 from trainers.data import ragged
@@ -129,13 +128,12 @@ class Rollout:
     def reference_logps(self, module, batch: Dict[str, Any]) -> torch.Tensor:
         """``log π_ref`` of every sample ``(B·n,)``: the LM head only from the first response position on."""
         keep = logits_needed(batch["response_mask"])
-        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                      logits_to_keep=keep)
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         if self.ref is None:  # LoRA: the base model is the policy with its adapters off
             with module.disable_adapter():
-                logits = module(**kwargs).logits
+                logits, _ = response_logits(module, keep, **kwargs)
         else:
-            logits = self.ref(**kwargs).logits
+            logits, _ = response_logits(self.ref, keep, **kwargs)
         return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
 
 
@@ -145,7 +143,8 @@ def frozen_reference(model_cfg, train_cfg):
     its own that gathers its weights layer by layer."""
     bf16 = use_bf16(train_cfg, train_cfg.use_gpu)
     ref = load_causal_lm(model_cfg.name_or_path, model_cfg.trust_remote_code,
-                         dtype=torch.bfloat16 if bf16 else torch.float32, without_dropout=True).eval()
+                         dtype=torch.bfloat16 if bf16 else torch.float32, without_dropout=True,
+                         attn_implementation=model_cfg.attn_implementation or None).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     if train_cfg.zero_stage != 3:

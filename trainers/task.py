@@ -12,9 +12,10 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from trainers.batches import pack_pairs, pad_pairs
+from trainers.batches import pack_pairs, packs_one_row, pad_pairs
 from trainers.core.export import module_tensors, parse_size
 from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.deepspeed_setup import load_placement
 from trainers.hf_export import export_model
 
 Tensor = torch.Tensor
@@ -52,8 +53,10 @@ class Task:
     # -- optional hooks ------------------------------------------------------------------------
     def collate(self, rows: Dict[str, Sequence[Any]], pad_id: int, index: Sequence[int]) -> Dict[str, Tensor]:
         """Rows of the worker's shard (``index`` of them) -> one micro-batch: packed without padding
-        (``train.packing``) or right-padded."""
-        return (pack_pairs if self.cfg.train.packing else pad_pairs)(rows, pad_id, index)
+        (``train.packing``; in one row under flash attention) or right-padded."""
+        if self.cfg.train.packing:
+            return pack_pairs(rows, pad_id, index, one_row=packs_one_row(self.cfg.model.attn_implementation))
+        return pad_pairs(rows, pad_id, index)
 
     def start_step(self, step: int, total_steps: int) -> None:
         """Before each optimizer step's first micro-batch (e.g. WRPO's α schedule)."""
@@ -76,12 +79,12 @@ def pair_stats(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Dict[str, Te
     return {"reward_margin": c - r, "accuracy": (c > r).to(c.dtype), "chosen_reward": c, "rejected_reward": r}
 
 
-def build_policy(model_cfg, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_policy(model_cfg, dtype: torch.dtype = torch.float32, device_map: Optional[str] = None) -> torch.nn.Module:
     """The trainable causal LM of ``model_cfg`` (:class:`~trainers.config.ModelConfig`), wrapped
-    with LoRA adapters if configured."""
+    with LoRA adapters if configured; loaded in ``dtype``, onto ``device_map`` (a device) if given."""
     model = load_causal_lm(model_cfg.name_or_path, model_cfg.trust_remote_code, dtype=dtype,
                            attn_implementation=model_cfg.attn_implementation or None,
-                           without_dropout=not model_cfg.keep_dropout)
+                           without_dropout=not model_cfg.keep_dropout, device_map=device_map)
     if model_cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -120,5 +123,6 @@ class PolicyTask(Task):
     needs_reference = True
 
     def build(self) -> torch.nn.Module:
-        return build_policy(self.cfg.model)
+        """The policy in the training dtype, on the worker's GPU where ZeRO allows (:func:`load_placement`)."""
+        return build_policy(self.cfg.model, *load_placement(self.cfg.train))
 

@@ -52,6 +52,7 @@ def test_bad_overrides_raise(override, match):
     ({"model.export_shard_size": "lots"}, "model.export_shard_size: 'lots' is not a size"),
     ({"train.placement_strategy": "spread"}, "train.placement_strategy must be PACK, SPREAD"),
     ({"data.in_memory_mb": -1}, "data.in_memory_mb must be >= 0"),
+    ({"model.attn_implementation": "flex_attention"}, "model.attn_implementation must be '', 'sdpa', .*got 'flex"),
 ])
 def test_validate_fails_fast(override, match):
     with pytest.raises(ValueError, match=match):

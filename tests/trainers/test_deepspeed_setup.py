@@ -13,7 +13,12 @@ import torch.multiprocessing as mp
 
 from trainers.config import TrainConfig
 from trainers.core.export import INDEX_FILE, load_state
-from trainers.deepspeed_setup import deepspeed_config, worker_device
+from tests.helpers import lora_zero3_worker
+from trainers.config import ModelConfig
+from trainers.core.models import load_causal_lm
+from trainers.deepspeed_setup import (PERSIST_BELOW, deepspeed_config, load_placement, persistence_threshold,
+                                      worker_device)
+from trainers.task import build_policy
 from trainers.jobs.dpo import DPOJobConfig
 
 
@@ -42,18 +47,19 @@ def _worker(rank, world, port, model_dir, stage, checkpointing, out):
     torch.set_num_threads(1)
     from trainers.config import ModelConfig
     from trainers.core.models import load_tokenizer
-    from trainers.deepspeed_setup import build_engine, gathered_tensors
+    from trainers.deepspeed_setup import build_engine, gathered_tensors, load_placement
     from trainers.hf_export import export_model
     from trainers.task import build_policy
 
     seen = {}
+    cfg = TrainConfig(zero_stage=stage, bf16="true", lr=1e-4, micro_batch_size=2, max_grad_norm=0.0)
 
-    def build():
-        model = build_policy(ModelConfig(name_or_path=model_dir, gradient_checkpointing=checkpointing))
+    def build():  # loaded in bf16 as the training tasks load it: the fp32 masters below come from it
+        model = build_policy(ModelConfig(name_or_path=model_dir, gradient_checkpointing=checkpointing),
+                             *load_placement(cfg))
         seen["partitioned"] = [hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()]
         return model
 
-    cfg = TrainConfig(zero_stage=stage, bf16="true", lr=1e-4, micro_batch_size=2, max_grad_norm=0.0)
     engine = build_engine(build, cfg, total_steps=3, on_gpu=False)
     torch.manual_seed(rank)
     engine.train()  # gradient checkpointing recomputes only in training mode
@@ -110,3 +116,47 @@ def test_bf16_exports_fp32_master_weights_and_zero3_builds_partitioned(tiny_mode
     assert half.dtype == torch.bfloat16
     for name, p in half.named_parameters():
         torch.testing.assert_close(p.detach(), state[name].bfloat16(), rtol=0, atol=0)
+
+
+def test_policy_loads_in_the_training_dtype_as_deepspeed_would_cast_it(tiny_model):
+    """bf16 training loads the policy in bf16 (half the host memory of fp32): every parameter equals
+    the fp32 load cast to bf16, as DeepSpeed's bf16 cast before its fp32 masters; buffers (rotary
+    frequencies) stay float32 and equal. fp32 training still loads fp32; the CPU loads on no device."""
+    dtype, device = load_placement(TrainConfig(bf16="true", zero_stage=2))
+    assert (dtype, device) == (torch.bfloat16, None)
+    assert load_placement(TrainConfig()) == (torch.float32, None)
+    half, full = build_policy(ModelConfig(name_or_path=tiny_model), dtype), load_causal_lm(tiny_model)
+    for (n, p), (m, q) in zip(half.named_parameters(), full.named_parameters()):
+        assert n == m and p.dtype == torch.bfloat16
+        assert torch.equal(p, q.to(torch.bfloat16)), n
+    for (n, b), (_, c) in zip(half.named_buffers(), full.named_buffers()):
+        assert b.dtype == c.dtype and torch.equal(b, c), n
+
+
+def test_zero3_keeps_lora_factors_whole_in_its_config(tiny_model):
+    """The persistence threshold rises to the largest LoRA factor (r = 200 makes them larger than the
+    10,000 elements that keep norms whole), and the generated ZeRO-3 config carries it; a full model
+    keeps the default."""
+    lora = build_policy(ModelConfig(name_or_path=tiny_model, lora=True, lora_r=200))
+    factors = [p.numel() for n, p in lora.named_parameters() if "lora_" in n]
+    assert max(factors) > PERSIST_BELOW and persistence_threshold(lora) == max(factors)
+    assert persistence_threshold(load_causal_lm(tiny_model)) == PERSIST_BELOW
+    zero = deepspeed_config(TrainConfig(zero_stage=3), 2, False, persistence_threshold(lora))["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == max(factors)
+
+
+@pytest.mark.slow
+def test_zero3_does_not_partition_lora_factors(tiny_model, tmp_path):
+    """Two gloo ranks under ZeRO-3: every LoRA factor is marked persistent (gathered once, then kept
+    whole on each rank instead of all-gathered at every use), the base model's large weights stay
+    partitioned."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "state.pt"
+    mp.spawn(lora_zero3_worker, args=(2, port, tiny_model, str(out)), nprocs=2, join=True)
+    state = torch.load(out, weights_only=True)["state"]
+    lora = {n: v for n, v in state.items() if "lora_" in n}
+    assert lora and all(persist for persist, _, _ in lora.values())  # DeepSpeed's flag: never released after use
+    big = {n: v for n, v in state.items() if "lora_" not in n and v[2] > max(w for _, _, w in lora.values())}
+    assert big and all(not persist and held < whole for persist, held, whole in big.values())

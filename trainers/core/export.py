@@ -70,14 +70,15 @@ def parse_size(size: str) -> int:
 
 class ShardWriter:
     """A model's tensors into safetensors shards of at most ``max_shard_bytes`` (one bigger tensor
-    gets a shard of its own), written as they arrive: the shards and every header are planned from
+    gets a shard of its own), written as they arrive, straight to ``out_dir`` (a directory or a storage URI): the shards and every header are planned from
     ``plan`` (``(name, shape, dtype)`` in the order :meth:`write` will be called), so each tensor's
     bytes go straight to its file and nothing is buffered. One shard is ``model.safetensors``;
     more are ``model-0000i-of-0000n.safetensors`` with Hugging Face's index."""
 
     def __init__(self, out_dir: str, plan: List[Tuple[str, Tuple[int, ...], torch.dtype]], max_shard_bytes: int):
-        self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = out_dir  # a local directory or a storage URI: each shard is written there, once
+        self.fs, self.root = storage.filesystem(out_dir)
+        self.fs.create_dir(self.root, recursive=True)
         shards: List[List[Tuple[str, Tuple[int, ...], torch.dtype, int]]] = [[]]
         used = 0
         for name, shape, dtype in plan:
@@ -116,8 +117,8 @@ class ShardWriter:
             raise RuntimeError(f"tensor {self.shards[left[0]][left[1]][0]!r} was planned but never written")
         if len(self.files) > 1:
             weight_map = {e[0]: f for f, s in zip(self.files, self.shards) for e in s}
-            (self.out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": self.total_size},
-                                                           "weight_map": weight_map}, indent=2))
+            storage.write_text(storage.join(self.out, INDEX_FILE), json.dumps(
+                {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}, indent=2))
             return self.files + [INDEX_FILE]
         return list(self.files)
 
@@ -129,7 +130,7 @@ class ShardWriter:
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        self.handle = open(self.out / self.files[shard], "wb")
+        self.handle = self.fs.open_output_stream(f"{self.root.rstrip('/')}/{self.files[shard]}")
         self.handle.write(struct.pack("<Q", len(raw)) + raw)
 
 

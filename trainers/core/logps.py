@@ -49,3 +49,33 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
     token_logps = torch.gather(logits, 2, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     mask = response_mask[:, response_mask.shape[1] - K + 1:].to(token_logps.dtype)
     return (token_logps * mask).sum(-1)
+
+
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``model``'s LM head on ``hidden (..., H)`` in float32 (float64 for a float64 model), whatever
+    the weights' dtype: a bf16 head would round logits >= 16 to steps of 0.125 before the log-softmax.
+    The head is still *called* (its forward swapped for the duration), so ZeRO-3's module hooks
+    gather its weight; backward keeps the float32 copy of the weight (V x H) until it has run."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if not isinstance(head, torch.nn.Linear):  # e.g. an adapter-wrapped head: its own forward, then upcast
+        return head(hidden).to(dtype)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        bias = None if head.bias is None else head.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), head.weight.to(dtype), bias)
+
+    head.forward = forward
+    try:
+        return head(hidden)
+    finally:
+        del head.forward
+
+
+def response_logits(model: torch.nn.Module, keep: int, **inputs) -> tuple:
+    """One forward of a causal LM over ``inputs`` (``input_ids``, ``attention_mask``): its final hidden
+    states at the last ``keep`` positions ``(N, keep, H)`` and their logits from :func:`head_logits`
+    ``(N, keep, V)`` in float32 (the model's own head runs on one position only)."""
+    out = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -keep:]
+    return head_logits(model, hidden), hidden

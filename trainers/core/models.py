@@ -94,3 +94,14 @@ class Placement:
         device = self.device()
         model = load_causal_lm(name_or_path, trust_remote_code, dtype=self.torch_dtype(device))
         return model.to(device).eval()
+
+
+def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """The model's parameter count, from its config alone (built on the ``meta`` device: no weights
+    are read or allocated)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())

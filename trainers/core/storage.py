@@ -92,3 +92,19 @@ def local_dir(path: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="moray-") as tmp:
         pyarrow.fs.copy_files(p, tmp, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
         yield tmp
+
+
+@contextlib.contextmanager
+def writing_dir(path: str) -> Iterator[str]:
+    """``path`` as a local directory to write small files into: itself (created), or for a remote
+    URI a temporary directory copied there on exit. Large files go straight to ``path`` instead."""
+    if not is_uri(path) or path.startswith("file://"):
+        local = filesystem(path)[1]
+        Path(local).mkdir(parents=True, exist_ok=True)
+        yield local
+        return
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory(prefix="moray-") as tmp:
+        yield tmp
+        copy_dir(pyarrow.fs.LocalFileSystem(), tmp, path)

@@ -27,7 +27,8 @@ Offline, each pair carries every objective's label (``data.response_columns`` +
 Under ZeRO-3 (**decision**) the head is *gathered* for step 2 (``GatheredParameters``, every
 worker, released right after). ``balance_params=all`` is refused there -- gathering every weight
 would undo the partitioning -- and so is a tied head, whose full gradient needs that same
-backward through every layer.
+backward through every layer. ``balance_params=all`` on full weights holds K full-model gradients
+(2K x 14 GB at 7B in bf16): it is refused before training above ``balance_memory_gb``, with the estimate.
 
 Online (:class:`OnlineGAPOTask`), rows are prompts and each micro-batch is a rollout
 (:class:`trainers.rollout.Rollout`); objective ``k``'s loss is
@@ -52,9 +53,10 @@ from reward_models.prompts import load_prompts
 from trainers.balancing import averaged_gram, gapo_from_gram, gram_of, pgapo_from_gram
 from trainers.batches import batch_logits_to_keep, pad_pairs
 from trainers.config import JobConfig
+from trainers.deepspeed_setup import use_bf16
 from trainers.core.config import opt, parse_numbers
-from trainers.core.logps import sequence_logps
-from trainers.core.models import ties_embeddings
+from trainers.core.logps import response_logits, sequence_logps
+from trainers.core.models import count_parameters, ties_embeddings
 from trainers.core.weights import WeightError, check_weights
 from trainers.data import LoadReport, load_pairs
 from trainers.job import Flag, Job
@@ -84,6 +86,9 @@ class GAPOJobConfig(JobConfig):
     temperature: float = opt(1.0, "Online: sampling temperature.")
     kl_coef: float = opt(0.05, "Online: KL penalty to the reference in the reward, r - kl_coef (log pi - log pi_ref).")
     prompt_column: str = opt("prompt", "Online: the prompt column of a jsonl/parquet/HF prompt source.")
+    balance_memory_gb: float = opt(8.0, "balance_params=all on full weights: most GiB the K per-objective "
+                                   "gradients may take on each worker, estimated (K+1) x parameters x bytes "
+                                   "before training; above it the job is refused (use head, or LoRA).")
 
     def resolved(self) -> "GAPOJobConfig":
         """The policy's name joins the objectives, and a pair file without a label mapping is read as
@@ -101,6 +106,25 @@ class GAPOJobConfig(JobConfig):
             return ties_embeddings(self.model.name_or_path, self.model.trust_remote_code)
         except (OSError, ValueError):  # no readable config here: the model load reports it
             return False
+
+    def balance_memory(self) -> int:
+        """Bytes the K gradients of ``balance_params=all`` on full weights take on a worker at their
+        peak (:func:`_objective_grads`): K rows of every parameter, plus one objective's gradients
+        as autograd returns them, in the training dtype."""
+        params = count_parameters(self.model.name_or_path, self.model.trust_remote_code)
+        return (len(self.objectives) + 1) * params * (2 if use_bf16(self.train, self.train.use_gpu) else 4)
+
+    def _balance_memory_errors(self) -> List[str]:
+        try:
+            need = self.balance_memory()
+        except (OSError, ValueError):  # no readable config here: the model load reports it
+            return []
+        if need <= self.balance_memory_gb * 2**30:
+            return []
+        return [f"balance_params=all on full weights holds {len(self.objectives)} full-model gradients at once: about "
+                f"{need / 2**30:.1f} GiB per worker for {self.model.name_or_path}, above balance_memory_gb="
+                f"{self.balance_memory_gb:g}; use balance_params=head, LoRA (model.lora), or raise balance_memory_gb "
+                "if the workers have that memory free"]
 
     def labelled_objectives(self) -> List[str]:
         return [] if self.online else list(self.objectives)
@@ -133,6 +157,8 @@ class GAPOJobConfig(JobConfig):
             errors.append(f"{self.model.name_or_path} ties its LM head to the input embeddings: the head's full "
                           "gradient needs K backward passes through the whole partitioned model, which ZeRO-3 GAPO "
                           "does not do; use train.zero_stage=2 (or lower)")
+        if self.balance_params == "all" and not self.model.lora and self.model.name_or_path:
+            errors += self._balance_memory_errors()
         if self.train.loss != "dpo":
             errors.append("GAPO balances DPO losses (train.loss=dpo)")
         return errors
@@ -147,10 +173,17 @@ def _gathered(params):
 
 def _objective_grads(losses: List[torch.Tensor], params: List[torch.Tensor]) -> torch.Tensor:
     """``(K, P)``: each objective's mean-loss gradient on ``params``, flattened (autograd.grad, so
-    nothing accumulates into ``.grad``)."""
-    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-        l.mean(), params, retain_graph=i < len(losses) - 1, allow_unused=True, materialize_grads=True)])
-        for i, l in enumerate(losses)])
+    nothing accumulates into ``.grad``), each written straight into its row: K rows plus one
+    objective's gradients at a time (:meth:`GAPOJobConfig.balance_memory`)."""
+    out = None
+    for i, l in enumerate(losses):
+        grads = torch.autograd.grad(l.mean(), params, retain_graph=i < len(losses) - 1, allow_unused=True,
+                                    materialize_grads=True)
+        if out is None:
+            out = grads[0].new_empty(len(losses), sum(g.numel() for g in grads))
+        torch.cat([g.reshape(-1) for g in grads], out=out[i])
+        del grads
+    return out
 
 
 class GAPOTask(PolicyTask):
@@ -198,21 +231,21 @@ class GAPOTask(PolicyTask):
         head = module.get_output_embeddings() if cfg.balance_params == "head" else None
         tied = head is not None and head.weight is module.get_input_embeddings().weight
         head_only = head is not None and not tied
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                     logits_to_keep=keep, output_hidden_states=head_only)
-        per_row, stats = self.objective_losses(out.logits, batch)
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits, hidden = response_logits(engine, keep, **inputs)  # the head in float32
+        per_row, stats = self.objective_losses(logits, batch)
         if head_only:  # the head on the detached final hidden states: exact head gradients, no DeepSpeed hooks
             params = [p for p in head.parameters() if p.requires_grad]
-            hidden = out.hidden_states[-1][:, -keep:].detach()
+            hidden = hidden.detach().to(logits.dtype)
             # ZeRO-3: every worker gathers the (partitioned) head for these K gradients, then lets it go;
             # F.linear, not head(...), so ZeRO-3's module hooks do not release it mid-way. Stages 0-2: no-op.
             with _gathered(params):
-                side = self.objective_losses(F.linear(hidden, head.weight, head.bias), batch)[0]
+                bias = None if head.bias is None else head.bias.to(logits.dtype)
+                side = self.objective_losses(F.linear(hidden, head.weight.to(logits.dtype), bias), batch)[0]
                 grads = _objective_grads(side, params)
         else:  # a second forward through the bare module: every weight, or the tied head's full gradient
             params = [p for p in (head if head is not None else module).parameters() if p.requires_grad]
-            side = self.objective_losses(module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         use_cache=False, logits_to_keep=keep).logits, batch)[0]
+            side = self.objective_losses(response_logits(module, keep, **inputs)[0], batch)[0]
             grads = _objective_grads(side, params)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         gram = averaged_gram(grads) if distributed else gram_of(grads)  # of the global batch's gradients

@@ -118,6 +118,8 @@ def test_zero3_two_workers_exports_gathered_weights(ray_local, tiny_model, train
     _check_export(metrics, tmp_path / "z3", tiny_model, train_file)
     assert (tmp_path / "z3" / INDEX_FILE).exists() and len(list((tmp_path / "z3").glob("model-*.safetensors"))) > 1
     assert list((tmp_path / "ckpt").glob("dpo-sentiment-*/step_0000003"))  # checkpoints at the storage URI
+    # the export was written once, straight to its location: no copy of it in the storage
+    assert not [p for p in (tmp_path / "ckpt").rglob("*.safetensors")]
     # the gathered weights are full tensors, not ZeRO-3's empty placeholders
     state = load_state(str(tmp_path / "z3"))
     ref = load_file(str(Path(tiny_model) / "model.safetensors"))

@@ -209,3 +209,33 @@ def test_online_gapo_two_workers(ray_local, tiny_model, tmp_path, stage):
     assert meta["zero_stage"] == stage
     trained, base = load_causal_lm(str(out)), load_causal_lm(tiny_model)
     assert (trained.lm_head.weight - base.lm_head.weight).abs().max() > 1e-5
+
+
+def test_online_reference_uses_the_configured_attention(tiny_model):
+    """The frozen reference of online GAPO loads with the policy's attention kernel, not transformers'
+    default (under flash attention it would otherwise run another kernel than the policy)."""
+    from trainers.config import ModelConfig, TrainConfig
+    from trainers.rollout import frozen_reference
+
+    ref = frozen_reference(ModelConfig(name_or_path=tiny_model, attn_implementation="eager"), TrainConfig())
+    assert ref.config._attn_implementation == "eager"
+
+
+def test_balance_all_on_full_weights_is_refused_above_its_memory_estimate(tiny_model):
+    """balance_params=all on full weights holds K full-model gradients: the estimate (K+1) x
+    parameters x bytes (from the config alone) is checked before training, and a job above
+    balance_memory_gb is refused with the estimate; LoRA is not held to it (its gradients are the adapters')."""
+    job = GAPOJobConfig(objectives=["sentiment", "conciseness", "relevance"], out="o", balance_params="all")
+    job.model.name_or_path, job.data.path = tiny_model, "pairs.jsonl"
+    params = sum(p.numel() for p in load_causal_lm(tiny_model).parameters())
+    assert job.balance_memory() == 4 * params * 4  # K = 3, fp32 on the CPU
+    job.train.bf16 = "true"
+    assert job.balance_memory() == 4 * params * 2
+    job.balance_memory_gb = job.balance_memory() / 2**30 / 2
+    with pytest.raises(ValueError, match=r"holds 3 full-model gradients at once: about 0\.0 GiB per worker.*"
+                                         r"use balance_params=head, LoRA"):
+        job.validate()
+    job.model.lora = True
+    job.validate()
+    job.model.lora, job.balance_memory_gb = False, 8.0
+    job.validate()
