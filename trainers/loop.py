@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from trainers.batches import length_buckets, to_device
 from trainers.checkpoints import (export_final, load_engine_state, maybe_fail, quiet_report_logs, report,
@@ -157,30 +156,31 @@ class Schedule:
         return cls(per_epoch, per_epoch * epochs, math.ceil(per_epoch * epochs / grad_accum))
 
 
-class CutWindow(NumpyBatchCollateFn):
+def cut_window(t, epoch: int, pad_id: int, tokenize: Callable, collate: Callable):
     """Ray Data collate step (numpy rows in): a window of rows is tokenized (``tokenize``), grouped
     by length with a seed of ``(seed, epoch, first row)`` and cut into micro-batches (``collate``:
     rows -> tensors, the task's)."""
+    # imported here: importing ray fixes its config for the process, and the CLI must still be able to
+    # turn token auth on for `moray submit` / `moray jobs` after importing this module
+    from ray.data.collate_fn import NumpyBatchCollateFn
 
-    def __init__(self, t, epoch: int, pad_id: int, tokenize: Callable, collate: Callable):
-        self.t, self.epoch, self.pad_id, self.tokenize, self.collate = t, epoch, pad_id, tokenize, collate
+    class CutWindow(NumpyBatchCollateFn):
+        def __call__(self, rows: Dict[str, np.ndarray]) -> List[Dict[str, torch.Tensor]]:
+            rows = tokenize(rows)
+            seed = (t.seed, epoch, int(rows["idx"][0]))
+            return [collate(rows, pad_id, index) for index in length_buckets(rows, t.micro_batch_size, seed, t.shuffle)]
 
-    def __call__(self, rows: Dict[str, np.ndarray]) -> List[Dict[str, torch.Tensor]]:
-        t = self.t
-        rows = self.tokenize(rows)
-        seed = (t.seed, self.epoch, int(rows["idx"][0]))
-        return [self.collate(rows, self.pad_id, index)
-                for index in length_buckets(rows, t.micro_batch_size, seed, t.shuffle)]
+    return CutWindow()
 
 
 def epoch_batches(shard, epoch: int, t, pad_id: int, tokenize: Callable, collate: Callable):
-    """Yield the micro-batches of one epoch, in a deterministic, seeded order (:class:`CutWindow`,
+    """Yield the micro-batches of one epoch, in a deterministic, seeded order (:func:`cut_window`,
     run on Ray Data's prefetch thread)."""
     window = t.micro_batch_size * t.bucket_batches
     kwargs: Dict[str, Any] = {}
     if t.shuffle:
         kwargs = {"local_shuffle_buffer_size": window, "local_shuffle_seed": t.seed * 100_003 + epoch}
-    cut = CutWindow(t, epoch, pad_id, tokenize, collate)
+    cut = cut_window(t, epoch, pad_id, tokenize, collate)
     for batches in shard.iter_torch_batches(batch_size=window, collate_fn=cut, prefetch_batches=1, **kwargs):
         yield from batches
 

@@ -4,6 +4,7 @@ per-objective DPO jobs run side by side, their training metrics are read from th
 Prometheus endpoint while they run, and a third job is stopped."""
 
 import json
+import os
 import re
 import threading
 import time
@@ -45,6 +46,18 @@ def test_unreachable_cluster_is_a_clear_error(capsys):
     port = free_port()
     assert main(["jobs", "list", "--address", f"http://127.0.0.1:{port}"]) == 2
     assert "Failed to connect" in capsys.readouterr().err
+
+
+def test_the_cli_imports_no_ray_so_jobs_can_turn_token_auth_on():
+    """Importing ray fixes its config (the auth mode among it) for the process: `moray jobs` sets
+    RAY_AUTH_MODE=token before its first ray import, so nothing the CLI imports may import ray."""
+    import subprocess
+    import sys
+
+    code = "import sys, cluster.cli; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True).stdout.strip() == "[]"
 
 
 class Scraper(threading.Thread):
