@@ -18,6 +18,7 @@ import torch
 from trainers.batches import pad_pairs, pair_logps
 from trainers.config import ModelConfig
 from trainers.core.export import save_hf
+from trainers.core.metadata import PolicyMetadata
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.data import tokenize_responses
 from trainers.task import build_policy, export_policy
@@ -100,7 +101,7 @@ def make_policy(src: str, out, seed: int, noise: float = 0.05, metadata: Optiona
         for p in model.parameters():
             p.add_(noise * torch.randn_like(p))
     meta = dict({"kind": "policy", "reference_model": src, "beta": 0.1}, **(metadata or {}), **meta)
-    return save_hf(model, load_tokenizer(src), str(out), meta)
+    return save_hf(model, load_tokenizer(src), str(out), PolicyMetadata.from_json(meta))
 
 
 def make_lora_policy(src: str, out, seed: int, objective: str, r: int = 4, std: float = 0.3) -> str:
@@ -113,8 +114,7 @@ def make_lora_policy(src: str, out, seed: int, objective: str, r: int = 4, std: 
         for n, p in policy.named_parameters():
             if "lora_" in n:
                 p.normal_(std=std)
-    return export_policy(policy, cfg, str(out), {"kind": "policy", "objective": objective,
-                                                  "reference_model": src, "beta": 0.1})
+    return export_policy(policy, cfg, str(out), PolicyMetadata("policy", objective, src, 0.1))
 
 
 def preference_batch(tok, rows, ref_model, names=("chosen", "rejected"), columns=None, max_length=64):

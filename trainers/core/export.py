@@ -1,7 +1,6 @@
 """Hugging Face checkpoints on disk: safetensors weights, the tokenizer and ``moray.json``.
 
-``moray.json`` names a policy's objective, reference model, β, loss and data, so that mixers and
-the server can check that policies share a reference and a tokenizer. Weights are read from
+``moray.json`` (:mod:`trainers.core.metadata`) says what the checkpoint is. Weights are read from
 safetensors only (never a pickle). :class:`ShardWriter` writes a model tensor by tensor into
 safetensors shards planned ahead from the shapes, so a writer never holds more than one tensor.
 """
@@ -17,8 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from trainers.core import storage
-
-METADATA_FILE = "moray.json"
+from trainers.core.metadata import PolicyMetadata, write_metadata
 ADAPTER_DIR = "adapter"  # a LoRA policy's adapter, beside its merged weights
 INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -26,7 +24,7 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def save_hf(model: torch.nn.Module, tokenizer, out_dir: str, metadata: Dict[str, Any]) -> str:
+def save_hf(model: torch.nn.Module, tokenizer, out_dir: str, metadata: PolicyMetadata) -> str:
     """safetensors weights, the tokenizer and ``moray.json`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -34,18 +32,6 @@ def save_hf(model: torch.nn.Module, tokenizer, out_dir: str, metadata: Dict[str,
     tokenizer.save_pretrained(out)
     write_metadata(str(out), metadata)
     return str(out)
-
-
-def write_metadata(policy_dir: str, metadata: Dict[str, Any]) -> None:
-    """``moray.json`` in a local directory or at a storage URI."""
-    storage.write_text(storage.join(policy_dir, METADATA_FILE), json.dumps(metadata, indent=2, sort_keys=True))
-
-
-def read_metadata(policy_dir: str) -> Dict[str, Any]:
-    path = storage.join(policy_dir, METADATA_FILE)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"{policy_dir} has no {METADATA_FILE}: not a Moray policy")
-    return json.loads(storage.read_text(path))
 
 
 def parse_size(size: str) -> int:
