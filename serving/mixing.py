@@ -24,8 +24,9 @@ MIXING_MODES: Dict[str, str] = {
 
 
 def check_mixing(mode: str, what: str = "mixing") -> str:
-    """``mode`` if it names a mixing mode, else a ValueError naming ``what`` and the modes."""
-    if mode not in MIXING_MODES:
+    """``mode`` if it names a mixing mode, else a ValueError naming ``what`` and the modes (the one
+    check of a mode, for configs, flags and request bodies alike)."""
+    if not isinstance(mode, str) or mode not in MIXING_MODES:
         raise ValueError(f"{what} must be {' or '.join(repr(m) for m in MIXING_MODES)}, got {mode!r}")
     return mode
 
