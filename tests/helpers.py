@@ -15,12 +15,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from serving.decode import Sampling, row_probs, sample_rows
+from serving.metrics import serving_specs
 from trainers.batches import pad_pairs, pair_logps
 from trainers.config import ModelConfig
 from trainers.core.export import save_hf
 from trainers.core.metadata import PolicyMetadata
 from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.core.metrics import MetricSpec
 from trainers.data import tokenize_responses
+from trainers.metrics import training_specs
 from trainers.task import build_policy, export_policy
 
 
@@ -295,3 +299,19 @@ def lora_zero3_worker(rank, world, port, model_dir, out, on_gpu: bool = False):
     state = {n: (getattr(p, "ds_persist", False), p.data.numel(), p.ds_numel) for n, p in engine.module.named_parameters()}
     if rank == 0:
         torch.save({"state": state, "logits": logits}, out)
+
+
+def next_token_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """``(V,)`` float64 distribution of the next token for ``logits (V,)`` at ``s.temperature > 0``:
+    one row of :func:`serving.decode.row_probs`."""
+    return row_probs(logits[None], [s])[0]
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
+    """One token from ``logits (V,)``: one row of :func:`serving.decode.sample_rows`."""
+    return int(sample_rows(logits[None], [s], [generator])[0])
+
+
+def all_specs() -> list[MetricSpec]:
+    """Every Moray metric: training's (:mod:`trainers.metrics`) and serving's (:mod:`serving.metrics`)."""
+    return training_specs() + serving_specs()

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from serving.api import Limits, RequestError, parse_request
-from serving.decode import LockstepDecoder, Row, Sampling, next_token_probs, sample_next
+from serving.decode import LockstepDecoder, Row, Sampling
 from serving.engine import TextStream, round_weights
 from serving.mixing import mix_logits
+from tests.helpers import next_token_probs, sample_next
 from trainers.core.models import load_causal_lm, load_tokenizer
 
 PROMPTS = ["Write about the coffee.", "Hi", "Tell me a long story about a park and a song."]
