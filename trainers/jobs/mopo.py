@@ -268,8 +268,7 @@ class MOPOTask(PolicyTask):
         self._window = torch.tensor(state["window"], dtype=torch.float64)
 
 
-def run(job: MOPOJobConfig, address: Optional[str] = None, run_name: Optional[str] = None,
-        failure_marker: str = "") -> Dict[str, Any]:
+def run(job: MOPOJobConfig, address: Optional[str] = None, failure_marker: str = "") -> Dict[str, Any]:
     """Train one MOPO policy and export it to ``job.out``. Returns the final metrics, with each
     constraint's final estimate under ``constraints_report`` (also in ``moray.json``).
 
@@ -290,7 +289,7 @@ def run(job: MOPOJobConfig, address: Optional[str] = None, run_name: Optional[st
         job = dataclasses.replace(job, initial_lambda={k: float(v) for k, v in zip(names, lam0)})
     metadata = policy_metadata(job, method="mopo", loss="mopo", constraints=job.constraints, tau=job.tau,
                                dual_lr=job.dual_lr, dual_init=job.dual_init, candidates=int(q_bar.shape[1]))
-    metrics = train_on_rows(MOPOTask, job, table, report, metadata, run_name or f"mopo-{job.objective}", address,
+    metrics = train_on_rows(MOPOTask, job, table, report, metadata, f"mopo-{job.objective}", address,
                             failure_marker, unit="prompts")
     lam = torch.tensor([metrics[f"lambda/{k}"] for k in names], dtype=torch.float64)
     final_b = torch.tensor([metrics[f"threshold/{k}"] for k in names], dtype=torch.float64)  # ratcheted, maybe
