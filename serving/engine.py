@@ -27,8 +27,7 @@ from serving.config import ServeConfig
 from serving.decode import LockstepDecoder, Row
 from serving.mixing import MIXING_MODES, soup_tensor
 from serving.rowsoup import LoraRowSoup, RowSoup
-from serving.soup import load_lora_factors
-from trainers.core.export import ADAPTER_DIR
+from trainers.core.export import ADAPTER_DIR, load_lora_factors
 from trainers.core.models import Placement, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,11 @@ the table of mixing modes (:data:`MIXING_MODES`). Weight vectors are checked by
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
+
+from trainers.core.export import LoraFactors
 
 
 # the mixing modes a request or a config names; validation, /v1/objectives, help and the engine read it
@@ -90,7 +92,6 @@ def soup_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float], out: 
     return out.copy_(acc)
 
 
-LoraFactors = Mapping[str, Tuple[torch.Tensor, torch.Tensor, float]]
 
 
 def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraFactors], weights: Sequence[float]) -> Dict[str, torch.Tensor]:

@@ -7,41 +7,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Mapping, Sequence
 
-import torch
-
-from serving.mixing import LoraFactors, merge_lora, soup_state_dicts
+from serving.mixing import merge_lora, soup_state_dicts
 from serving.policies import check_compatible
-from trainers.core.export import ADAPTER_DIR, load_matching_state, load_state, save_hf
+from trainers.core.export import ADAPTER_DIR, load_lora_factors, load_matching_state, load_state, save_hf
 from trainers.core.metadata import read_metadata
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.core.weights import check_weights
 
 log = logging.getLogger(__name__)
-
-def load_lora_factors(adapter_dir: str) -> LoraFactors:
-    """A peft adapter directory -> ``{base weight name: (A, B, scaling)}``."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    r, alpha = cfg["r"], cfg["lora_alpha"]
-    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    factors: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for key, A in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-        B = tensors[key.replace(".lora_A.", ".lora_B.")]
-        factors[module + ".weight"] = (A, B, scaling)
-    if not factors:
-        raise ValueError(f"{adapter_dir} holds no LoRA factors")
-    return factors
 
 
 def soup_policies(policies: Mapping[str, str], weights: Sequence[float] | Mapping[str, float], out: str,
