@@ -27,6 +27,7 @@ BF16_BOUND = 0.35  # bf16 weights and activations against float64
 def _nudged(base: str, out: Path, seed: int, noise: float = 0.02) -> str:
     """A policy directory without training: ``base`` plus seeded noise, with its metadata."""
     from trainers.core.export import save_hf
+    from trainers.core.metadata import PolicyMetadata
     from trainers.core.models import load_causal_lm, load_tokenizer
 
     if (out / "moray.json").exists():
@@ -36,13 +37,13 @@ def _nudged(base: str, out: Path, seed: int, noise: float = 0.02) -> str:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(noise * p.abs().mean() * torch.randn_like(p))
-    return save_hf(model, load_tokenizer(base), str(out), {"kind": "policy", "reference_model": base, "beta": 0.1,
-                                                           "objective": out.name})
+    return save_hf(model, load_tokenizer(base), str(out), PolicyMetadata("policy", out.name, base, 0.1))
 
 
 def _lora(base: str, out: Path, seed: int) -> str:
     """A LoRA policy of ``base`` (seeded adapters), exported as training exports one."""
     from trainers.config import ModelConfig
+    from trainers.core.metadata import PolicyMetadata
     from trainers.task import build_policy, export_policy
 
     if (out / "moray.json").exists():
@@ -54,8 +55,7 @@ def _lora(base: str, out: Path, seed: int) -> str:
         for n, p in policy.named_parameters():
             if "lora_" in n:
                 p.normal_(std=0.02)
-    return export_policy(policy, cfg, str(out), {"kind": "policy", "objective": out.name, "reference_model": base,
-                                                 "beta": 0.1})
+    return export_policy(policy, cfg, str(out), PolicyMetadata("policy", out.name, base, 0.1))
 
 
 def _policies(out: Path, base: str, lora: bool = False) -> Dict[str, str]:

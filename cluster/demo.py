@@ -36,7 +36,7 @@ from serving.config import ServeConfig
 from serving.deploy import run_serve_file, serve_file
 from serving.mpo import compute_mpo_weights
 from trainers.core.config import load_config
-from trainers.core.export import read_metadata
+from trainers.core.metadata import read_metadata
 from trainers.core.models import load_tokenizer
 from trainers.core.runtime import free_port, init_ray
 from trainers.job import Job

@@ -14,14 +14,8 @@ import json
 import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
-from serving.metrics import serving_specs
 from trainers.core.metrics import MetricSpec
-from trainers.metrics import TRAIN_FAMILIES, TRAIN_PAIRS, TRAIN_SCALARS, read_final, training_specs
-
-
-def all_specs() -> List[MetricSpec]:
-    """Every Moray metric: training's (:mod:`trainers.metrics`) and serving's (:mod:`serving.metrics`)."""
-    return training_specs() + serving_specs()
+from trainers.metrics import TRAIN_FAMILIES, TRAIN_PAIRS, TRAIN_SCALARS, read_final
 
 
 # -- reading them back ------------------------------------------------------------------------

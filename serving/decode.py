@@ -41,15 +41,10 @@ class Row:
     sampling: Sampling = field(default_factory=Sampling)
 
 
-def next_token_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """``(V,)`` float64 distribution of the next token for ``logits (V,)`` at ``s.temperature > 0``:
-    temperature, then top-k, then top-p on what top-k kept (the order of HF ``generate``'s warpers)."""
-    return row_probs(logits[None], [s])[0]
-
-
 def row_probs(logits: torch.Tensor, samplings: Sequence[Sampling]) -> torch.Tensor:
-    """:func:`next_token_probs` for every row of ``logits (B, V)`` at once, each row with its own
-    temperature, top-k and top-p, on the logits' device (no host round trip). float64 ``(B, V)``;
+    """The next token's distribution for every row of ``logits (B, V)`` at once, each row with its
+    own temperature, then top-k, then top-p on what top-k kept (the order of HF ``generate``'s
+    warpers), on the logits' device (no host round trip). float64 ``(B, V)``;
     rows at temperature 0 are computed at temperature 1 (their token is the argmax anyway)."""
     B, V = logits.shape
     dev = logits.device
@@ -81,11 +76,6 @@ def sample_rows(logits: torch.Tensor, samplings: Sequence[Sampling], generators:
     cdf = torch.cumsum(row_probs(logits, samplings), dim=-1)
     drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_(max=logits.shape[1] - 1)
     return torch.where(greedy, argmax, drawn)
-
-
-def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
-    """One token from ``logits (V,)`` (see :func:`sample_rows`)."""
-    return int(sample_rows(logits[None], [s], [generator])[0])
 
 
 def cache_device(cache, fallback: torch.Tensor) -> torch.device:

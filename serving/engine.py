@@ -27,8 +27,7 @@ from serving.config import ServeConfig
 from serving.decode import LockstepDecoder, Row
 from serving.mixing import MIXING_MODES, soup_tensor
 from serving.rowsoup import LoraRowSoup, RowSoup
-from serving.soup import load_lora_factors
-from trainers.core.export import ADAPTER_DIR
+from trainers.core.export import ADAPTER_DIR, load_lora_factors
 from trainers.core.models import Placement, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,8 +72,8 @@ class TextStream:
 
 
 @dataclass
-class Job:
-    """One request inside the engine."""
+class Request:
+    """One HTTP request inside the engine: its parsed body, where its output goes, its batch key."""
 
     parsed: Parsed
     emit: Callable[[Dict[str, Any]], None]  # thread-safe; called from the engine thread
@@ -211,25 +210,25 @@ class MixEngine:
         self.soups = SoupCache(self.models, int(cfg.soup_cache_mb * 2**20))
         self.row_soup = per_row_soup(self.models, [cfg.policies[n] for n in self.names])
         # each mixing mode: its batch key (requests with equal keys decode together) and its decoder
-        self.modes: Dict[str, Tuple[Callable[[Parsed], Tuple], Callable[[List[Job]], Tuple]]] = {
+        self.modes: Dict[str, Tuple[Callable[[Parsed], Tuple], Callable[[List[Request]], Tuple]]] = {
             "logits": (lambda p: ("logits",), self._logits),
             "soup": (lambda p: ("soup",), self._soup),  # any vectors: one batch (per-row soup)
         }
         assert set(self.modes) == set(MIXING_MODES), "every mixing mode needs a decoder here"
-        self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self.pending: Deque[Job] = collections.deque()
+        self.queue: "queue.Queue[Optional[Request]]" = queue.Queue()
+        self.pending: Deque[Request] = collections.deque()
         self.running = True
         self.stats = collections.Counter()
         self.thread = threading.Thread(target=self._loop, name="moray-engine", daemon=True)
         self.thread.start()
 
     # -- submission ------------------------------------------------------------------------
-    def submit(self, parsed: Parsed, emit: Callable[[Dict[str, Any]], None]) -> Job:
+    def submit(self, parsed: Parsed, emit: Callable[[Dict[str, Any]], None]) -> Request:
         if not self.running:
             raise RuntimeError("the engine is shutting down")
-        job = Job(parsed, emit, self.modes[parsed.mixing][0](parsed))
-        self.queue.put(job)
-        return job
+        req = Request(parsed, emit, self.modes[parsed.mixing][0](parsed))
+        self.queue.put(req)
+        return req
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the requests already queued, then stop the thread."""
@@ -239,24 +238,24 @@ class MixEngine:
         self.soups.pool.shutdown(wait=True, cancel_futures=True)  # no merge thread outlives the engine
 
     # -- the engine thread -------------------------------------------------------------------
-    def _next_batch(self) -> Optional[List[Job]]:
+    def _next_batch(self) -> Optional[List[Request]]:
         while not self.pending:
-            job = self.queue.get()
-            if job is None:
+            req = self.queue.get()
+            if req is None:
                 return None
-            self.pending.append(job)
+            self.pending.append(req)
         deadline = time.perf_counter() + self.cfg.batch_wait_ms / 1000
         key = self.pending[0].key
         while sum(j.key == key for j in self.pending) < self.cfg.max_batch_size:
             left = deadline - time.perf_counter()
             try:
-                job = self.queue.get(timeout=max(left, 0)) if left > 0 else self.queue.get_nowait()
+                req = self.queue.get(timeout=max(left, 0)) if left > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
-            if job is None:
+            if req is None:
                 self.queue.put(None)  # see it again once the pending work is done
                 break
-            self.pending.append(job)
+            self.pending.append(req)
         batch = [j for j in self.pending if j.key == key][: self.cfg.max_batch_size]
         for j in batch:
             self.pending.remove(j)
@@ -276,12 +275,12 @@ class MixEngine:
                 for j in batch:
                     j.emit({"type": "error", "message": f"generation failed: {e}"})
 
-    def _logits(self, batch: List[Job]):
+    def _logits(self, batch: List[Request]):
         """The K policies in lock-step, each row with its own weights; any logits request may join."""
         decoder = LockstepDecoder(self.models, self.tokenizer.pad_token_id, self.eos_ids, self.device)
         return decoder, lambda j: Row(j.parsed.prompt_ids, j.parsed.weights, j.parsed.sampling), None
 
-    def _soup(self, batch: List[Job]):
+    def _soup(self, batch: List[Request]):
         """One weight vector in the whole batch: its merged model when the cache has it (a unit
         vector: the policy itself). Otherwise -- several vectors, or a vector being merged -- the
         per-row soup. Any soup request may join: a vector other than the merged model's switches
@@ -299,7 +298,7 @@ class MixEngine:
         decoder = LockstepDecoder([model if model is not None else self.row_soup.model], self.tokenizer.pad_token_id,
                                   self.eos_ids, self.device, on_rows=None if model is not None else per_row)
 
-        def row_of(j: Job) -> Row:
+        def row_of(j: Request) -> Row:
             chosen.append(round_weights(j.parsed.weights, self.cfg.soup_decimals))
             if decoder.on_rows is None and chosen[-1] != chosen[0]:
                 decoder.models[0], decoder.on_rows = self.row_soup.model, per_row
@@ -307,63 +306,63 @@ class MixEngine:
 
         return decoder, row_of, cache_hit
 
-    def _joiners(self, key: Tuple, row_of: Callable[[Job], Optional[Row]], room: int) -> List[Tuple[Job, Row]]:
+    def _joiners(self, key: Tuple, row_of: Callable[[Request], Optional[Row]], room: int) -> List[Tuple[Request, Row]]:
         """Waiting requests that can join the running batch now (same mode, accepted by it)."""
         while True:
             try:
-                job = self.queue.get_nowait()
+                req = self.queue.get_nowait()
             except queue.Empty:
                 break
-            if job is None:
+            if req is None:
                 self.queue.put(None)  # shutting down: seen again once the running work is done
                 break
-            self.pending.append(job)
+            self.pending.append(req)
         taken = []
-        for job in list(self.pending):
+        for req in list(self.pending):
             if len(taken) >= room:
                 break
-            if job.key == key:
-                row = row_of(job)
+            if req.key == key:
+                row = row_of(req)
                 if row is not None:
-                    self.pending.remove(job)
-                    taken.append((job, row))
+                    self.pending.remove(req)
+                    taken.append((req, row))
         return taken
 
-    def _run(self, batch: List[Job]) -> None:
+    def _run(self, batch: List[Request]) -> None:
         """Decode ``batch``; requests of the same mode join it as rows finish or room allows
         (continuous batching), and each request is answered as soon as its own row is done."""
         mode = batch[0].parsed.mixing
         decoder, row_of, cache_hit = self.modes[mode][1](batch)
-        jobs = list(batch)
-        rows = [row_of(j) for j in jobs]
-        streams = [TextStream(self.tokenizer, j.parsed.stop) for j in jobs]
-        started = [time.perf_counter()] * len(jobs)
-        tokens = [0] * len(jobs)
+        reqs = list(batch)
+        rows = [row_of(j) for j in reqs]
+        streams = [TextStream(self.tokenizer, j.parsed.stop) for j in reqs]
+        started = [time.perf_counter()] * len(reqs)
+        tokens = [0] * len(reqs)
         finished = set()
 
         def on_token(i: int, token: int) -> bool:
             tokens[i] += 1
             delta = streams[i].push(token)
             if delta:
-                jobs[i].emit({"type": "delta", "text": delta})
-            return streams[i].stopped or jobs[i].cancelled
+                reqs[i].emit({"type": "delta", "text": delta})
+            return streams[i].stopped or reqs[i].cancelled
 
         def on_finish(i: int) -> None:
             finished.add(i)
             tail = streams[i].flush()
             if tail:
-                jobs[i].emit({"type": "delta", "text": tail})
+                reqs[i].emit({"type": "delta", "text": tail})
             ids = streams[i].ids
-            ended = bool(ids) and ids[-1] in self.eos_ids and not jobs[i].parsed.sampling.ignore_eos
-            jobs[i].emit({"type": "done", "finish": "stop" if (streams[i].stopped or ended) else "length",
-                          "tokens": tokens[i], "batch": len(jobs), "seconds": time.perf_counter() - started[i],
+            ended = bool(ids) and ids[-1] in self.eos_ids and not reqs[i].parsed.sampling.ignore_eos
+            reqs[i].emit({"type": "done", "finish": "stop" if (streams[i].stopped or ended) else "length",
+                          "tokens": tokens[i], "batch": len(reqs), "seconds": time.perf_counter() - started[i],
                           "soup_cache_hit": cache_hit})
 
         def more(running: int) -> List[Row]:
-            joined = self._joiners(jobs[0].key, row_of, self.cfg.max_batch_size - running)
-            for job, _ in joined:
-                jobs.append(job)
-                streams.append(TextStream(self.tokenizer, job.parsed.stop))
+            joined = self._joiners(reqs[0].key, row_of, self.cfg.max_batch_size - running)
+            for req, _ in joined:
+                reqs.append(req)
+                streams.append(TextStream(self.tokenizer, req.parsed.stop))
                 started.append(time.perf_counter())
                 tokens.append(0)
             return [row for _, row in joined]
@@ -372,11 +371,11 @@ class MixEngine:
             decoder.generate(rows, on_token, more=more, on_finish=on_finish)
         except Exception as e:  # a failed batch answers every request still in it; the engine keeps going
             log.exception("generation failed")
-            for i, job in enumerate(jobs):
+            for i, req in enumerate(reqs):
                 if i not in finished:
-                    job.emit({"type": "error", "message": f"generation failed: {e}"})
+                    req.emit({"type": "error", "message": f"generation failed: {e}"})
             return
         self.stats[f"{mode}_batches"] += 1
-        self.stats[f"{mode}_requests"] += len(jobs)
+        self.stats[f"{mode}_requests"] += len(reqs)
         if self.on_batch is not None:
-            self.on_batch(mode, len(jobs), cache_hit)
+            self.on_batch(mode, len(reqs), cache_hit)

@@ -11,9 +11,11 @@ the table of mixing modes (:data:`MIXING_MODES`). Weight vectors are checked by
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
+
+from trainers.core.export import LoraFactors
 
 
 # the mixing modes a request or a config names; validation, /v1/objectives, help and the engine read it
@@ -24,8 +26,9 @@ MIXING_MODES: Dict[str, str] = {
 
 
 def check_mixing(mode: str, what: str = "mixing") -> str:
-    """``mode`` if it names a mixing mode, else a ValueError naming ``what`` and the modes."""
-    if mode not in MIXING_MODES:
+    """``mode`` if it names a mixing mode, else a ValueError naming ``what`` and the modes (the one
+    check of a mode, for configs, flags and request bodies alike)."""
+    if not isinstance(mode, str) or mode not in MIXING_MODES:
         raise ValueError(f"{what} must be {' or '.join(repr(m) for m in MIXING_MODES)}, got {mode!r}")
     return mode
 
@@ -89,7 +92,6 @@ def soup_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float], out: 
     return out.copy_(acc)
 
 
-LoraFactors = Mapping[str, Tuple[torch.Tensor, torch.Tensor, float]]
 
 
 def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraFactors], weights: Sequence[float]) -> Dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from trainers.core.config import parse_assignments
-from trainers.core.export import read_metadata
+from trainers.core.metadata import PolicyMetadata, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,12 @@ def _config_signature(path: str) -> Any:
                                     "num_attention_heads", "intermediate_size")}
 
 
-def check_names(policies: Dict[str, str], meta: Dict[str, Dict[str, Any]], allow_rename: bool = False) -> None:
+def check_names(policies: Dict[str, str], meta: Dict[str, PolicyMetadata], allow_rename: bool = False) -> None:
     """Each name must be the objective its policy was trained for (``moray.json``'s ``objective``):
     two swapped directories would otherwise mix the opposite trade-off. ``allow_rename`` accepts
     other names deliberately (with a warning)."""
-    renamed = [f"{name}={policies[name]} was trained for {m['objective']!r}" for name, m in meta.items()
-               if m.get("objective") and m["objective"] != name]
+    renamed = [f"{name}={policies[name]} was trained for {m.objective!r}" for name, m in meta.items()
+               if m.objective and m.objective != name]
     if not renamed:
         return
     message = "policy names differ from the objectives the policies were trained for: " + "; ".join(renamed)
@@ -59,7 +59,7 @@ def check_names(policies: Dict[str, str], meta: Dict[str, Dict[str, Any]], allow
 
 
 def check_compatible(policies: Dict[str, str], ref: Optional[str] = None, force: bool = False,
-                     same_reference: bool = True, allow_rename: bool = False) -> Dict[str, Dict[str, Any]]:
+                     same_reference: bool = True, allow_rename: bool = False) -> Dict[str, PolicyMetadata]:
     """Read every policy's metadata and refuse mixes that are not defined.
 
     Checks: each directory is a Moray policy named by its objective (unless ``allow_rename``); one
@@ -71,8 +71,8 @@ def check_compatible(policies: Dict[str, str], ref: Optional[str] = None, force:
     check_names(policies, meta, allow_rename)
     problems = []
     for name, m in meta.items():
-        if m.get("kind") not in ("policy", "soup"):
-            problems.append(f"{name}: {policies[name]} is a {m.get('kind')!r}, not a policy")
+        if not m.mixable:
+            problems.append(f"{name}: {policies[name]} is a {m.kind!r}, not a policy")
     paths = dict(policies, **({"reference": ref} if ref else {}))
     names = list(paths)
     vocab = {n: _vocab_signature(p) for n, p in paths.items()}
@@ -83,12 +83,12 @@ def check_compatible(policies: Dict[str, str], ref: Optional[str] = None, force:
         if n in config and names[0] in config and config[n] != config[names[0]]:
             problems.append(f"{n} and {names[0]} have different architectures: {config[n]} vs {config[names[0]]}")
     if same_reference:
-        refs = {n: m.get("reference_model", "") for n, m in meta.items()}
+        refs = {n: m.reference_model or "" for n, m in meta.items()}
         first = names[0]
         for n, r in refs.items():
             if not _same_model(r, refs[first]):
                 problems.append(f"{n} was trained from {r!r} but {first} from {refs[first]!r}")
-        betas = {n: m.get("beta") for n, m in meta.items()}
+        betas = {n: m.beta for n, m in meta.items()}
         if len(set(betas.values())) > 1:
             problems.append(f"policies were trained with different beta: {betas}")
         if ref and not _same_model(ref, refs[first]):

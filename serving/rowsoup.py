@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import List, Mapping, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
-Factors = Mapping[str, Tuple[torch.Tensor, torch.Tensor, float]]  # weight name -> (A (r, in), B (out, r), s)
+from trainers.core.export import LoraFactors
 
 
 class _MixedLeaf(torch.nn.Module):
@@ -138,7 +138,7 @@ class _LoraMixedLinear(torch.nn.Module):
 
 class LoraRowSoup(_PerRowSoup):
     """K LoRA policies of one base as one model whose rows each decode their own soup: policy 0's
-    modules plus the K adapters' factors (``factors[k]``: as :func:`serving.soup.load_lora_factors`
+    modules plus the K adapters' factors (``factors[k]``: as :func:`trainers.core.export.load_lora_factors`
     reads them). Same interface as :class:`RowSoup`.
 
     Raises ValueError when the policies are not one base plus these adapters: adapted layers that
@@ -147,7 +147,7 @@ class LoraRowSoup(_PerRowSoup):
 
     kind = "lora"  # policy 0's forward plus the K adapters
 
-    def __init__(self, models: Sequence[torch.nn.Module], factors: Sequence[Factors]):
+    def __init__(self, models: Sequence[torch.nn.Module], factors: Sequence[LoraFactors]):
         if len(factors) != len(models):
             raise ValueError(f"{len(factors)} adapters for {len(models)} policies")
         self.models = list(models)
@@ -165,7 +165,7 @@ class LoraRowSoup(_PerRowSoup):
                 raise ValueError(f"{name} differs between the policies, and no adapter explains it")
         self.model = _with_leaves(self.models[0], lambda name, m: self._leaf(name, m, targets, factors))
 
-    def _leaf(self, name: str, m: torch.nn.Module, targets, factors: Sequence[Factors]) -> torch.nn.Module:
+    def _leaf(self, name: str, m: torch.nn.Module, targets, factors: Sequence[LoraFactors]) -> torch.nn.Module:
         if name + ".weight" not in targets:
             return m  # the same in every policy: policy 0's own module
         if type(m) is not torch.nn.Linear:

@@ -15,11 +15,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from serving.decode import Sampling, row_probs, sample_rows
+from serving.metrics import serving_specs
 from trainers.batches import pad_pairs, pair_logps
 from trainers.config import ModelConfig
 from trainers.core.export import save_hf
+from trainers.core.metadata import PolicyMetadata
 from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.core.metrics import MetricSpec
 from trainers.data import tokenize_responses
+from trainers.metrics import training_specs
 from trainers.task import build_policy, export_policy
 
 
@@ -100,7 +105,7 @@ def make_policy(src: str, out, seed: int, noise: float = 0.05, metadata: Optiona
         for p in model.parameters():
             p.add_(noise * torch.randn_like(p))
     meta = dict({"kind": "policy", "reference_model": src, "beta": 0.1}, **(metadata or {}), **meta)
-    return save_hf(model, load_tokenizer(src), str(out), meta)
+    return save_hf(model, load_tokenizer(src), str(out), PolicyMetadata.from_json(meta))
 
 
 def make_lora_policy(src: str, out, seed: int, objective: str, r: int = 4, std: float = 0.3) -> str:
@@ -113,8 +118,7 @@ def make_lora_policy(src: str, out, seed: int, objective: str, r: int = 4, std: 
         for n, p in policy.named_parameters():
             if "lora_" in n:
                 p.normal_(std=std)
-    return export_policy(policy, cfg, str(out), {"kind": "policy", "objective": objective,
-                                                  "reference_model": src, "beta": 0.1})
+    return export_policy(policy, cfg, str(out), PolicyMetadata("policy", objective, src, 0.1))
 
 
 def preference_batch(tok, rows, ref_model, names=("chosen", "rejected"), columns=None, max_length=64):
@@ -295,3 +299,19 @@ def lora_zero3_worker(rank, world, port, model_dir, out, on_gpu: bool = False):
     state = {n: (getattr(p, "ds_persist", False), p.data.numel(), p.ds_numel) for n, p in engine.module.named_parameters()}
     if rank == 0:
         torch.save({"state": state, "logits": logits}, out)
+
+
+def next_token_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """``(V,)`` float64 distribution of the next token for ``logits (V,)`` at ``s.temperature > 0``:
+    one row of :func:`serving.decode.row_probs`."""
+    return row_probs(logits[None], [s])[0]
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
+    """One token from ``logits (V,)``: one row of :func:`serving.decode.sample_rows`."""
+    return int(sample_rows(logits[None], [s], [generator])[0])
+
+
+def all_specs() -> list[MetricSpec]:
+    """Every Moray metric: training's (:mod:`trainers.metrics`) and serving's (:mod:`serving.metrics`)."""
+    return training_specs() + serving_specs()

@@ -37,14 +37,22 @@ def _sequences(rows: Dict[str, Sequence[Any]], index: Sequence[int] | None):
     return seqs, starts, tuple(names), index
 
 
+RIDER_PREFIXES = ("sign_", "winrate_")  # per-row labels that ride along from the data to the batch
+
+
+def rides_along(column: str) -> bool:
+    """Whether a float column rides along with the token ids: ``sign_<objective>``: ``(B,)``,
+    ``winrate_<objective>``: ``(B, n)`` (from the data), ``ref_<name>_logps`` (from the reference pass)."""
+    return column.startswith(RIDER_PREFIXES) or (column.startswith("ref_") and column.endswith("_logps"))
+
+
 def _riders(rows: Dict[str, Sequence[Any]], index: Sequence[int]) -> Dict[str, torch.Tensor]:
-    """What rides along with the token ids: ``idx``, and the float columns (``ref_<name>_logps``,
-    ``sign_<objective>``: ``(B,)``; ``winrate_<objective>``: ``(B, n)``) in float64."""
+    """What rides along with the token ids: ``idx``, and the columns of :func:`rides_along` in float64."""
     out = {}
     if "idx" in rows:
         out["idx"] = torch.as_tensor(np.asarray([rows["idx"][i] for i in index], dtype=np.int64))
     for k in rows:
-        if (k.startswith("ref_") and k.endswith("_logps")) or k.startswith(("sign_", "winrate_")):
+        if rides_along(k):
             out[k] = torch.as_tensor(np.asarray([np.asarray(rows[k][i], dtype=np.float64) for i in index]))
     return out
 

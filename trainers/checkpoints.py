@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from trainers.core.metadata import PolicyMetadata
 from trainers.core.storage import filesystem, is_uri
 from trainers.deepspeed_setup import gathered_tensors
 from trainers.hf_export import export_dtype
@@ -86,7 +87,7 @@ class ExportTarget:
         return self.out if is_uri(self.out) or node == self.driver_node else self.staging
 
 
-def export_final(task, engine, rank: int, metadata: Dict[str, Any], metrics: Dict[str, Any],
+def export_final(task, engine, rank: int, metadata: PolicyMetadata, metrics: Dict[str, Any],
                  target: ExportTarget) -> None:
     """Export the trained weights through the task on rank 0, gathered one tensor at a time and
     written straight to ``target``'s location (no local copy first), and report it:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainers.batches import response_names
+from trainers.batches import RIDER_PREFIXES, response_names
 from trainers.config import DataConfig
 from trainers.core import storage
 from trainers.core.models import load_tokenizer
@@ -360,8 +360,7 @@ class Tokenize:
                 cols[k].append(t[k])
         n = len(batch["idx"])
         return {
-            # multi-objective labels and win-rates ride along
-            **{k: v for k, v in batch.items() if k.startswith(("sign_", "winrate_"))},
+            **{k: v for k, v in batch.items() if k.startswith(RIDER_PREFIXES)},  # labels and win-rates ride along
             "idx": batch["idx"],
             **{f"{k}_ids": ragged(cols[f"{k}_ids"]) for k in names},
             **{f"{k}_start": np.asarray(cols[f"{k}_start"], dtype=np.int64).reshape(n) for k in names},

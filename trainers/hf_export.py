@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
 from trainers.core import storage
-from trainers.core.export import ADAPTER_DIR, ShardWriter, module_tensors, write_metadata
+from trainers.core.export import ADAPTER_DIR, ShardWriter, module_tensors
+from trainers.core.metadata import PolicyMetadata, write_metadata
 
 Tensor = torch.Tensor
 # a LoRA layer's parts as peft names them: <layer>.base_layer.weight, <layer>.lora_A.default.weight, ...
@@ -34,7 +35,7 @@ def export_dtype(name: str, trained_in_bf16: bool) -> torch.dtype:
 
 
 def export_model(tensors: Iterable[Tuple[str, Optional[Tensor]]], module: torch.nn.Module, tokenizer, out_dir: str,
-                 metadata: Dict[str, Any], dtype: torch.dtype = torch.float32,
+                 metadata: PolicyMetadata, dtype: torch.dtype = torch.float32,
                  max_shard_bytes: int = 5 * 10**9) -> List[str]:
     """Write ``module``'s trained weights (``tensors``: ``(name, tensor)`` in
     :func:`~trainers.core.export.module_tensors` order; under ZeRO-3 ``module`` holds partitions

@@ -20,10 +20,11 @@ import pyarrow as pa
 
 from trainers.checkpoints import ExportTarget
 from trainers.core import storage
+from trainers.core.metadata import PolicyMetadata
 from trainers.core.models import load_tokenizer
 from trainers.core.runtime import init_ray, interactive
 from trainers.data import CHUNK_ROWS, PreferenceDataError, StagedRows, Tokenize
-from trainers.loop import train_loop
+from trainers.loop import LoopConfig, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def staging_dir(job) -> str:
     return storage.join(run_locations(job)[1], f"staged-{job.objective}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
-def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata: Dict[str, Any], name: str,
+def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata: PolicyMetadata, name: str,
                   address: Optional[str] = None, failure_marker: str = "", tokenize: Optional[type] = None,
                   unit: str = "pairs") -> Dict[str, Any]:
     """Start Ray, shard the rows, train ``make_task(job)`` on Ray Train (the workers tokenize with
@@ -112,17 +113,15 @@ def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata:
     prepared = shard_rows(job, table, report)
     shard_s = time.perf_counter() - tic - ray_start
     t = job.train
-    metadata = {**metadata, "data": job.data.path, "pairs": prepared.rows, "epochs": t.epochs,
-                "zero_stage": t.zero_stage, "workers": t.workers, "seed": t.seed}
+    metadata = metadata.with_entries(data=job.data.path, pairs=prepared.rows, epochs=t.epochs,
+                                     zero_stage=t.zero_stage, workers=t.workers, seed=t.seed)
     try:
         metrics = fit(make_task, job, prepared, metadata, name, locations, failure_marker, tokenize or Tokenize)
     finally:
         if isinstance(table, StagedRows):
             storage.remove_dir(storage.parent(table.path))
     metrics["timings"] = {"ray_start": ray_start, "shards": shard_s, "fit": metrics["seconds"]}
-    what = ("a reward model" if metadata.get("kind") == "reward_model"
-            else f"a {(metadata.get('method') or metadata.get('loss', '')).upper()} policy")
-    log.info("trained %s for %r on %d %s in %.0fs; exported to %s", what, job.objective, prepared.rows, unit,
+    log.info("trained %s for %r on %d %s in %.0fs; exported to %s", metadata.describe(), job.objective, prepared.rows, unit,
              metrics["seconds"], job.out)
     return metrics
 
@@ -170,7 +169,7 @@ def check_enough_rows(kept: int, workers: int) -> None:
         raise ValueError(f"{kept} valid pairs cannot feed {workers} workers")
 
 
-def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: Dict[str, Any], name: str,
+def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: PolicyMetadata, name: str,
         locations: Tuple[str, str], failure_marker: str = "", tokenize: type = Tokenize) -> Dict[str, Any]:
     """Run :func:`trainers.loop.train_loop` on a TorchTrainer with Ray Train's storage at
     ``locations[1]``; rank 0 writes the export to ``locations[0]`` (both from :func:`run_locations`),
@@ -184,12 +183,10 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
     run = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"make_task": make_task, "job": for_workers(job), "tokenize": tokenize,
-                           "rows_per_rank": prepared.rows_per_rank,
-                           "pad_id": prepared.pad_id, "metadata": metadata, "failure_marker": failure_marker,
-                           "run": run, "progress": interactive(),
-                           "export": ExportTarget(out, storage.join(storage_path, run, "export"),
-                                                  ray.get_runtime_context().get_node_id())},
+        train_loop_config={"loop": LoopConfig(
+            make_task=make_task, job=for_workers(job), tokenize=tokenize, rows_per_rank=prepared.rows_per_rank,
+            pad_id=prepared.pad_id, metadata=metadata, run=run, progress=interactive(), failure_marker=failure_marker,
+            export=ExportTarget(out, storage.join(storage_path, run, "export"), ray.get_runtime_context().get_node_id()))},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker},
                                                placement_strategy=t.placement_strategy),

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from trainers.batches import length_buckets, to_device
-from trainers.checkpoints import (export_final, load_engine_state, maybe_fail, quiet_report_logs, report,
+from trainers.checkpoints import (ExportTarget, export_final, load_engine_state, maybe_fail, quiet_report_logs, report,
                                   resume_state)
+from trainers.core.metadata import PolicyMetadata
 from trainers.core.runtime import quiet_ray_data
 from trainers.deepspeed_setup import build_engine, worker_device
 from trainers.metrics import TrainingMetrics
@@ -35,11 +36,26 @@ from trainers.reference import ReferenceTable
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the driver hands every worker's :func:`train_loop` (through Ray Train's
+    ``train_loop_config``, as ``{"loop": LoopConfig(...)}``)."""
+
+    make_task: Callable[[Any], Any]  # the job's config -> its task
+    job: Any  # the job's config, as the workers see it
+    tokenize: type  # rows of text -> token ids, e.g. trainers.data.Tokenize
+    rows_per_rank: int  # the rows of each rank's shard (every rank the same)
+    pad_id: int
+    metadata: PolicyMetadata  # the export's moray.json
+    export: ExportTarget  # where rank 0 writes the export
+    run: str  # the run's name (its metrics are published under it)
+    progress: bool = True  # draw a progress bar: the driver is on a terminal
+    failure_marker: str = ""  # recovery tests: the file that says a planned failure already happened
+
+
 def train_loop(config: Dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: ``make_task`` (job config -> task), ``job`` (the job's
-    config), ``tokenize`` (a class: rows of text -> token ids, e.g. :class:`trainers.data.Tokenize`),
-    ``rows_per_rank``, ``pad_id``, ``metadata`` (for the export), ``run`` (the run's name),
-    ``failure_marker`` (recovery tests), ``progress`` (draw a progress bar: the driver is on a terminal)."""
+    """Ray Train entry point: ``config["loop"]`` is the :class:`LoopConfig`."""
+    loop: LoopConfig = config["loop"]
     import ray.train
     from ray.experimental.tqdm_ray import tqdm
 
@@ -49,7 +65,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     # DeepSpeed's ZeRO all-gathers call torch's deprecated name: nothing a user can act on, twice per worker
     warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
-    task = config["make_task"](config["job"])
+    task = loop.make_task(loop.job)
     t = task.cfg.train
     torch.set_num_threads(t.cpus_per_worker)
     ctx = ray.train.get_context()
@@ -57,14 +73,14 @@ def train_loop(config: Dict[str, Any]) -> None:
     device = worker_device(t.use_gpu)
     torch.manual_seed(t.seed)
 
-    sched = Schedule.of(config["rows_per_rank"], t.micro_batch_size, t.grad_accum, t.epochs)
+    sched = Schedule.of(loop.rows_per_rank, t.micro_batch_size, t.grad_accum, t.epochs)
     resumed, reference = resume_state(rank)
     micro = int(resumed.get("micro_batches_done", 0))
     task.load_state(resumed.get("task") or {})
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     m, d = task.cfg.model, task.cfg.data
-    tokenize = config["tokenize"](m.name_or_path, d.max_prompt_length, d.max_response_length, m.trust_remote_code)
-    batches_of = lambda epoch: epoch_batches(shard, epoch, t, config["pad_id"], tokenize, task.collate)  # noqa: E731
+    tokenize = loop.tokenize(m.name_or_path, d.max_prompt_length, d.max_response_length, m.trust_remote_code)
+    batches_of = lambda epoch: epoch_batches(shard, epoch, t, loop.pad_id, tokenize, task.collate)  # noqa: E731
     first_epoch = micro // sched.micro_per_epoch
     ahead = Ahead(batches_of(0 if task.needs_reference and reference is None else first_epoch))
     engine = build_engine(task.build, t, sched.total_steps, device.type == "cuda")  # Ray Data starts while the model loads
@@ -80,11 +96,11 @@ def train_loop(config: Dict[str, Any]) -> None:
     step = math.ceil(micro / t.grad_accum)
     if rank == 0 and micro:
         log.warning("resuming from the checkpoint at optimizer step %d of %d", step, sched.total_steps)
-    drawn = rank == 0 and config.get("progress", True)
+    drawn = rank == 0 and loop.progress
     bar = tqdm(total=sched.total_steps, desc=f"{task.name} {task.cfg.objective}") if drawn else None
     if bar is not None:
         bar.update(step)
-    published = TrainingMetrics(config.get("run", task.name), task.name, task.cfg.objective) if rank == 0 else None
+    published = TrainingMetrics(loop.run, task.name, task.cfg.objective) if rank == 0 else None
     sums = StepSums(device)
     history: List[Dict[str, Any]] = []
     metrics: Dict[str, Any] = {}
@@ -110,7 +126,7 @@ def train_loop(config: Dict[str, Any]) -> None:
 
             engine.step()
             step += 1
-            maybe_fail(t.fail_at_step, step, rank, world, config.get("failure_marker", ""))
+            maybe_fail(t.fail_at_step, step, rank, world, loop.failure_marker)
             now = time.perf_counter()
             metrics = sums.reduce(now - tic, world)
             metrics.update(step=step, epoch=epoch, lr=engine.get_lr()[0], **task.end_step())
@@ -139,7 +155,7 @@ def train_loop(config: Dict[str, Any]) -> None:
                    **timings)
     if published is not None:
         published.close(metrics)  # its gauges leave the endpoint; the last values stay in Ray's KV store
-    export_final(task, engine, rank, config["metadata"], metrics, config["export"])
+    export_final(task, engine, rank, loop.metadata, metrics, loop.export)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@ writes an HF checkpoint unless a task overrides it. Optional hooks have defaults
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Protocol, Sequence, Tuple
 
 import torch
 
 from trainers.batches import pack_pairs, packs_one_row, pad_pairs
+from trainers.config import DataConfig, ModelConfig, TrainConfig
 from trainers.core.export import module_tensors, parse_size
+from trainers.core.metadata import PolicyMetadata
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.deepspeed_setup import load_placement
 from trainers.hf_export import export_model
@@ -21,12 +23,22 @@ from trainers.hf_export import export_model
 Tensor = torch.Tensor
 
 
+class TaskConfig(Protocol):
+    """All the loop and the default hooks read of a task's ``cfg``: every job's config
+    (:class:`~trainers.config.JobConfig`) has them."""
+
+    objective: str  # the progress bar's and the metrics' objective
+    train: TrainConfig  # schedule, seed, devices, checkpoints, packing
+    model: ModelConfig  # tokenizer, attention kernel, export dtype and shards
+    data: DataConfig  # prompt and response lengths the workers tokenize to
+
+
 class Task:
     """What the loop trains. ``name`` is the method (progress bar, the metrics' ``method`` tag);
-    ``cfg`` the job's config (``cfg.train``: a :class:`~trainers.config.TrainConfig`)."""
+    ``cfg`` the job's config, of which the loop reads only :class:`TaskConfig`."""
 
     name: str = "task"
-    cfg: Any
+    cfg: TaskConfig
     needs_reference = False  # True: rows get ref_<response>_logps from the loop's reference pass (trainers.reference)
 
     def build(self) -> torch.nn.Module:
@@ -41,7 +53,7 @@ class Task:
         raise NotImplementedError
 
     def export(self, tensors: Iterable[Tuple[str, Optional[Tensor]]], module: torch.nn.Module, out_dir: str,
-               metadata: Dict[str, Any], dtype: torch.dtype) -> None:
+               metadata: PolicyMetadata, dtype: torch.dtype) -> None:
         """On rank 0: write the trained model to ``out_dir`` in ``dtype``. ``tensors`` are its
         weights one at a time, as ZeRO gathers them (consume them all, in order: the other ranks
         gather alongside); ``module`` is the engine's (names, shapes and config; partitioned
@@ -100,7 +112,7 @@ def build_policy(model_cfg, dtype: torch.dtype = torch.float32, device_map: Opti
 
 
 
-def export_policy(module: torch.nn.Module, model_cfg, out_dir: str, metadata: Dict[str, Any],
+def export_policy(module: torch.nn.Module, model_cfg, out_dir: str, metadata: PolicyMetadata,
                   dtype: torch.dtype = torch.float32) -> str:
     """Write a policy held whole in memory (LoRA merged, its adapter in ``adapter/``) as an HF
     checkpoint in ``out_dir``; training exports stream from the engine instead (:meth:`PolicyTask.export`)."""
@@ -109,11 +121,11 @@ def export_policy(module: torch.nn.Module, model_cfg, out_dir: str, metadata: Di
     return out_dir
 
 
-def policy_metadata(job, **entries: Any) -> Dict[str, Any]:
-    """The ``moray.json`` entries every policy carries (its objective, reference model, β, whether
-    LoRA was merged), and ``entries`` of its job (method, loss, ...)."""
-    return {"kind": "policy", "objective": job.objective, "reference_model": job.model.name_or_path,
-            "beta": job.train.beta, "lora_merged": job.model.lora, **entries}
+def policy_metadata(job, **entries: Any) -> PolicyMetadata:
+    """The ``moray.json`` every policy carries (its objective, reference model, β, whether LoRA was
+    merged), and ``entries`` of its job (method, loss, ...)."""
+    return PolicyMetadata("policy", job.objective, job.model.name_or_path, job.train.beta,
+                          {"lora_merged": job.model.lora, **entries})
 
 
 class PolicyTask(Task):

@@ -7,7 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from cluster.metrics import all_specs, grafana_dashboard
+from cluster.metrics import grafana_dashboard
+from tests.helpers import all_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 # the series Ray exports for a metric of each kind (with its ``ray_`` prefix)

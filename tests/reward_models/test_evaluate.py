@@ -91,7 +91,7 @@ def minilm_reward_model(tmp_path_factory):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from reward_models.learned import resolve_backbone
-    from trainers.core.export import METADATA_FILE
+    from trainers.core.metadata import METADATA_FILE
 
     out = tmp_path_factory.mktemp("rm")
     torch.manual_seed(0)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from serving.api import Limits, RequestError, parse_request
-from serving.decode import LockstepDecoder, Row, Sampling, next_token_probs, sample_next
+from serving.decode import LockstepDecoder, Row, Sampling
 from serving.engine import TextStream, round_weights
 from serving.mixing import mix_logits
+from tests.helpers import next_token_probs, sample_next
 from trainers.core.models import load_causal_lm, load_tokenizer
 
 PROMPTS = ["Write about the coffee.", "Hi", "Tell me a long story about a park and a song."]
@@ -161,6 +162,8 @@ def test_parse_request_defaults_and_extras(loaded):
     ({"prompt": "Hi", "seed": 1.5}, False, "seed"),
     ({"prompt": "Hi", "ignore_eos": "yes"}, False, "ignore_eos"),
     ({"prompt": "Hi", "stream": 1}, False, "stream"),
+    ({"prompt": "Hi", "mixing": "blend"}, False, "mixing"),
+    ({"prompt": "Hi", "mixing": ["soup"]}, False, "mixing"),
     ({"prompt": ["a", "b"]}, False, "prompt"),
     ({}, False, "prompt"),
     ({"messages": [{"role": "robot", "content": "x"}]}, True, "messages"),
@@ -171,6 +174,8 @@ def test_parse_request_refuses_each_bad_field(loaded, body, chat, param):
     with pytest.raises(RequestError) as e:
         parse_request(body, chat, tok, LIMITS)
     assert e.value.param == param and str(e.value)
+    if param == "mixing":  # the one check of a mode, its message naming the modes
+        assert str(e.value) == f"mixing must be 'logits' or 'soup', got {body['mixing']!r}"
 
 
 def test_rows_that_finish_leave_the_batch_without_changing_the_others(loaded):

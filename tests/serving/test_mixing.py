@@ -11,7 +11,7 @@ from serving.mixing import merge_lora, mix_logits, soup_state_dicts
 from serving.policies import check_compatible, parse_policies
 from serving.soup import soup_policies
 from tests.helpers import make_lora_policy, make_policy
-from trainers.core.export import read_metadata
+from trainers.core.metadata import read_metadata
 from trainers.core.models import load_causal_lm
 
 NAMES = ("sentiment", "conciseness")
@@ -118,7 +118,7 @@ def test_soup_checkpoint_unit_weights_give_the_policy_logits(tiny_model, tmp_pat
     sa, sb, sh = (load_causal_lm(p).state_dict() for p in (a, b, half))
     key = "model.layers.0.mlp.up_proj.weight"
     assert torch.allclose(sh[key], 0.5 * sa[key] + 0.5 * sb[key], atol=1e-6)
-    assert read_metadata(half)["weights"] == {"a": 0.5, "b": 0.5}
+    assert read_metadata(half).entries["weights"] == {"a": 0.5, "b": 0.5}
 
 
 def test_lora_soup_of_exported_adapters(tiny_model, tmp_path):

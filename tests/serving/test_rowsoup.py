@@ -7,7 +7,8 @@ import torch
 
 from serving.mixing import soup_state_dicts
 from serving.rowsoup import LoraRowSoup, RowSoup
-from serving.soup import load_lora_factors, soup_policies
+from serving.soup import soup_policies
+from trainers.core.export import load_lora_factors
 from tests.helpers import make_lora_policy, make_policy
 from trainers.core.models import load_causal_lm
 

@@ -6,6 +6,7 @@ import tempfile
 import torch
 
 from trainers.core.export import INDEX_FILE, module_tensors
+from trainers.core.metadata import PolicyMetadata
 
 
 
@@ -24,7 +25,7 @@ def test_an_export_to_a_storage_uri_is_written_once_straight_there(tiny_model, t
     monkeypatch.setattr(tempfile, "tempdir", str(staging))
     model = load_causal_lm(tiny_model)
     monkeypatch.chdir(tmp_path)
-    export_model(module_tensors(model), model, load_tokenizer(tiny_model), f"file://{tmp_path}/out", {"kind": "policy"},
+    export_model(module_tensors(model), model, load_tokenizer(tiny_model), f"file://{tmp_path}/out", PolicyMetadata("policy"),
                  max_shard_bytes=300_000)
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1 and (tmp_path / "out" / INDEX_FILE).exists()
     assert not list(staging.iterdir()) and not (tmp_path / "file:").exists()

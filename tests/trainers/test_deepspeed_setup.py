@@ -48,6 +48,7 @@ def _worker(rank, world, port, model_dir, stage, checkpointing, out):
     from trainers.config import ModelConfig
     from trainers.core.models import load_tokenizer
     from trainers.deepspeed_setup import build_engine, gathered_tensors, load_placement
+    from trainers.core.metadata import PolicyMetadata
     from trainers.hf_export import export_model
     from trainers.task import build_policy
 
@@ -74,8 +75,8 @@ def _worker(rank, world, port, model_dir, stage, checkpointing, out):
     for dtype in (torch.float32, torch.bfloat16):  # rank 0 writes; the other rank gathers alongside
         tensors = gathered_tensors(engine, rank)
         if rank == 0:
-            export_model(tensors, engine.module, load_tokenizer(model_dir), f"{out}.{str(dtype)[6:]}", {}, dtype,
-                         max_shard_bytes=200_000)
+            export_model(tensors, engine.module, load_tokenizer(model_dir), f"{out}.{str(dtype)[6:]}", PolicyMetadata(None),
+                         dtype, max_shard_bytes=200_000)
         for _ in tensors:
             assert rank != 0
     import deepspeed

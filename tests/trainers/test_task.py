@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from trainers.config import ModelConfig
-from trainers.core.export import read_metadata
+from trainers.core.metadata import PolicyMetadata, read_metadata
 from trainers.core.models import load_causal_lm
 from trainers.task import build_policy, export_policy
 
@@ -24,7 +24,7 @@ def test_lora_export_merges_adapters_and_reloads(tiny_model, tmp_path):
     ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
     with torch.no_grad():
         expected = policy(input_ids=ids).logits
-    out = export_policy(policy, cfg, str(tmp_path / "p"), {"objective": "sentiment", "beta": 0.1})
+    out = export_policy(policy, cfg, str(tmp_path / "p"), PolicyMetadata(None, "sentiment", beta=0.1))
     reloaded = load_causal_lm(out).eval()
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
     with torch.no_grad():
@@ -33,7 +33,7 @@ def test_lora_export_merges_adapters_and_reloads(tiny_model, tmp_path):
     base = load_causal_lm(tiny_model).eval()
     with torch.no_grad():
         assert (base(input_ids=ids).logits - got).abs().max() > 1e-3  # the adapter really moved it
-    assert read_metadata(out) == {"objective": "sentiment", "beta": 0.1}
+    assert read_metadata(out).to_json() == {"objective": "sentiment", "beta": 0.1}
     assert json.loads((tmp_path / "p" / "config.json").read_text())["model_type"] == "llama"
 
 

@@ -1,7 +1,6 @@
 """Hugging Face checkpoints on disk: safetensors weights, the tokenizer and ``moray.json``.
 
-``moray.json`` names a policy's objective, reference model, β, loss and data, so that mixers and
-the server can check that policies share a reference and a tokenizer. Weights are read from
+``moray.json`` (:mod:`trainers.core.metadata`) says what the checkpoint is. Weights are read from
 safetensors only (never a pickle). :class:`ShardWriter` writes a model tensor by tensor into
 safetensors shards planned ahead from the shapes, so a writer never holds more than one tensor.
 """
@@ -12,21 +11,22 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
 from trainers.core import storage
-
-METADATA_FILE = "moray.json"
+from trainers.core.metadata import PolicyMetadata, write_metadata
 ADAPTER_DIR = "adapter"  # a LoRA policy's adapter, beside its merged weights
+# a LoRA policy's factors by base weight name: (A (r, in), B (out, r), scaling s); the update is s B A
+LoraFactors = Mapping[str, Tuple[torch.Tensor, torch.Tensor, float]]
 INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def save_hf(model: torch.nn.Module, tokenizer, out_dir: str, metadata: Dict[str, Any]) -> str:
+def save_hf(model: torch.nn.Module, tokenizer, out_dir: str, metadata: PolicyMetadata) -> str:
     """safetensors weights, the tokenizer and ``moray.json`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -34,18 +34,6 @@ def save_hf(model: torch.nn.Module, tokenizer, out_dir: str, metadata: Dict[str,
     tokenizer.save_pretrained(out)
     write_metadata(str(out), metadata)
     return str(out)
-
-
-def write_metadata(policy_dir: str, metadata: Dict[str, Any]) -> None:
-    """``moray.json`` in a local directory or at a storage URI."""
-    storage.write_text(storage.join(policy_dir, METADATA_FILE), json.dumps(metadata, indent=2, sort_keys=True))
-
-
-def read_metadata(policy_dir: str) -> Dict[str, Any]:
-    path = storage.join(policy_dir, METADATA_FILE)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"{policy_dir} has no {METADATA_FILE}: not a Moray policy")
-    return json.loads(storage.read_text(path))
 
 
 def parse_size(size: str) -> int:
@@ -162,3 +150,27 @@ def load_matching_state(model: torch.nn.Module, state_dict: Dict[str, torch.Tens
     missing = [k for k in missing if k in params]
     if unexpected or missing:
         raise RuntimeError(f"state dict does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """peft's LoRA scaling ``s`` (the update is ``s B A``): ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def load_lora_factors(adapter_dir: str) -> LoraFactors:
+    """A peft adapter directory -> ``{base weight name: (A, B, scaling)}``."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    scaling = lora_scaling(cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora")))
+    factors: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for key, A in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        B = tensors[key.replace(".lora_A.", ".lora_B.")]
+        factors[module + ".weight"] = (A, B, scaling)
+    if not factors:
+        raise ValueError(f"{adapter_dir} holds no LoRA factors")
+    return factors

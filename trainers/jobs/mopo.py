@@ -36,7 +36,7 @@ from trainers.config import DataConfig, JobConfig
 from trainers.constrained import (check_feasible, check_multipliers, constraint_report, dual_step, mopo_ratios,
                                   prompt_values, solve_dual, win_rates)
 from trainers.core.config import opt, parse_numbers
-from trainers.core.export import METADATA_FILE, read_metadata, write_metadata
+from trainers.core.metadata import METADATA_FILE, read_metadata, write_metadata
 from trainers.data import LoadReport, PreferenceDataError, field_problem, read_source, settle_problems
 from trainers.job import Flag, Job, PromiseUnmet
 from trainers.launch import train_on_rows
@@ -268,8 +268,7 @@ class MOPOTask(PolicyTask):
         self._window = torch.tensor(state["window"], dtype=torch.float64)
 
 
-def run(job: MOPOJobConfig, address: Optional[str] = None, run_name: Optional[str] = None,
-        failure_marker: str = "") -> Dict[str, Any]:
+def run(job: MOPOJobConfig, address: Optional[str] = None, failure_marker: str = "") -> Dict[str, Any]:
     """Train one MOPO policy and export it to ``job.out``. Returns the final metrics, with each
     constraint's final estimate under ``constraints_report`` (also in ``moray.json``).
 
@@ -290,16 +289,15 @@ def run(job: MOPOJobConfig, address: Optional[str] = None, run_name: Optional[st
         job = dataclasses.replace(job, initial_lambda={k: float(v) for k, v in zip(names, lam0)})
     metadata = policy_metadata(job, method="mopo", loss="mopo", constraints=job.constraints, tau=job.tau,
                                dual_lr=job.dual_lr, dual_init=job.dual_init, candidates=int(q_bar.shape[1]))
-    metrics = train_on_rows(MOPOTask, job, table, report, metadata, run_name or f"mopo-{job.objective}", address,
+    metrics = train_on_rows(MOPOTask, job, table, report, metadata, f"mopo-{job.objective}", address,
                             failure_marker, unit="prompts")
     lam = torch.tensor([metrics[f"lambda/{k}"] for k in names], dtype=torch.float64)
     final_b = torch.tensor([metrics[f"threshold/{k}"] for k in names], dtype=torch.float64)  # ratcheted, maybe
     done = constraint_report(p_bar, q_bar, lam, final_b, job.tau, names, job.constraint_slack, mask)
-    meta = read_metadata(job.out)
-    meta.update(constraints_report=done, constraints_met=all(c["satisfied"] for c in done.values()),
-                constraint_slack=job.constraint_slack)
-    write_metadata(job.out, meta)
-    metrics.update(constraints_report=done, constraints_met=meta["constraints_met"])
+    met = all(c["satisfied"] for c in done.values())
+    write_metadata(job.out, read_metadata(job.out).with_entries(
+        constraints_report=done, constraints_met=met, constraint_slack=job.constraint_slack))
+    metrics.update(constraints_report=done, constraints_met=met)
     for k, c in done.items():
         log.info("MOPO constraint %s: final estimate %.4f against threshold %.4f (lambda %.3f): %s", k, c["estimate"],
                  c["threshold"], c["lambda"], "met" if c["satisfied"] else "NOT MET")

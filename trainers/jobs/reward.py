@@ -21,7 +21,7 @@ from trainers.config import JobConfig, ModelConfig
 from trainers.batches import pad_pairs
 from trainers.core.config import opt
 from trainers.core import storage
-from trainers.core.export import read_metadata, write_metadata
+from trainers.core.metadata import PolicyMetadata, read_metadata, write_metadata
 from trainers.core.models import load_tokenizer
 from trainers.data import load_pairs
 from trainers.job import Flag, Job
@@ -106,7 +106,7 @@ def run(job: RewardJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
     n_eval = int(round(job.eval_fraction * table.num_rows))
     held_out, train = table.take(np.sort(perm[:n_eval])), table.take(np.sort(perm[n_eval:]))
     report.kept = train.num_rows
-    metadata = {"kind": "reward_model", "objective": job.objective, "backbone": backbone, "held_out_pairs": n_eval}
+    metadata = PolicyMetadata("reward_model", job.objective, entries={"backbone": backbone, "held_out_pairs": n_eval})
     metrics = train_on_rows(RewardTask, job, train, report, metadata, f"reward-{job.objective}", address,
                             tokenize=TokenizeReward)
     if n_eval:
@@ -116,7 +116,7 @@ def run(job: RewardJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
         sc = scorer.score(prompts, held_out.column("chosen").to_pylist())
         sr = scorer.score(prompts, held_out.column("rejected").to_pylist())
         metrics["held_out_accuracy"] = float((sc > sr).mean())
-        write_metadata(job.out, {**read_metadata(job.out), "held_out_accuracy": metrics["held_out_accuracy"]})
+        write_metadata(job.out, read_metadata(job.out).with_entries(held_out_accuracy=metrics["held_out_accuracy"]))
     log.info("trained a reward model for %r on %d pairs; held-out pairwise accuracy %s; exported to %s",
              job.objective, metrics["pairs"], f"{metrics.get('held_out_accuracy', float('nan')):.3f}", job.out)
     return metrics

@@ -75,3 +75,16 @@ def test_sizes_parse_like_hugging_face():
     for bad in ("five GB", "0MB", ""):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_lora_scaling_is_peft_s_rule():
+    """The scaling the server and the soups apply to an adapter's B A is the one peft trained with."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainers.core.export import lora_scaling
+
+    for rslora in (False, True):
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                               LoraConfig(r=4, lora_alpha=6, target_modules=["0"], use_rslora=rslora))
+        assert model.base_model.model[0].scaling["default"] == lora_scaling(4, 6, rslora)
+    assert lora_scaling(4, 6) == 1.5 and lora_scaling(4, 6, rslora=True) == 3.0
