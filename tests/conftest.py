@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the endpoint within a second
+# token auth on from the start, as ray.init and `moray jobs` turn it on: importing ray fixes the mode for the
+# process, and a later change (a Jobs client) would leave this process without auth and its new nodes with it
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from cluster.base_models import build_tiny_model  # noqa: E402
 from reward_models.prompts import tiny_corpus  # noqa: E402
