@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from trainers.batches import length_buckets, to_device
-from trainers.checkpoints import (ExportTarget, export_final, load_engine_state, maybe_fail, quiet_report_logs, report,
+from trainers.checkpoints import (ExportTarget, export_final, load_engine_state, quiet_report_logs, report,
                                   resume_state)
 from trainers.core.metadata import PolicyMetadata
 from trainers.core.runtime import quiet_ray_data
@@ -50,7 +50,6 @@ class LoopConfig:
     export: ExportTarget  # where rank 0 writes the export
     run: str  # the run's name (its metrics are published under it)
     progress: bool = True  # draw a progress bar: the driver is on a terminal
-    failure_marker: str = ""  # recovery tests: the file that says a planned failure already happened
 
 
 def train_loop(config: Dict[str, Any]) -> None:
@@ -126,7 +125,6 @@ def train_loop(config: Dict[str, Any]) -> None:
 
             engine.step()
             step += 1
-            maybe_fail(t.fail_at_step, step, rank, world, loop.failure_marker)
             now = time.perf_counter()
             metrics = sums.reduce(now - tic, world)
             metrics.update(step=step, epoch=epoch, lr=engine.get_lr()[0], **task.end_step())
