@@ -143,13 +143,13 @@ def train_loop(config: Dict[str, Any]) -> None:
                 history = []
             if bar is not None:
                 bar.set_description(f"{task.name} {task.cfg.objective} loss={metrics['loss']:.4f} "
-                                    f"{metrics['pairs_per_s']:.1f} rows/s")
+                                    f"{metrics['rows_per_s']:.1f} rows/s")
                 bar.update(1)
     if bar is not None:
         bar.close()
 
     # this attempt's training-loop throughput (all ranks' rows; rank 0's clock)
-    metrics.update(train_seconds=time.perf_counter() - loop_start, pairs_trained=rows_trained * world, step=step,
+    metrics.update(train_seconds=time.perf_counter() - loop_start, rows_trained=rows_trained * world, step=step,
                    **timings)
     if published is not None:
         published.close(metrics)  # its gauges leave the endpoint; the last values stay in Ray's KV store
@@ -250,6 +250,6 @@ class StepSums:
         self.total, self.rows = None, 0
         rows = max(values[-1], 1.0)
         out = {"loss": values[0] / rows, **{k: v / rows for k, v in zip(self.names, values[1:-2])}}
-        out.update(step_pairs=values[-1], pairs_per_s=values[-1] / max(seconds, 1e-9),
+        out.update(step_rows=values[-1], rows_per_s=values[-1] / max(seconds, 1e-9),
                    tokens_per_s=values[-2] / max(seconds, 1e-9))
         return out
