@@ -53,7 +53,7 @@ from trainers.core.models import load_causal_lm, load_tokenizer  # noqa: E402
 def lora_policies(root: Path, tiny: bool) -> dict:
     """Two LoRA policies of the same base as :func:`bench_policies` (rank 8, seeded adapters)."""
     from bench.serve_load import tiny_base
-    from cluster.base_models import smollm2_dir
+    from cluster.recipes.base_models import smollm2_dir
     from tests.helpers import make_lora_policy
 
     base = tiny_base(root) if tiny else smollm2_dir()
@@ -65,7 +65,7 @@ def conditioned_policy(root: Path, tiny: bool, trained: str = "") -> tuple:
     """``(directory, what it is)``: ``trained`` (a `moray train conditioned` output), else one built
     from the base with seeded random adapters (rank 8, K = 2, attention projections)."""
     from bench.serve_load import tiny_base
-    from cluster.base_models import smollm2_dir
+    from cluster.recipes.base_models import smollm2_dir
     from tests.helpers import make_conditioned_policy
 
     if trained:
@@ -167,8 +167,8 @@ def main() -> None:
 
     from serving.config import ServeConfig
     from serving.deploy import run_serve_file, serve_file
+    from serving.offline.soup import soup_policies
     from serving.policies import parse_policies
-    from serving.soup import soup_policies
     from trainers.core.config import load_config
     from trainers.core.runtime import free_port, init_ray
 

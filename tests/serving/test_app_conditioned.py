@@ -12,7 +12,7 @@ import torch
 from cluster.cli import main
 from serving.deploy import load_serve_file, run_serve_file
 from serving.policies import parse_policies
-from serving.soup import soup_policies
+from serving.offline.soup import soup_policies
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.core.runtime import free_port
 

@@ -22,7 +22,6 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from cluster.parser import build_parser
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 30  # how long a submission waits for a freshly started head's job agent
@@ -35,24 +34,6 @@ def client(address: Optional[str] = None):
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)
-
-
-def moray_command(argv: Sequence[str]) -> List[str]:
-    """The Moray command line after ``--`` (``moray`` itself optional), checked by Moray's parser."""
-    cmd = list(argv)
-    if cmd[:1] == ["--"]:
-        cmd = cmd[1:]
-    if cmd[:1] == ["moray"]:
-        cmd = cmd[1:]
-    if not cmd:
-        raise ValueError("nothing to submit: moray submit [options] -- train dpo --objective ...")
-    if cmd[0] in ("submit", "jobs"):
-        raise ValueError(f"`moray {cmd[0]}` runs on this machine, not as a job")
-    try:
-        build_parser().parse_args(cmd)
-    except SystemExit:  # argparse printed what is wrong
-        raise ValueError(f"not a valid moray command: {shlex.join(cmd)}") from None
-    return cmd
 
 
 def runtime_env(working_dir: Optional[str] = None, pip: Sequence[str] = (), env: Sequence[str] = ()) -> Dict[str, Any]:

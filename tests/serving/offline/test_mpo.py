@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import minimize
 
 from cluster.cli import main
-from serving.mpo import bsmd, bsmd_direction, mpo_objective, sample_log_ratios
+from serving.offline.mpo import bsmd, bsmd_direction, mpo_objective, sample_log_ratios
 from tests.helpers import make_policy
 
 
@@ -134,7 +134,7 @@ def test_teacher_forced_stage_matches_float64_full_vocabulary_log_probs(tiny_mod
     """MPO's scorer runs the LM head on response positions only with an fp32 log-softmax; its
     sums equal the float64 full-vocabulary log-probs of the same tokens. In bf16 it still
     returns float64 sums close to them."""
-    from serving.mpo import SequenceLogps
+    from serving.offline.mpo import SequenceLogps
     from trainers.core.logps import pad_sequences, sequence_logps
     from trainers.core.models import Placement, load_causal_lm
 

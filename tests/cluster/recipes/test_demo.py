@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.cluster.log_kinds import line_kinds
+from tests.cluster.recipes.log_kinds import line_kinds
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from cluster.cli import main
-from cluster.study import run_study
+from cluster.recipes.study import run_study
 from reward_models.evaluate import hypervolume, pareto_mask
 
 pytestmark = pytest.mark.slow

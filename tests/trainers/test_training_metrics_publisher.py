@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from cluster.commands import metrics_lines
-from cluster.metrics import final_samples, node_metrics_urls, read_metrics
+from cluster.cli.commands import metrics_lines
+from cluster.ops.metrics import final_samples, node_metrics_urls, read_metrics
 from tests.helpers import wait_for
-from trainers.metrics import TrainingMetrics
+from trainers.training_metrics import TrainingMetrics
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import json
 import re
 from pathlib import Path
 
-from cluster.metrics import grafana_dashboard
+from cluster.ops.metrics import grafana_dashboard
 from tests.helpers import all_specs
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 # the series Ray exports for a metric of each kind (with its ``ray_`` prefix)
 SUFFIXES = {"gauge": ("",), "counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
 
@@ -22,8 +22,8 @@ def panel_metrics(dashboard):
 
 
 def test_grafana_dashboard_is_the_generated_one():
-    committed = json.loads((ROOT / "cluster" / "grafana" / "moray.json").read_text())
-    assert committed == grafana_dashboard(), "regenerate: python -m cluster.metrics > cluster/grafana/moray.json"
+    committed = json.loads((ROOT / "cluster" / "ops" / "grafana" / "moray.json").read_text())
+    assert committed == grafana_dashboard(), "regenerate: python -m cluster.ops.metrics > cluster/ops/grafana/moray.json"
     ids = [p["id"] for p in committed["panels"]]
     assert len(ids) == len(set(ids)) and len(set(panel_metrics(committed))) == len(ids)
 

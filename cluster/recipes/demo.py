@@ -27,14 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from cluster.base_models import build_tiny_model, smollm2_dir, warm_start
+from cluster.recipes.base_models import build_tiny_model, smollm2_dir, warm_start
 from reward_models import GENERATE_TOP_K
 from reward_models.pairs import make_pairs, mean_scores
 from reward_models.prompts import demo_prompts, tiny_corpus, tiny_dialogues
 from reward_models.sampling import sample_responses
 from serving.config import ServeConfig
 from serving.deploy import run_serve_file, serve_file
-from serving.mpo import compute_mpo_weights
+from serving.offline.mpo import compute_mpo_weights
 from trainers.core.config import load_config
 from trainers.core.metadata import read_metadata
 from trainers.core.models import load_tokenizer

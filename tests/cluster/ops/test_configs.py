@@ -1,4 +1,4 @@
-"""The cluster configs in cluster/configs/: the launcher YAML against Ray's own cluster-config
+"""The cluster configs in cluster/ops/configs/: the launcher YAML against Ray's own cluster-config
 schema, the Serve config inside the RayService against Ray Serve's ServeDeploySchema and Moray's
 ServeConfig, the KubeRay objects against the ray.io/v1 fields KubeRay reads, and the job's
 entrypoint against the moray command line."""
@@ -12,12 +12,12 @@ import pytest
 import ray
 import yaml
 
-from cluster.parser import build_parser
+from cluster.cli.parser import build_parser
 from serving.config import ServeConfig
 from serving.deploy import DEPLOYMENT, IMPORT_PATH
 from trainers.core.config import load_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "cluster" / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "cluster" / "ops" / "configs"
 
 # ray.io/v1 spec fields (KubeRay's RayJob / RayService / RayCluster CRDs): anything else is a typo
 RAYJOB_SPEC = {"entrypoint", "runtimeEnvYAML", "jobId", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",

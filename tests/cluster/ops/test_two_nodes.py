@@ -14,8 +14,8 @@ import tempfile
 
 import pytest
 
-from cluster import ray_jobs as jobs
 from cluster.cli import main
+from cluster.ops import ray_jobs as jobs
 from tests.helpers import RayNode, assert_only_policy_files, synthetic_pairs, wait_for, write_jsonl
 from trainers.core.export import load_state
 from trainers.core.runtime import free_port

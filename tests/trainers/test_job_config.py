@@ -2,8 +2,8 @@
 
 import pytest
 
-from trainers.config import DataConfig, ModelConfig, TrainConfig, one_of
 from trainers.core.config import load_config, parse_dotted
+from trainers.job_config import DataConfig, ModelConfig, TrainConfig, one_of
 from trainers.jobs.dpo import DPOJobConfig
 from trainers.losses import LOSSES
 

@@ -31,12 +31,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from cluster.demo import OBJECTIVES, constraints_text, pipeline, policy_constraints
+from cluster.recipes.demo import OBJECTIVES, constraints_text, pipeline, policy_constraints
 from reward_models.evaluate import EvalSettings, evaluate, hypervolume, pareto_mask, plot, write_json
 from reward_models.pairs import best_vs_worst, make_wrpo_pairs, scalarise, write_jsonl
 from reward_models.sampling import Generate
 from serving.decode import LockstepDecoder, Row, Sampling
-from serving.soup import soup_policies
+from serving.offline.soup import soup_policies
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.core.prompts import ask, encode
 from trainers.jobs import JOBS
@@ -50,7 +50,7 @@ MOPO_THRESHOLDS = (0.5, 0.55)         # sentiment win-rate against the base's ow
 
 @dataclass
 class StudyPlan:
-    """What the study adds to the demo's settings (``cluster.demo.TINY`` / ``FULL``)."""
+    """What the study adds to the demo's settings (``cluster.recipes.demo.TINY`` / ``FULL``)."""
     eval_prompts: int
     eval_samples: int
     in_process: bool  # sample for evaluation in this process (tiny) or on Ray Data actors

@@ -1,11 +1,11 @@
 """Moray's metrics seen from the cluster: read back from every node's Prometheus endpoint, and the
-Grafana dashboard built from their definitions (training's in :mod:`trainers.metrics`, serving's in
+Grafana dashboard built from their definitions (training's in :mod:`trainers.training_metrics`, serving's in
 :mod:`serving.metrics`, where their producers define them).
 
 Ray exports every metric with a ``ray_`` prefix from each node's metrics endpoint (``ray start
 --metrics-export-port``; Prometheus scrapes it, the Ray dashboard's Metrics page reads Prometheus).
 
-``python -m cluster.metrics > cluster/grafana/moray.json`` writes the Grafana dashboard.
+``python -m cluster.ops.metrics > cluster/ops/grafana/moray.json`` writes the Grafana dashboard.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
 from trainers.core.metrics import MetricSpec
-from trainers.metrics import TRAIN_FAMILIES, TRAIN_PAIRS, TRAIN_SCALARS, read_final
+from trainers.training_metrics import TRAIN_FAMILIES, TRAIN_PAIRS, TRAIN_SCALARS, read_final
 
 
 # -- reading them back ------------------------------------------------------------------------

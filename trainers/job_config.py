@@ -12,8 +12,8 @@ from typing import Dict, Iterable, List
 from trainers.batches import ATTENTION_ONE_ROW
 from trainers.core.config import opt
 from trainers.core.export import parse_size
-from trainers.hf_export import EXPORT_DTYPES
 from trainers.losses import LOSSES
+from trainers.policy_export import EXPORT_DTYPES
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement group strategies

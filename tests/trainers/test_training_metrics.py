@@ -19,8 +19,8 @@ from trainers.jobs.dpo import DPOJobConfig, DPOTask
 from trainers.jobs.gapo import GAPOJobConfig, GAPOTask, OnlineGAPOTask
 from trainers.jobs.mopo import MOPOJobConfig, MOPOTask, load_candidates
 from trainers.jobs.wrpo import WRPOJobConfig, WRPOTask
-from trainers.metrics import TRAIN_FAMILIES, TRAIN_SCALARS, training_series
 from trainers.rollout import TokenizePrompts
+from trainers.training_metrics import TRAIN_FAMILIES, TRAIN_SCALARS, training_series
 
 # per-row figures a task reports that stay in the job's metrics (Ray Train's history), not on the dashboard
 KEPT_TO_THE_JOB = {"chosen_reward", "rejected_reward", "logp_best", "logp_worst"}

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cluster.cli import main
-from cluster.parser import build_parser
+from cluster.cli.parser import build_parser, moray_command
 from serving.deploy import load_serve_file
 from tests.helpers import candidates as _candidates
 from tests.helpers import make_policy, synthetic_pairs, write_jsonl
@@ -209,3 +209,14 @@ def test_policies_named_by_another_objective_are_refused_before_ray_starts(tmp_p
     assert main(["serve", "--policies", f"sentiment={s},conciseness={c}", "--allow-rename",
                  "--write-config", str(tmp_path / "serve.yaml")]) == 0
     assert "allow_rename: true" in (tmp_path / "serve.yaml").read_text()
+
+
+def test_command_is_checked_before_submitting():
+    assert moray_command(["--", "moray", "train", "dpo", "--objective", "a"]) == ["train", "dpo", "--objective", "a"]
+    assert moray_command(["mix", "soup", "--policies", "a=x", "--weights", "1", "--out", "o"])[:2] == ["mix", "soup"]
+    with pytest.raises(ValueError, match="nothing to submit"):
+        moray_command(["--"])
+    with pytest.raises(ValueError, match="not a valid moray command"):
+        moray_command(["--", "train", "dpo", "--no-such-flag", "1"])
+    with pytest.raises(ValueError, match="runs on this machine"):
+        moray_command(["jobs", "list"])

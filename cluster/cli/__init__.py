@@ -1,5 +1,5 @@
-"""The ``moray`` command line: parse (:mod:`cluster.parser`), run the command's handler
-(:mod:`cluster.commands`), and turn bad input into a one-line error and exit code 2 (a job that
+"""The ``moray`` command line: parse (:mod:`cluster.cli.parser`), run the command's handler
+(:mod:`cluster.cli.commands`), and turn bad input into a one-line error and exit code 2 (a job that
 missed its promise, e.g. MOPO's constraints: 1). ``moray --help`` lists every command."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import List, Optional
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from cluster.commands import COMMANDS  # noqa: E402
-from cluster.parser import build_parser  # noqa: E402
+from cluster.cli.commands import COMMANDS  # noqa: E402
+from cluster.cli.parser import build_parser  # noqa: E402
 from trainers.core.runtime import interactive, quiet_progress  # noqa: E402
 from trainers.job import PromiseUnmet  # noqa: E402
 
@@ -31,6 +31,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"moray: error: {e}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

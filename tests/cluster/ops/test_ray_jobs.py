@@ -11,22 +11,11 @@ import time
 
 import pytest
 
-from cluster import ray_jobs as jobs
 from cluster.cli import main
-from cluster.metrics import read_metrics
+from cluster.ops import ray_jobs as jobs
+from cluster.ops.metrics import read_metrics
 from trainers.core.runtime import free_port
-from trainers.metrics import TRAIN_PAIRS, TRAIN_SCALARS
-
-
-def test_command_is_checked_before_submitting():
-    assert jobs.moray_command(["--", "moray", "train", "dpo", "--objective", "a"]) == ["train", "dpo", "--objective", "a"]
-    assert jobs.moray_command(["mix", "soup", "--policies", "a=x", "--weights", "1", "--out", "o"])[:2] == ["mix", "soup"]
-    with pytest.raises(ValueError, match="nothing to submit"):
-        jobs.moray_command(["--"])
-    with pytest.raises(ValueError, match="not a valid moray command"):
-        jobs.moray_command(["--", "train", "dpo", "--no-such-flag", "1"])
-    with pytest.raises(ValueError, match="runs on this machine"):
-        jobs.moray_command(["jobs", "list"])
+from trainers.training_metrics import TRAIN_PAIRS, TRAIN_SCALARS
 
 
 def test_runtime_env(tmp_path):

@@ -19,14 +19,14 @@ from typing import Tuple
 import pytest
 import requests
 
-from cluster import ray_jobs as jobs
 from cluster.cli import main
-from cluster.metrics import grafana_dashboard
+from cluster.ops import ray_jobs as jobs
+from cluster.ops.metrics import grafana_dashboard
 from serving.mixing import MIXING_MODES
 from tests.helpers import candidates, make_policy, multi_rows, synthetic_pairs, wait_for, write_jsonl
 from trainers.core.runtime import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PROMETHEUS = shutil.which("prometheus")
 HEAD_CPUS = 8  # logical: four one-worker jobs and a serving replica at once
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(

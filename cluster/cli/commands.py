@@ -1,4 +1,4 @@
-"""The ``moray`` commands: one handler per command of :func:`cluster.parser.build_parser`, looked up
+"""The ``moray`` commands: one handler per command of :func:`cluster.cli.parser.build_parser`, looked up
 in :data:`COMMANDS` by :func:`cluster.cli.main`. Each checks its input before Ray starts."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from cluster import ray_jobs
-from cluster.demo import run_demo
-from cluster.metrics import final_samples, node_metrics_urls, read_metrics
-from cluster.study import run_study
+from cluster.cli.parser import moray_command
+from cluster.ops import ray_jobs
+from cluster.ops.metrics import final_samples, node_metrics_urls, read_metrics
+from cluster.recipes.demo import run_demo
+from cluster.recipes.study import run_study
 from reward_models.batch import score_file
 from reward_models.evaluate import EvalSettings, evaluate, front_report, plot, write_json
 from reward_models.objectives import check_objectives
@@ -22,16 +23,16 @@ from reward_models.pairs import make_pairs, make_wrpo_pairs
 from reward_models.prompts import load_prompts
 from serving.config import ServeConfig
 from serving.deploy import load_serve_file, run_serve_file, serve_file, write_serve_file
-from serving.mpo import compute_mpo_weights
+from serving.offline.mpo import compute_mpo_weights
+from serving.offline.soup import soup_policies
 from serving.policies import parse_policies
-from serving.soup import soup_policies
 from trainers.core.config import describe, load_config, parse_assignments, parse_dotted, parse_numbers
 from trainers.core.models import Placement
 from trainers.core.runtime import init_ray
 from trainers.core.weights import check_weights
 from trainers.job import config_from
-from trainers.ratings import RatingsMapping, pairs_from_ratings
 from trainers.jobs import JOBS, get_job
+from trainers.ratings import RatingsMapping, pairs_from_ratings
 
 KEPT_LABELS = ("run", "method", "objective", "route", "mixing", "status", "result", "le", "replica")
 
@@ -194,7 +195,7 @@ def eval_(args: argparse.Namespace) -> None:
 def submit_and_jobs(args: argparse.Namespace) -> int:
     """``moray submit`` and ``moray jobs``."""
     if args.command == "submit":
-        cmd = ray_jobs.moray_command(args.cmd)
+        cmd = moray_command(args.cmd)
         made = ray_jobs.submit(cmd, args.address, ray_jobs.runtime_env(args.working_dir, args.pip, args.env),
                                args.submission_id)
         print(f"submitted {made['job_id']}: moray {' '.join(cmd)}")

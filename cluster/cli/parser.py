@@ -31,6 +31,8 @@ dotted key (``--set train.lr=1e-5 --set data.skip_invalid=true``).
 from __future__ import annotations
 
 import argparse
+import shlex
+from typing import List, Sequence
 
 from reward_models import GENERATE_TOP_K
 from reward_models.objectives import objectives_help
@@ -259,3 +261,21 @@ def _config(sub) -> None:
     """Every option of a job."""
     cfg = sub.add_parser("config", help="print every option of a job with its default and meaning")
     cfg.add_argument("job", choices=[*JOBS, "serve"])
+
+
+def moray_command(argv: Sequence[str]) -> List[str]:
+    """The Moray command line after ``--`` (``moray`` itself optional), checked by Moray's parser."""
+    cmd = list(argv)
+    if cmd[:1] == ["--"]:
+        cmd = cmd[1:]
+    if cmd[:1] == ["moray"]:
+        cmd = cmd[1:]
+    if not cmd:
+        raise ValueError("nothing to submit: moray submit [options] -- train dpo --objective ...")
+    if cmd[0] in ("submit", "jobs"):
+        raise ValueError(f"`moray {cmd[0]}` runs on this machine, not as a job")
+    try:
+        build_parser().parse_args(cmd)
+    except SystemExit:  # argparse printed what is wrong
+        raise ValueError(f"not a valid moray command: {shlex.join(cmd)}") from None
+    return cmd
