@@ -123,7 +123,7 @@ class _LoraMixedLinear(torch.nn.Module):
     """An adapted linear layer of policy 0 plus each row's ``Σ_k c_k s_k B_k A_k x``."""
 
     def __init__(self, base: torch.nn.Linear, factors: Sequence[Tuple[torch.Tensor, torch.Tensor, float]],
-                 soup: "LoraRowSoup"):
+                 soup: Optional["LoraRowSoup"]):
         super().__init__()
         self.base, self.soup = base, soup
         dev, dt = base.weight.device, base.weight.dtype
@@ -139,6 +139,8 @@ class _LoraMixedLinear(torch.nn.Module):
         return self.base.weight
 
     def forward(self, x):
+        if self.soup is None:  # one adapter, always on (a vertex alone)
+            return self.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, self.A), self.B)
         c = self.soup.rows(x.shape[0])  # (B, K)
         c = c.to(x.device, x.dtype)[:, self.policy].view(x.shape[0], *([1] * (x.dim() - 2)), -1)
         return self.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, self.A) * c, self.B)
@@ -193,7 +195,7 @@ class LoraRowSoup(_PerRowSoup):
         """Policy ``k`` alone on the bare base (its adapter unmerged; no weight copied)."""
         if not self.bare_base:
             raise ValueError("vertex views are for adapters stored alone on a bare base")
-        return self._adapted([self.factors[k]], _Always())
+        return self._adapted([self.factors[k]], None)
 
     def select_rows(self, weights: torch.Tensor) -> None:
         """The weight vectors of the batch's rows, ``(B, K)``, rows on the simplex."""
@@ -208,13 +210,6 @@ class LoraRowSoup(_PerRowSoup):
         if self.coefficients.shape[0] != n:
             raise RuntimeError(f"per-row soup: {self.coefficients.shape[0]} weight vectors selected for a batch of {n} rows")
         return self.coefficients
-
-
-class _Always:
-    """Coefficient 1 for every row: one adapter always on."""
-
-    def rows(self, n: int) -> torch.Tensor:
-        return torch.ones(n, 1)
 
 
 def shared_base(dirs: Sequence[str]) -> Optional[str]:

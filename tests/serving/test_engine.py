@@ -1,5 +1,7 @@
 """The replica engine: soup cache (background merges, bounded copies), GPU placement, serve options, continuous batching."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -327,3 +329,29 @@ def test_a_soup_batch_moves_to_the_per_row_soup_when_another_vector_joins(two_po
     for req, w, tokens in zip((first, joining), (a, b), got):
         alone = LockstepDecoder([merged(w)], 0, []).generate([soup.row(req)])[0]
         assert tokens == alone
+
+
+def test_a_conditioned_policy_loads_its_base_once_in_the_serving_dtype(conditioned, monkeypatch):
+    """One load for K vertices: the base, straight onto the replica's device in the serving dtype;
+    the stacked adapters sit beside each adapted weight, on its device and in its dtype."""
+    import serving.engine as engine_module
+    from serving.config import ServeConfig
+    from serving.engine import MixEngine
+    from serving.policies import parse_policies
+
+    loads = []
+    real = engine_module.load_causal_lm
+
+    def spy(path, *args, **kwargs):
+        loads.append((path, kwargs.get("device_map")))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load_causal_lm", spy)
+    engine = MixEngine(ServeConfig(policies=parse_policies(conditioned), dtype="bfloat16").validate())
+    try:
+        assert [(str(p), d) for p, d in loads] == [(str(Path(conditioned).resolve()), "cpu")]
+        layers = [m for m in engine.row_soup.model.modules() if hasattr(m, "A") and hasattr(m, "base")]
+        assert layers and all((m.A.dtype, m.B.dtype, m.A.device) == (torch.bfloat16, torch.bfloat16, m.base.weight.device)
+                              for m in layers)
+    finally:
+        engine.close()
