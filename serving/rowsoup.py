@@ -131,8 +131,7 @@ class _LoraMixedLinear(torch.nn.Module):
         self.register_buffer("A", torch.cat([A for A, _, _ in factors]).to(dev, dt), persistent=False)
         self.register_buffer("B", torch.cat([B.float() * s for _, B, s in factors], dim=1).to(dev, dt),
                              persistent=False)
-        self.register_buffer("policy", torch.cat([torch.full((A.shape[0],), k) for k, (A, _, _) in enumerate(factors)]).to(dev),
-                             persistent=False)
+        self.ranks = tuple(A.shape[0] for A, _, _ in factors)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -141,8 +140,8 @@ class _LoraMixedLinear(torch.nn.Module):
     def forward(self, x):
         if self.soup is None:  # one adapter, always on (a vertex alone)
             return self.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, self.A), self.B)
-        c = self.soup.rows(x.shape[0])  # (B, K)
-        c = c.to(x.device, x.dtype)[:, self.policy].view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        c = self.soup.rows(x.shape[0], self.ranks, x.device, x.dtype)  # (B, Σ ranks)
+        c = c.view(x.shape[0], *([1] * (x.dim() - 2)), -1)
         return self.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, self.A) * c, self.B)
 
 
@@ -163,6 +162,7 @@ class LoraRowSoup(_PerRowSoup):
             raise ValueError(f"{len(factors)} adapters for {len(models)} models" + (", not one bare base" if bare_base else ""))
         self.models, self.factors, self.bare_base = list(models), list(factors), bare_base
         self.coefficients = torch.zeros(0, len(factors))
+        self.expanded: dict = {}  # (ranks, device, dtype) -> the coefficients repeated per rank
         self.targets = set(factors[0])
         if any(set(f) != self.targets for f in factors[1:]):
             raise ValueError("the policies' adapters adapt different layers")
@@ -203,13 +203,18 @@ class LoraRowSoup(_PerRowSoup):
         c = weights.to(self.device, torch.float32).clone()
         if not self.bare_base:
             c[:, 0] -= 1.0
-        self.coefficients = c
+        self.coefficients, self.expanded = c, {}
 
-    def rows(self, n: int) -> torch.Tensor:
-        """The selected coefficients ``(n, K)`` for a batch of ``n`` rows."""
+    def rows(self, n: int, ranks: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The selected coefficients of a batch of ``n`` rows, policy k's repeated ``ranks[k]`` times:
+        ``(n, Σ ranks)``, built once per selection for all the layers that share ``ranks``."""
         if self.coefficients.shape[0] != n:
             raise RuntimeError(f"per-row soup: {self.coefficients.shape[0]} weight vectors selected for a batch of {n} rows")
-        return self.coefficients
+        key = (ranks, device, dtype)
+        if key not in self.expanded:
+            self.expanded[key] = self.coefficients.to(device, dtype).repeat_interleave(
+                torch.tensor(ranks, device=device), dim=1, output_size=sum(ranks))
+        return self.expanded[key]
 
 
 def shared_base(dirs: Sequence[str]) -> Optional[str]:
