@@ -27,7 +27,7 @@ def server(ray_local, conditioned, tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("serve") / "serve.yaml")
     assert main(["serve", "--policies", conditioned, "--port", str(free_port()), "--write-config", path,
-                 "--set", "batch_wait_ms=200", "--set", "max_tokens_limit=32"]) == 0
+                 "--set", "batch_wait_ms=200"]) == 0
     yield run_serve_file(load_serve_file(path))
     serve.shutdown()
 
