@@ -210,3 +210,12 @@ def test_vertices_are_ordinary_lora_policies_of_the_conditioned_base(conditioned
     check_compatible(vertices, ref=read_metadata(conditioned).reference_model)
     with pytest.raises(ValueError, match="reference"):
         check_compatible(vertices, ref=str(vertices["a"]))
+
+
+def test_a_conditioned_directory_without_its_vertices_is_refused(tmp_path):
+    from trainers.core.metadata import PolicyMetadata, write_metadata
+
+    (tmp_path / "vertices" / "a").mkdir(parents=True)
+    write_metadata(str(tmp_path), PolicyMetadata("conditioned", entries={"objectives": ["a", "b"]}))
+    with pytest.raises(ValueError, match=r"without the vertex directories .* \(missing: \['b'\]\)"):
+        parse_policies(str(tmp_path))
