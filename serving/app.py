@@ -72,7 +72,7 @@ class MixedPolicyServer:
         self.metrics = ServingMetrics()
         self.engine = MixEngine(self.cfg, on_batch=self.metrics.batch)
         self.names = self.engine.names
-        self.limits = Limits(self.names, self.cfg.default_weight_vector(), self.cfg.default_mixing,
+        self.limits = Limits(self.names, self.cfg.default_weight_vector(), self.engine.default_mixing,
                              self.cfg.default_max_tokens, self.cfg.max_tokens_limit, self.engine.max_context)
         self.api_key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
         if self.cfg.api_key_env and not self.api_key:
@@ -104,7 +104,9 @@ class MixedPolicyServer:
             return denied
         return {"objectives": self.names, "default_weights": dict(zip(self.names, self.limits.default_weights)),
                 "default_source": "config" if self.cfg.default_weights else "mpo" if self.cfg.mpo_weights else "uniform",
-                "mixing": list(MIXING_MODES), "default_mixing": self.cfg.default_mixing,
+                "mixing": list(MIXING_MODES), "default_mixing": self.engine.default_mixing,
+                # a conditioned policy: soups are its model at λ, logits mode mixes its K vertex policies (MPO)
+                "policy": "conditioned" if self.engine.conditioned else "policies",
                 "max_context": self.engine.max_context, "max_tokens_limit": self.cfg.max_tokens_limit,
                 "soup_cache": {"budget_mb": self.cfg.soup_cache_mb, "held_mb": self.engine.soups.held_bytes() / 2**20,
                                "hits": self.engine.soups.hits,

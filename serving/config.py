@@ -23,12 +23,15 @@ class ServeConfig:
     """The mixed-policy app: which policies, how to mix by default, limits and scaling."""
 
     policies: Dict[str, str] = opt({}, "Objective name -> directory of that objective's Moray policy "
-                                   "(all trained from one reference with one β and one tokenizer).")
+                                   "(all trained from one reference with one β and one tokenizer); a conditioned "
+                                   "policy's objectives are its vertices, OUT/vertices/<objective>, served as one "
+                                   "base plus their adapters (`moray serve --policies OUT` lists them).")
     default_weights: Dict[str, float] = opt({}, "Weights used when a request gives none. Empty: the MPO "
                                             "max-min weights from `mpo_weights`, else equal weights.")
     mpo_weights: str = opt("", "weights.json written by `moray mix mpo` (served as the default weights).")
-    default_mixing: str = opt("logits", "Mixing when a request gives none: " + "; ".join(
-        f"'{k}' ({v})" for k, v in MIXING_MODES.items()) + ".")
+    default_mixing: str = opt("", "Mixing when a request gives none: " + "; ".join(
+        f"'{k}' ({v})" for k, v in MIXING_MODES.items()) + ". Empty: 'soup' for a conditioned policy "
+        "(its model at the request's weights), else 'logits'.")
     max_batch_size: int = opt(8, "Most concurrent requests of one mixing mode decoded in one batch.")
     batch_wait_ms: float = opt(5.0, "How long the first request waits for others to batch with.")
     soup_cache_mb: float = opt(2048, "Soup mode: memory for merged copies of the policies, one per hot weight vector "
@@ -68,7 +71,8 @@ class ServeConfig:
         for name, path in self.policies.items():
             if not Path(path).is_dir():
                 raise ValueError(f"policy {name!r}: {path} is not a directory")
-        check_mixing(self.default_mixing, "default_mixing")
+        if self.default_mixing:
+            check_mixing(self.default_mixing, "default_mixing")
         Placement(self.num_gpus, self.dtype)  # raises on a bad dtype or GPU count
         if self.device_map not in ("", "auto"):
             raise ValueError(f"device_map must be '' or 'auto', got {self.device_map!r}")

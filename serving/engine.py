@@ -17,7 +17,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,8 +25,9 @@ from serving.api import Parsed
 from serving.config import ServeConfig
 from serving.decode import LockstepDecoder, Row
 from serving.mixing import MIXING_MODES, soup_tensor
-from serving.rowsoup import LoraRowSoup, RowSoup
-from trainers.core.export import ADAPTER_DIR, load_lora_factors
+from serving.rowsoup import LoraRowSoup, per_row_soup, shared_base
+from trainers.core.export import LoraFactors, load_lora_factors, merge_adapters, policy_files
+from trainers.core.metadata import read_metadata
 from trainers.core.models import Placement, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,14 @@ class SoupCache:
     model larger than the budget is never merged). An evicted copy still decoding is freed when
     its batch ends."""
 
-    def __init__(self, models: Sequence[torch.nn.Module], budget_bytes: int):
+    def __init__(self, models: Sequence[torch.nn.Module], budget_bytes: int, base: Optional[torch.nn.Module] = None,
+                 adapters: Sequence[LoraFactors] = ()):
+        """``base`` and ``adapters``: policy k is ``base`` plus ``adapters[k]`` (adapters stored alone),
+        so a merged copy is the base plus ``Σ_k w_k s_k B_k A_k``."""
         from concurrent.futures import ThreadPoolExecutor
 
-        self.models, self.budget = models, budget_bytes
-        self.model_bytes = sum(t.numel() * t.element_size() for t in models[0].state_dict().values())
+        self.models, self.budget, self.base, self.adapters = models, budget_bytes, base, list(adapters)
+        self.model_bytes = sum(t.numel() * t.element_size() for t in (base or models[0]).state_dict().values())
         self.cache: "collections.OrderedDict[Tuple[float, ...], torch.nn.Module]" = collections.OrderedDict()
         self.hits = self.misses = 0
         self.lock = threading.Lock()
@@ -138,13 +141,16 @@ class SoupCache:
             future.result()
 
     def _merge(self, weights: Tuple[float, ...]) -> None:
-        nonzero = [k for k, w in enumerate(weights) if w]
-        model = copy.deepcopy(self.models[0])
-        states = [self.models[k].state_dict() for k in nonzero]
-        with torch.no_grad():
-            for name, t in model.state_dict().items():  # views of the copy's parameters and buffers
-                if t.is_floating_point():
-                    soup_tensor([s[name] for s in states], [weights[k] for k in nonzero], out=t)
+        if self.base is not None:
+            model = merge_adapters(copy.deepcopy(self.base), self.adapters, weights)
+        else:
+            nonzero = [k for k, w in enumerate(weights) if w]
+            model = copy.deepcopy(self.models[0])
+            states = [self.models[k].state_dict() for k in nonzero]
+            with torch.no_grad():
+                for name, t in model.state_dict().items():  # views of the copy's parameters and buffers
+                    if t.is_floating_point():
+                        soup_tensor([s[name] for s in states], [weights[k] for k in nonzero], out=t)
         with self.lock:
             self.cache[weights] = model
             del self.merging[weights]
@@ -172,18 +178,6 @@ def round_weights(weights: Sequence[float], decimals: int) -> Tuple[float, ...]:
         r = [1.0 if w == max(weights) else 0.0 for w in weights]
     s = sum(r)
     return tuple(x / s for x in r)
-
-
-def per_row_soup(models: Sequence[torch.nn.Module], dirs: Sequence[str]):
-    """The per-row soup for these policies: base forward plus the K adapters when every policy is
-    one base plus its LoRA adapter (``adapter/``), else the K full-weight policies layer by layer."""
-    if all((Path(d) / ADAPTER_DIR).is_dir() for d in dirs):
-        try:
-            return LoraRowSoup(models, [load_lora_factors(str(Path(d) / ADAPTER_DIR)) for d in dirs])
-        except ValueError as e:
-            log.warning("per-row soups run over the full weights: the LoRA policies are not one base plus "
-                        "their adapters (%s)", e)
-    return RowSoup(models)
 
 
 class SoupBatch:
@@ -221,19 +215,30 @@ class MixEngine:
         placement = Placement(cfg.num_gpus, cfg.dtype)
         self.device = placement.device()  # where logits are mixed and sampled: cuda:0 or the CPU
         dtype = placement.torch_dtype(self.device)
-        first = cfg.policies[self.names[0]]
-        self.tokenizer = load_tokenizer(first, cfg.trust_remote_code)
+        dirs = [cfg.policies[n] for n in self.names]
+        self.tokenizer = load_tokenizer(dirs[0], cfg.trust_remote_code)
         devices = policy_devices(len(self.names), torch.cuda.device_count() if cfg.num_gpus else 0)
-        self.models = load_policies([cfg.policies[n] for n in self.names], devices, dtype, cfg.trust_remote_code,
-                                    cfg.device_map)
+        base = shared_base(dirs)
+        # a conditioned policy (§9): the model at λ is the LoRA soup of its vertices -- soups are exact, the
+        # logits mode mixes the K vertex policies as MPO mixes any K policies
+        self.conditioned = base is not None and read_metadata(base).kind == "conditioned"
+        if base is not None:  # adapters stored alone: the base once, each vertex a view of it plus its adapter
+            adapters = [load_lora_factors(policy_files(d).adapter) for d in dirs]
+            bare = load_policies([base], devices[:1], dtype, cfg.trust_remote_code, cfg.device_map)[0]
+            self.row_soup = LoraRowSoup([bare], adapters, bare_base=True)
+            self.models = [self.row_soup.vertex(k) for k in range(len(dirs))]
+            self.soups = SoupCache(self.models, int(cfg.soup_cache_mb * 2**20), base=bare, adapters=adapters)
+        else:
+            self.models = load_policies(dirs, devices, dtype, cfg.trust_remote_code, cfg.device_map)
+            self.row_soup = per_row_soup(self.models, dirs)
+            self.soups = SoupCache(self.models, int(cfg.soup_cache_mb * 2**20))
+        self.default_mixing = cfg.default_mixing or ("soup" if self.conditioned else "logits")
         self.max_context = cfg.max_context or int(getattr(self.models[0].config, "max_position_embeddings", 2048))
         eos = self.tokenizer.eos_token_id
         eos_ids = set([eos] if eos is not None else [])
         gen_eos = getattr(self.models[0].generation_config, "eos_token_id", None)
         eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_ids = sorted(eos_ids)
-        self.soups = SoupCache(self.models, int(cfg.soup_cache_mb * 2**20))
-        self.row_soup = per_row_soup(self.models, [cfg.policies[n] for n in self.names])
         # each mixing mode: its batch key (requests with equal keys decode together) and its decoder
         self.modes: Dict[str, Tuple[Callable[[Parsed], Tuple], Callable[[List[Request]], Tuple]]] = {
             "logits": (lambda p: ("logits",), self._logits),

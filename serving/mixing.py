@@ -15,7 +15,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
-from trainers.core.export import LoraFactors
+from trainers.core.export import LoraFactors, add_lora
 
 
 # the mixing modes a request or a config names; validation, /v1/objectives, help and the engine read it
@@ -104,15 +104,8 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapters: Sequence[LoraFactors]
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
     out = dict(base)
-    targets = sorted(set().union(*[set(a) for a in adapters]))
-    for name in targets:
+    for name in sorted(set().union(*[set(a) for a in adapters])):
         if name not in base:
             raise ValueError(f"adapter targets {name}, which the base model does not have")
-        w0 = base[name]
-        delta = torch.zeros(w0.shape, dtype=torch.float64, device=w0.device)  # on the base's device
-        for w, adapter in zip(weights, adapters):
-            if name in adapter and w != 0:
-                A, B, s = adapter[name]
-                delta += w * s * (B.to(delta.device, torch.float64) @ A.to(delta.device, torch.float64))
-        out[name] = (w0.double() + delta).to(w0.dtype)
+        out[name] = add_lora(base[name], [(w, a[name]) for w, a in zip(weights, adapters) if name in a])
     return out

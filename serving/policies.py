@@ -14,14 +14,28 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from trainers.core.config import parse_assignments
-from trainers.core.metadata import PolicyMetadata, read_metadata
+from trainers.core.export import VERTICES_DIR, policy_files
+from trainers.core.metadata import PolicyMetadata, has_kind, read_metadata
 
 log = logging.getLogger(__name__)
 
 
 def parse_policies(spec: str) -> Dict[str, str]:
-    """``"sentiment=DIR,conciseness=DIR"`` -> ``{"sentiment": DIR, ...}`` (order kept)."""
+    """``"sentiment=DIR,conciseness=DIR"`` -> ``{"sentiment": DIR, ...}`` (order kept); a conditioned
+    policy's directory alone -> its vertices by objective, in training order."""
+    if "=" not in spec and "," not in spec.strip() and has_kind(spec.strip(), "conditioned"):
+        return conditioned_vertices(spec.strip())
     return parse_assignments(spec, "NAME=DIR", "policies")
+
+
+def conditioned_vertices(path: str) -> Dict[str, str]:
+    """A conditioned policy's vertex policies (objective -> directory), each an ordinary LoRA policy."""
+    objectives = read_metadata(path).get("objectives") or []
+    missing = [k for k in objectives if not (Path(path) / VERTICES_DIR / k).is_dir()]
+    if not objectives or missing:
+        raise ValueError(f"{path} is a conditioned policy without the vertex directories of its objectives "
+                         f"{objectives} (missing: {missing})")
+    return {k: str(Path(path) / VERTICES_DIR / k) for k in objectives}
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -34,12 +48,12 @@ def _same_model(a: str, b: str) -> bool:
 def _vocab_signature(path: str) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(policy_files(path).weights)
     return sorted(tok.get_vocab().items()), tok.eos_token_id
 
 
 def _config_signature(path: str) -> Any:
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg = json.loads((Path(policy_files(path).weights) / "config.json").read_text())
     return {k: cfg.get(k) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                                     "num_attention_heads", "intermediate_size")}
 
@@ -71,12 +85,16 @@ def check_compatible(policies: Dict[str, str], ref: Optional[str] = None, force:
     check_names(policies, meta, allow_rename)
     problems = []
     for name, m in meta.items():
+        if m.kind == "conditioned":  # its own weights are the base: mixing them would drop every adapter (not forceable)
+            raise ValueError(f"{name}: {policies[name]} is a conditioned policy; give its directory alone "
+                             f"(--policies DIR) or its vertices ({VERTICES_DIR}/<objective>) as policies")
         if not m.mixable:
             problems.append(f"{name}: {policies[name]} is a {m.kind!r}, not a policy")
     paths = dict(policies, **({"reference": ref} if ref else {}))
     names = list(paths)
     vocab = {n: _vocab_signature(p) for n, p in paths.items()}
-    config = {n: _config_signature(p) for n, p in paths.items() if (Path(p) / "config.json").exists()}
+    config = {n: _config_signature(p) for n, p in paths.items()
+              if (Path(policy_files(p).weights) / "config.json").exists()}
     for n in names[1:]:
         if vocab[n] != vocab[names[0]]:
             problems.append(f"{n} and {names[0]} have different tokenizers")
@@ -91,7 +109,9 @@ def check_compatible(policies: Dict[str, str], ref: Optional[str] = None, force:
         betas = {n: m.beta for n, m in meta.items()}
         if len(set(betas.values())) > 1:
             problems.append(f"policies were trained with different beta: {betas}")
-        if ref and not _same_model(ref, refs[first]):
+        # a vertex's reference is also its base checkpoint beside it (the conditioned policy's directory)
+        bases = {policy_files(p).weights for p in policies.values() if policy_files(p).adapter_only}
+        if ref and not _same_model(ref, refs[first]) and not any(_same_model(ref, b) for b in bases):
             problems.append(f"reference {ref!r} is not the model the policies were trained from ({refs[first]!r})")
     if problems:
         message = "policies cannot be mixed: " + "; ".join(problems)

@@ -16,17 +16,23 @@ Policies trained with LoRA from one base differ only in their adapters: :class:`
 one forward of policy 0 and adds, in each adapted linear layer, ``Σ_k c_k s_k B_k A_k x`` per row
 with ``c = w − e_0`` (policy 0's weight already holds ``s_0 B_0 A_0``), which is the LoRA soup
 ``W_base + Σ_k w_k s_k B_k A_k`` because ``Σ_k w_k = 1``: one base forward plus K low-rank ones.
+Adapters stored alone on one base (a conditioned policy's vertices, §9) run on the bare base with
+``c = w``; :meth:`LoraRowSoup.vertex` is vertex k alone, the base's modules plus its adapter.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import types
-from typing import List, Sequence, Tuple
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from trainers.core.export import LoraFactors
+from trainers.core.export import LoraFactors, load_lora_factors, policy_files
+
+log = logging.getLogger(__name__)
 
 
 class _MixedLeaf(torch.nn.Module):
@@ -78,8 +84,12 @@ class _PerRowSoup:
     models: List[torch.nn.Module]
 
     def _check_width(self, weights: torch.Tensor) -> None:
-        if weights.shape[1] != len(self.models):
-            raise ValueError(f"{weights.shape[1]} weights per row for {len(self.models)} policies")
+        if weights.shape[1] != self.width:
+            raise ValueError(f"{weights.shape[1]} weights per row for {self.width} policies")
+
+    @property
+    def width(self) -> int:
+        return len(self.models)
 
     @property
     def device(self) -> torch.device:
@@ -113,7 +123,7 @@ class _LoraMixedLinear(torch.nn.Module):
     """An adapted linear layer of policy 0 plus each row's ``Σ_k c_k s_k B_k A_k x``."""
 
     def __init__(self, base: torch.nn.Linear, factors: Sequence[Tuple[torch.Tensor, torch.Tensor, float]],
-                 soup: "LoraRowSoup"):
+                 soup: Optional["LoraRowSoup"]):
         super().__init__()
         self.base, self.soup = base, soup
         dev, dt = base.weight.device, base.weight.dtype
@@ -121,25 +131,25 @@ class _LoraMixedLinear(torch.nn.Module):
         self.register_buffer("A", torch.cat([A for A, _, _ in factors]).to(dev, dt), persistent=False)
         self.register_buffer("B", torch.cat([B.float() * s for _, B, s in factors], dim=1).to(dev, dt),
                              persistent=False)
-        self.register_buffer("policy", torch.cat([torch.full((A.shape[0],), k) for k, (A, _, _) in enumerate(factors)]).to(dev),
-                             persistent=False)
+        self.ranks = tuple(A.shape[0] for A, _, _ in factors)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
     def forward(self, x):
-        c = self.soup.coefficients  # (B, K)
-        if c.shape[0] != x.shape[0]:
-            raise RuntimeError(f"per-row soup: {c.shape[0]} weight vectors selected for a batch of {x.shape[0]} rows")
-        c = c.to(x.device, x.dtype)[:, self.policy].view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        if self.soup is None:  # one adapter, always on (a vertex alone)
+            return self.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, self.A), self.B)
+        c = self.soup.rows(x.shape[0], self.ranks, x.device, x.dtype)  # (B, Σ ranks)
+        c = c.view(x.shape[0], *([1] * (x.dim() - 2)), -1)
         return self.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, self.A) * c, self.B)
 
 
 class LoraRowSoup(_PerRowSoup):
     """K LoRA policies of one base as one model whose rows each decode their own soup: policy 0's
     modules plus the K adapters' factors (``factors[k]``: as :func:`trainers.core.export.load_lora_factors`
-    reads them). Same interface as :class:`RowSoup`.
+    reads them). Same interface as :class:`RowSoup`. With ``bare_base``, ``models`` is ``[base]``,
+    the weights under every adapter (adapters stored alone), and a row's coefficients are its weights.
 
     Raises ValueError when the policies are not one base plus these adapters: adapted layers that
     differ, a layer other than ``torch.nn.Linear``, any other weight that differs between policies,
@@ -147,37 +157,85 @@ class LoraRowSoup(_PerRowSoup):
 
     kind = "lora"  # policy 0's forward plus the K adapters
 
-    def __init__(self, models: Sequence[torch.nn.Module], factors: Sequence[LoraFactors]):
-        if len(factors) != len(models):
-            raise ValueError(f"{len(factors)} adapters for {len(models)} policies")
-        self.models = list(models)
-        self.coefficients = torch.zeros(0, len(models))
-        targets = set(factors[0])
-        if any(set(f) != targets for f in factors[1:]):
+    def __init__(self, models: Sequence[torch.nn.Module], factors: Sequence[LoraFactors], bare_base: bool = False):
+        if (len(models) != 1) if bare_base else (len(factors) != len(models)):
+            raise ValueError(f"{len(factors)} adapters for {len(models)} models" + (", not one bare base" if bare_base else ""))
+        self.models, self.factors, self.bare_base = list(models), list(factors), bare_base
+        self.coefficients = torch.zeros(0, len(factors))
+        self.expanded: dict = {}  # (ranks, device, dtype) -> the coefficients repeated per rank
+        self.targets = set(factors[0])
+        if any(set(f) != self.targets for f in factors[1:]):
             raise ValueError("the policies' adapters adapt different layers")
         params = [dict(m.named_parameters()) for m in self.models]
         if any(p.device.type == "meta" for ps in params for p in ps.values()):
             raise ValueError("the policies' weights are offloaded (on meta until a hook loads them)")
         for name, p in params[0].items():
-            if name in targets:
+            if name in self.targets and not bare_base:
                 _check_base(name, [ps[name] for ps in params], [f[name] for f in factors])
             elif any(not torch.equal(p, ps[name].to(p.device)) for ps in params[1:]):
                 raise ValueError(f"{name} differs between the policies, and no adapter explains it")
-        self.model = _with_leaves(self.models[0], lambda name, m: self._leaf(name, m, targets, factors))
+        self.model = self._adapted(self.factors, self)
 
-    def _leaf(self, name: str, m: torch.nn.Module, targets, factors: Sequence[LoraFactors]) -> torch.nn.Module:
-        if name + ".weight" not in targets:
+    @property
+    def width(self) -> int:
+        return len(self.factors)
+
+    def _adapted(self, factors: Sequence[LoraFactors], soup) -> torch.nn.Module:
+        """Policy 0's model with each adapted linear layer adding ``factors``' updates scaled by ``soup.rows``."""
+        return _with_leaves(self.models[0], lambda name, m: self._leaf(name, m, factors, soup))
+
+    def _leaf(self, name: str, m: torch.nn.Module, factors: Sequence[LoraFactors], soup) -> torch.nn.Module:
+        if name + ".weight" not in self.targets:
             return m  # the same in every policy: policy 0's own module
         if type(m) is not torch.nn.Linear:
             raise ValueError(f"{name} is a {type(m).__name__}; per-row LoRA soups handle torch.nn.Linear")
-        return _LoraMixedLinear(m, [f[name + ".weight"] for f in factors], self)
+        return _LoraMixedLinear(m, [f[name + ".weight"] for f in factors], soup)
+
+    def vertex(self, k: int) -> torch.nn.Module:
+        """Policy ``k`` alone on the bare base (its adapter unmerged; no weight copied)."""
+        if not self.bare_base:
+            raise ValueError("vertex views are for adapters stored alone on a bare base")
+        return self._adapted([self.factors[k]], None)
 
     def select_rows(self, weights: torch.Tensor) -> None:
         """The weight vectors of the batch's rows, ``(B, K)``, rows on the simplex."""
         self._check_width(weights)
         c = weights.to(self.device, torch.float32).clone()
-        c[:, 0] -= 1.0
-        self.coefficients = c
+        if not self.bare_base:
+            c[:, 0] -= 1.0
+        self.coefficients, self.expanded = c, {}
+
+    def rows(self, n: int, ranks: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The selected coefficients of a batch of ``n`` rows, policy k's repeated ``ranks[k]`` times:
+        ``(n, Σ ranks)``, built once per selection for all the layers that share ``ranks``."""
+        if self.coefficients.shape[0] != n:
+            raise RuntimeError(f"per-row soup: {self.coefficients.shape[0]} weight vectors selected for a batch of {n} rows")
+        key = (ranks, device, dtype)
+        if key not in self.expanded:
+            self.expanded[key] = self.coefficients.to(device, dtype).repeat_interleave(
+                torch.tensor(ranks, device=device), dim=1, output_size=sum(ranks))
+        return self.expanded[key]
+
+
+def shared_base(dirs: Sequence[str]) -> Optional[str]:
+    """The base checkpoint when every policy is an adapter stored alone on that one base (a
+    conditioned policy's vertices): served as the base once plus the K adapters."""
+    files = [policy_files(d) for d in dirs]
+    bases = {str(Path(f.weights).resolve()) for f in files}
+    return files[0].weights if all(f.adapter_only for f in files) and len(bases) == 1 else None
+
+
+def per_row_soup(models: Sequence[torch.nn.Module], dirs: Sequence[str]):
+    """The per-row soup for these policies: base forward plus the K adapters when every policy is
+    one base plus its LoRA adapter (``adapter/``), else the K full-weight policies layer by layer."""
+    files = [policy_files(d) for d in dirs]
+    if all(f.adapter and not f.adapter_only for f in files):
+        try:
+            return LoraRowSoup(models, [load_lora_factors(f.adapter) for f in files])
+        except ValueError as e:
+            log.warning("per-row soups run over the full weights: the LoRA policies are not one base plus "
+                        "their adapters (%s)", e)
+    return RowSoup(models)
 
 
 def _check_base(name: str, weights: Sequence[torch.Tensor], factors) -> None:

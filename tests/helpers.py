@@ -22,7 +22,7 @@ from serving.decode import Sampling, row_probs, sample_rows
 from serving.metrics import serving_specs
 from trainers.batches import pad_pairs, pair_logps
 from trainers.core.export import save_hf
-from trainers.core.metadata import PolicyMetadata
+from trainers.core.metadata import PolicyMetadata, write_metadata
 from trainers.core.metrics import MetricSpec
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.data import tokenize_responses
@@ -122,6 +122,39 @@ def make_lora_policy(src: str, out, seed: int, objective: str, r: int = 4, std: 
             if "lora_" in n:
                 p.normal_(std=std)
     return export_policy(policy, cfg, str(out), PolicyMetadata("policy", objective, src, 0.1))
+
+
+def make_conditioned_policy(src: str, out, objectives=("a", "b"), r: int = 4, shared_r: int = 0, scale: float = 2.0,
+                            std: float = 0.3, seed: int = 0, targets=("q_proj", "v_proj", "down_proj")) -> str:
+    """A conditioned policy's directory as ``moray train conditioned`` writes it, without training:
+    ``src`` as the base (kind "conditioned"), and per objective ``vertices/<k>/`` a peft adapter
+    ``A = [A0; Ak]``, ``B = [B0, Bk]`` (seeded normal, non-zero B; the shared pair only with
+    ``shared_r``) whose peft scaling is ``scale``, with a ``moray.json`` whose base is ``../..``."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_causal_lm(src)
+    meta = {"kind": "conditioned", "reference_model": src, "beta": 0.1, "method": "conditioned",
+            "objectives": list(objectives), "lora_r": r, "shared_r": shared_r, "lora_alpha": scale * r,
+            "target_modules": list(targets)}
+    save_hf(base, load_tokenizer(src), str(out), PolicyMetadata.from_json(meta))
+    g = torch.Generator().manual_seed(seed)
+    names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    shapes = {n: (base.get_submodule(n).in_features, base.get_submodule(n).out_features) for n in names}
+    pairs = {k: {n: (std * torch.randn(rank, i, generator=g), std * torch.randn(o, rank, generator=g))
+                 for n, (i, o) in shapes.items()} for k, rank in [("", shared_r)] + [(k, r) for k in objectives]}
+    for k in objectives:
+        model = get_peft_model(load_causal_lm(src), LoraConfig(r=shared_r + r, lora_alpha=scale * (shared_r + r),
+                                                               target_modules=list(targets)))
+        with torch.no_grad():
+            for n in names:
+                layer = model.base_model.model.get_submodule(n)
+                layer.lora_A["default"].weight.copy_(torch.cat([pairs[""][n][0], pairs[k][n][0]]))
+                layer.lora_B["default"].weight.copy_(torch.cat([pairs[""][n][1], pairs[k][n][1]], dim=1))
+        vertex = os.path.join(str(out), "vertices", k)
+        model.save_pretrained(vertex)
+        write_metadata(vertex, PolicyMetadata("policy", k, src, 0.1, {"method": "conditioned", "lora": True,
+                                                                      "base": "../.."}))
+    return str(out)
 
 
 def preference_batch(tok, rows, ref_model, names=("chosen", "rejected"), columns=None, max_length=64):

@@ -45,6 +45,9 @@ from trainers.jobs import JOBS
 RENAME_HELP = "accept NAMEs that differ from the objectives recorded in the policies' moray.json"
 
 
+CONDITIONED = "; or a conditioned policy's directory alone (its vertex policies)"
+
+
 def add_mixing_checks(p: argparse.ArgumentParser, force: bool = True) -> None:
     """The flags that relax the checks of a set of policies before they are mixed."""
     if force:
@@ -154,7 +157,7 @@ def _mix(sub) -> None:
     """MPO weights and soups."""
     mix = sub.add_parser("mix", help="post-hoc mixing of per-objective policies").add_subparsers(dest="method", required=True)
     mpo = mix.add_parser("mpo", help="MPO max-min weights by batch stochastic mirror descent (§3b)")
-    mpo.add_argument("--policies", required=True, help="NAME=DIR,NAME=DIR: one policy per objective")
+    mpo.add_argument("--policies", required=True, help="NAME=DIR,NAME=DIR: one policy per objective" + CONDITIONED)
     mpo.add_argument("--ref", required=True, help="the reference model the policies were trained from")
     mpo.add_argument("--prompts", required=True, help="prompt file, HF dataset, or demo:N (as for `moray pairs`)")
     mpo.add_argument("--prompt-column", dest="prompt_column", default="prompt")
@@ -172,7 +175,7 @@ def _mix(sub) -> None:
     add_mixing_checks(mpo)
     mpo.add_argument("--address", help="Ray cluster address")
     soup = mix.add_parser("soup", help="Personalized Soups: weighted merge into one HF checkpoint (§6)")
-    soup.add_argument("--policies", required=True, help="NAME=DIR,NAME=DIR")
+    soup.add_argument("--policies", required=True, help="NAME=DIR,NAME=DIR" + CONDITIONED)
     soup.add_argument("--weights", required=True, help="0.3,0.7 (policy order) or NAME=W,NAME=W; normalised to sum 1")
     soup.add_argument("--out", required=True, help="output directory (HF checkpoint)")
     soup.add_argument("--lora", action="store_true", help="merge the policies' LoRA adapters (B·A products) on the base")
@@ -183,7 +186,7 @@ def _serve(sub) -> None:
     """The Serve app."""
     srv = sub.add_parser("serve", help="serve any objective-weight vector (Ray Serve, OpenAI-compatible)")
     srv.add_argument("--config", help=f"a Ray Serve config file whose app is {IMPORT_PATH}")
-    srv.add_argument("--policies", help="NAME=DIR,NAME=DIR (instead of --config)")
+    srv.add_argument("--policies", help="NAME=DIR,NAME=DIR (instead of --config)" + CONDITIONED)
     srv.add_argument("--mpo-weights", dest="mpo_weights", help="weights.json from `moray mix mpo` (default weights)")
     srv.add_argument("--host", default="127.0.0.1", help="HTTP host (default loopback only)")
     srv.add_argument("--port", type=int, default=8000)

@@ -1,5 +1,7 @@
 """The replica engine: soup cache (background merges, bounded copies), GPU placement, serve options, continuous batching."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -228,6 +230,68 @@ def test_each_policy_loads_in_the_serving_dtype_straight_onto_its_device(two_pol
         engine.close()
 
 
+def test_a_conditioned_policy_answers_every_vector_from_one_base_in_one_batch(conditioned, tmp_path):
+    """`moray serve --policies OUT` on a conditioned policy: the base loaded once (every vertex a
+    view of its weights), requests without a mixing mode get the model at their own λ (soup), rows
+    with different vectors decode in one batch, each the greedy text of ``moray mix soup`` at its
+    vector; a merged copy for a hot vector is that checkpoint; logits mode mixes the vertices."""
+    import threading
+
+    from peft import PeftModel
+
+    from serving.api import Limits, parse_request
+    from serving.config import ServeConfig
+    from serving.engine import MixEngine
+    from serving.policies import parse_policies
+    from serving.offline.soup import soup_policies
+
+    vertices = parse_policies(conditioned)
+    engine = MixEngine(ServeConfig(policies=vertices, max_tokens_limit=64, batch_wait_ms=300).validate())
+    prompt = "Write about the coffee."
+
+    def answers(eng, weights, mixing=None):
+        limits = Limits(eng.names, (1.0 / len(eng.names),) * len(eng.names), eng.default_mixing, 16, 64, 512)
+        texts, done = [[] for _ in weights], [threading.Event() for _ in weights]
+        for i, w in enumerate(weights):
+            body = {"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                    "objective_weights": dict(zip(eng.names, w)), **({"mixing": mixing} if mixing else {})}
+
+            def emit(event, i=i):
+                texts[i].append(event["text"] if event["type"] == "delta" else event.get("batch"))
+                if event["type"] != "delta":
+                    done[i].set()
+            eng.submit(parse_request(body, False, eng.tokenizer, limits), emit)
+        assert all(e.wait(120) for e in done)
+        return ["".join(t[:-1]) for t in texts], [t[-1] for t in texts]
+
+    def greedy(model, tok):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    try:
+        assert engine.conditioned and engine.default_mixing == "soup" and engine.row_soup.kind == "lora"
+        base = {id(p) for p in engine.row_soup.models[0].parameters()}
+        assert all({id(p) for p in m.parameters()} <= base for m in engine.models)  # no copy per vertex
+        vectors = [(0.2, 0.8), (0.7, 0.3), (0.5, 0.5)]
+        texts, batches = answers(engine, vectors)
+        assert batches == [len(vectors)] * len(vectors)  # one batch, each row its own λ
+        for w, text in zip(vectors, texts):
+            merged = load_causal_lm(soup_policies(vertices, w, str(tmp_path / f"soup{w[0]}"))).eval()
+            assert text == greedy(merged, engine.tokenizer)
+        engine.soups.get((0.2, 0.8))
+        engine.soups.get((0.2, 0.8))  # hot: merged in the background from the base and the adapters
+        engine.soups.wait()
+        want = load_causal_lm(str(tmp_path / "soup0.2")).state_dict()
+        assert all(torch.equal(t, want[k]) for k, t in engine.soups.cache[(0.2, 0.8)].state_dict().items())
+        (text,), _ = answers(engine, [(1.0, 0.0)], mixing="logits")  # MPO of the vertices: a unit vector is vertex a
+        vertex = PeftModel.from_pretrained(load_causal_lm(conditioned), vertices["a"]).eval()
+        assert text == greedy(vertex, engine.tokenizer)
+    finally:
+        engine.close()
+
+
 def test_a_soup_batch_moves_to_the_per_row_soup_when_another_vector_joins(two_policies):
     """A soup batch starts on the merged model of its one vector; a row with another vector joining
     moves it, KV caches and all, to the per-row soup (whose layers give the same keys and values):
@@ -265,3 +329,29 @@ def test_a_soup_batch_moves_to_the_per_row_soup_when_another_vector_joins(two_po
     for req, w, tokens in zip((first, joining), (a, b), got):
         alone = LockstepDecoder([merged(w)], 0, []).generate([soup.row(req)])[0]
         assert tokens == alone
+
+
+def test_a_conditioned_policy_loads_its_base_once_in_the_serving_dtype(conditioned, monkeypatch):
+    """One load for K vertices: the base, straight onto the replica's device in the serving dtype;
+    the stacked adapters sit beside each adapted weight, on its device and in its dtype."""
+    import serving.engine as engine_module
+    from serving.config import ServeConfig
+    from serving.engine import MixEngine
+    from serving.policies import parse_policies
+
+    loads = []
+    real = engine_module.load_causal_lm
+
+    def spy(path, *args, **kwargs):
+        loads.append((path, kwargs.get("device_map")))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load_causal_lm", spy)
+    engine = MixEngine(ServeConfig(policies=parse_policies(conditioned), dtype="bfloat16").validate())
+    try:
+        assert [(str(p), d) for p, d in loads] == [(str(Path(conditioned).resolve()), "cpu")]
+        layers = [m for m in engine.row_soup.model.modules() if hasattr(m, "A") and hasattr(m, "base")]
+        assert layers and all((m.A.dtype, m.B.dtype, m.A.device) == (torch.bfloat16, torch.bfloat16, m.base.weight.device)
+                              for m in layers)
+    finally:
+        engine.close()

@@ -166,3 +166,56 @@ def test_soups_stay_on_the_models_device():
     assert soup_state_dicts([{"w": a}, {"w": b}], [0.5, 0.5])["w"].device.type == "meta"
     lora = {"w": (torch.empty(2, 4, device="meta"), torch.empty(3, 2, device="meta"), 1.0)}
     assert merge_lora({"w": a}, [lora], [1.0])["w"].device.type == "meta"
+
+
+def test_moray_mix_soup_of_a_conditioned_policy_writes_its_model_at_the_weights(conditioned, tmp_path):
+    """`moray mix soup --policies OUT --weights λ` writes a plain HF checkpoint equal to the model at λ:
+    Σ_k λ_k (vertex k merged by peft), which is W + s·B0A0 + s·Σ_k λ_k B_k A_k (§9); the vertex
+    directories named one by one give the same tensors, with or without --lora."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cluster.cli import main
+
+    vertices = parse_policies(conditioned)
+    assert list(vertices) == ["a", "b"] and all(v.endswith(f"vertices/{k}") for k, v in vertices.items())
+    out = tmp_path / "soup"
+    assert main(["mix", "soup", "--policies", conditioned, "--weights", "0.3,0.7", "--out", str(out)]) == 0
+    got = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    merged = [PeftModel.from_pretrained(load_causal_lm(conditioned), d).merge_and_unload().state_dict()
+              for d in vertices.values()]
+    want = soup_state_dicts(merged, [0.3, 0.7])
+    assert set(got) == set(want)
+    for key, t in got.items():
+        torch.testing.assert_close(t, want[key], rtol=0, atol=1e-6)
+    base = load_causal_lm(conditioned).state_dict()
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    meta = read_metadata(str(out))
+    assert meta.kind == "soup" and meta.entries["weights"] == {"a": 0.3, "b": 0.7} and "base" not in meta.entries
+    named = ",".join(f"{k}={v}" for k, v in vertices.items())
+    for flags in ([], ["--lora"]):
+        again = tmp_path / f"named{len(flags)}"
+        assert main(["mix", "soup", "--policies", named, "--weights", "a=0.3,b=0.7", "--out", str(again), *flags]) == 0
+        assert all(torch.equal(t, got[k]) for k, t in load_causal_lm(str(again)).state_dict().items())
+    with pytest.raises(ValueError, match="conditioned policy; give its directory alone"):
+        check_compatible({"a": conditioned}, force=True)
+
+
+def test_vertices_are_ordinary_lora_policies_of_the_conditioned_base(conditioned):
+    """Each vertex passes the checks of a set of policies, its reference being either the model the
+    training started from or the conditioned policy's own base checkpoint (`moray mix mpo --ref OUT`)."""
+    vertices = parse_policies(conditioned)
+    meta = check_compatible(vertices, ref=conditioned)
+    assert all(m.entries["lora"] for m in meta.values())
+    check_compatible(vertices, ref=read_metadata(conditioned).reference_model)
+    with pytest.raises(ValueError, match="reference"):
+        check_compatible(vertices, ref=str(vertices["a"]))
+
+
+def test_a_conditioned_directory_without_its_vertices_is_refused(tmp_path):
+    from trainers.core.metadata import PolicyMetadata, write_metadata
+
+    (tmp_path / "vertices" / "a").mkdir(parents=True)
+    write_metadata(str(tmp_path), PolicyMetadata("conditioned", entries={"objectives": ["a", "b"]}))
+    with pytest.raises(ValueError, match=r"without the vertex directories .* \(missing: \['b'\]\)"):
+        parse_policies(str(tmp_path))

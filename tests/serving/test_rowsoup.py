@@ -128,7 +128,7 @@ def test_lora_rows_get_the_logits_of_their_lora_soup_from_one_base_forward(lora_
 
 def test_policies_that_are_not_one_base_plus_adapters_get_the_full_weight_per_row_soup(lora_three, tiny_model, tmp_path,
                                                                                       caplog):
-    from serving.engine import per_row_soup
+    from serving.rowsoup import per_row_soup
 
     a, b = lora_three["a"], lora_three["b"]
     assert per_row_soup([load_causal_lm(d) for d in (a, b)], [a, b]).kind == "lora"
@@ -181,7 +181,7 @@ def test_per_row_soups_mix_every_row_under_accelerate_hooks(kind, request, tmp_p
         soup = RowSoup([_dispatched(p, offload=kind == "full-offload") for p in paths])
         wants = [_merged(plain, w)(input_ids=ids[b:b + 1]).logits[0] for b, w in enumerate(weights.tolist())]
     else:
-        from serving.engine import per_row_soup
+        from serving.rowsoup import per_row_soup
 
         dirs = request.getfixturevalue("lora_three")
         # offloaded LoRA policies: the full-weight per-row soup (the same soup, Σ w_k = 1)
@@ -211,3 +211,33 @@ def test_each_policy_runs_on_its_own_device(three):
     with torch.no_grad(), pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
         soup.model(input_ids=torch.tensor(PROMPTS[:1]))
     assert seen and all(d.type == "meta" for d in seen)
+
+
+def test_a_conditioned_policy_runs_each_row_at_its_own_weights_on_the_bare_base(conditioned, tmp_path):
+    """Adapters stored alone (a conditioned policy's vertices): one forward of the bare base plus the
+    stacked adapters gives each row the logits of ``moray mix soup`` at its vector (the model at λ,
+    §9), and each vertex view is the vertex as peft loads it; no weight is copied."""
+    from peft import PeftModel
+
+    from serving.policies import parse_policies
+
+    vertices = parse_policies(conditioned)
+    base = load_causal_lm(conditioned).eval()
+    soup = LoraRowSoup([base], [load_lora_factors(d) for d in vertices.values()], bare_base=True)
+    weights = torch.tensor([[0.2, 0.8], [1.0, 0.0], [0.0, 1.0], [0.6, 0.4]])
+    soup.select_rows(weights)
+    ids = torch.tensor([*PROMPTS, PROMPTS[0][::-1]])
+    with torch.no_grad():
+        got = soup.model(input_ids=ids).logits
+    for b, w in enumerate(weights.tolist()):
+        merged = load_causal_lm(soup_policies(vertices, w, str(tmp_path / f"soup{b}"))).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(got[b], merged(input_ids=ids[b:b + 1]).logits[0], rtol=1e-5, atol=1e-5)
+    for k, d in enumerate(vertices.values()):
+        peft = PeftModel.from_pretrained(load_causal_lm(conditioned), d).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(soup.vertex(k)(input_ids=ids).logits, peft(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+    assert {id(p) for p in soup.model.parameters()} <= {id(p) for p in base.parameters()}
+    with pytest.raises(ValueError, match="one bare base"):
+        LoraRowSoup([base, base], [load_lora_factors(d) for d in vertices.values()], bare_base=True)

@@ -11,13 +11,16 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from trainers.core import storage
-from trainers.core.metadata import PolicyMetadata, write_metadata
+from trainers.core.metadata import METADATA_FILE, PolicyMetadata, read_metadata, write_metadata
 ADAPTER_DIR = "adapter"  # a LoRA policy's adapter, beside its merged weights
+VERTICES_DIR = "vertices"  # a conditioned policy's per-objective adapters, one directory each
+ADAPTER_CONFIG = "adapter_config.json"
 # a LoRA policy's factors by base weight name: (A (r, in), B (out, r), scaling s); the update is s B A
 LoraFactors = Mapping[str, Tuple[torch.Tensor, torch.Tensor, float]]
 INDEX_FILE = "model.safetensors.index.json"
@@ -161,7 +164,7 @@ def load_lora_factors(adapter_dir: str) -> LoraFactors:
     """A peft adapter directory -> ``{base weight name: (A, B, scaling)}``."""
     from safetensors.torch import load_file
 
-    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
     tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     scaling = lora_scaling(cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora")))
     factors: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -174,3 +177,53 @@ def load_lora_factors(adapter_dir: str) -> LoraFactors:
     if not factors:
         raise ValueError(f"{adapter_dir} holds no LoRA factors")
     return factors
+
+
+@dataclass(frozen=True)
+class PolicyFiles:
+    """Where a local policy's parts are. Two layouts: merged weights with their adapter in
+    ``adapter/`` (LoRA training's export), or an adapter alone whose ``moray.json`` names its
+    ``base`` checkpoint relative to it (a conditioned policy's vertex)."""
+
+    weights: str  # a full HF checkpoint: the policy's own weights, or the base its adapter goes on
+    adapter: Optional[str] = None  # its peft adapter directory (None: not a LoRA policy)
+    adapter_only: bool = False  # the adapter is not in ``weights`` yet (the vertex layout)
+
+
+def policy_files(path: str) -> PolicyFiles:
+    """The layout of ``path`` (a hub name or a storage URI is its own weights)."""
+    p = Path(path)
+    if not p.is_dir():
+        return PolicyFiles(path)
+    if (p / ADAPTER_DIR / ADAPTER_CONFIG).exists():
+        return PolicyFiles(path, str(p / ADAPTER_DIR))
+    if (p / ADAPTER_CONFIG).exists() and not (p / "config.json").exists():
+        base = read_metadata(path).get("base") if (p / METADATA_FILE).exists() else None
+        if not base:
+            raise ValueError(f"{path} holds an adapter but no weights, and its {METADATA_FILE} names no base")
+        return PolicyFiles(str((p / base).resolve()), path, adapter_only=True)
+    return PolicyFiles(path)
+
+
+def add_lora(weight: torch.Tensor, terms: Sequence[Tuple[float, Tuple[torch.Tensor, torch.Tensor, float]]]) -> torch.Tensor:
+    """``W + Σ_i w_i s_i B_i A_i`` (LoRA products, never the factors; docs/algorithms.md §6), summed in
+    float64 on ``weight``'s device and returned in its dtype."""
+    delta = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
+    for w, (A, B, s) in terms:
+        if w != 0:
+            delta += w * s * (B.to(delta.device, torch.float64) @ A.to(delta.device, torch.float64))
+    return (weight.double() + delta).to(weight.dtype)
+
+
+def merge_adapters(model: torch.nn.Module, adapters: Sequence[LoraFactors], weights: Sequence[float]) -> torch.nn.Module:
+    """``model`` with ``Σ_k w_k s_k B_k A_k`` added to its adapted weights, in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in sorted(set().union(*[set(a) for a in adapters])):
+            if name not in params:
+                raise ValueError(f"adapter targets {name}, which the base model does not have")
+            if params[name].device.type == "meta":
+                raise ValueError(f"{name} is offloaded: an adapter cannot be added to it")
+            terms = [(w, a[name]) for w, a in zip(weights, adapters) if name in a]
+            params[name].copy_(add_lora(params[name], terms))
+    return model

@@ -31,6 +31,7 @@ KINDS: Dict[str, Kind] = {k.name: k for k in (
     Kind("policy", "a policy", mixable=True),  # trained by a job in trainers/jobs
     Kind("soup", "a merged policy", mixable=True),  # `moray mix soup`'s weighted merge of policies
     Kind("reward_model", "a reward model", mixable=False),  # `moray train reward`'s Bradley-Terry scorer
+    Kind("conditioned", "a preference-conditioned policy", mixable=True),  # a base plus one adapter per objective
 )}
 NAMED = ("kind", "objective", "reference_model", "beta")  # the fields with a name of their own
 

@@ -8,12 +8,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from trainers.core.export import load_lora_factors, merge_adapters, policy_files
+
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The tokenizer, with the EOS token as padding when it has no pad token."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(policy_files(name_or_path).weights, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ValueError(f"tokenizer of {name_or_path} has neither a pad nor an eos token")
@@ -26,8 +28,12 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype: to
                    device_map: Optional[str] = None):
     """A causal LM; ``attn_implementation`` picks the attention kernel (transformers' default when
     None); ``without_dropout`` sets every dropout probability of its config and modules to 0;
-    ``device_map="auto"`` shards it over the visible GPUs as it loads."""
+    ``device_map="auto"`` shards it over the visible GPUs as it loads. A policy stored as an adapter
+    alone (a conditioned policy's vertex) is its base with the adapter added."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = policy_files(name_or_path)
+    name_or_path = files.weights
 
     kwargs: Dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if device_map:
@@ -42,6 +48,8 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype: to
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
+    if files.adapter_only:
+        merge_adapters(model, [load_lora_factors(files.adapter)], [1.0])
     return model
 
 

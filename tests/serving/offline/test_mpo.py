@@ -11,6 +11,7 @@ from scipy.optimize import minimize
 
 from cluster.cli import main
 from serving.offline.mpo import bsmd, bsmd_direction, mpo_objective, sample_log_ratios
+from serving.policies import parse_policies
 from tests.helpers import make_policy
 
 
@@ -151,3 +152,15 @@ def test_teacher_forced_stage_matches_float64_full_vocabulary_log_probs(tiny_mod
     np.testing.assert_allclose(sum(got, []), want, rtol=1e-5, atol=1e-5)
     half = SequenceLogps(tiny_model, "p", placement=Placement(dtype="bfloat16"))(batch)["logp_p"]
     np.testing.assert_allclose(sum((json.loads(v) for v in half), []), want, rtol=0.05, atol=0.3)
+
+
+@pytest.mark.slow
+def test_moray_mix_mpo_takes_a_conditioned_policy_as_its_vertex_policies(ray_local, conditioned, tmp_path):
+    """`moray mix mpo --policies OUT --ref OUT`: the vertices are scored as ordinary LoRA policies
+    (each its base plus its adapter), against the conditioned policy's own base as reference."""
+    out = tmp_path / "weights.json"
+    assert main(["mix", "mpo", "--policies", conditioned, "--ref", conditioned, "--prompts", "demo:4",
+                 "--samples-per-prompt", "3", "--prompt-batch", "2", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["weights"]) == {"a", "b"} and sum(result["weights"].values()) == pytest.approx(1.0)
+    assert result["policies"] == parse_policies(conditioned)

@@ -88,3 +88,28 @@ def test_lora_scaling_is_peft_s_rule():
                                LoraConfig(r=4, lora_alpha=6, target_modules=["0"], use_rslora=rslora))
         assert model.base_model.model[0].scaling["default"] == lora_scaling(4, 6, rslora)
     assert lora_scaling(4, 6) == 1.5 and lora_scaling(4, 6, rslora=True) == 3.0
+
+
+def test_one_loader_reads_both_lora_layouts_as_peft_does(tiny_model, tmp_path):
+    """A LoRA policy is merged weights plus ``adapter/``, or (a conditioned policy's vertex) an
+    adapter alone whose moray.json names its base: load_causal_lm gives the latter as peft
+    loads it on its base, and its tokenizer is the base's."""
+    from peft import PeftModel
+
+    from tests.helpers import make_conditioned_policy, make_lora_policy
+    from trainers.core.export import ADAPTER_DIR, PolicyFiles, policy_files
+    from trainers.core.models import load_causal_lm, load_tokenizer
+
+    cond = make_conditioned_policy(tiny_model, tmp_path / "cond", shared_r=2)
+    lora = make_lora_policy(tiny_model, tmp_path / "lora", 1, "a")
+    vertex = str(tmp_path / "cond" / "vertices" / "b")
+    assert policy_files(lora) == PolicyFiles(lora, str(tmp_path / "lora" / ADAPTER_DIR))
+    assert policy_files(vertex) == PolicyFiles(str((tmp_path / "cond").resolve()), vertex, adapter_only=True)
+    assert policy_files(tiny_model) == PolicyFiles(tiny_model) and policy_files("org/model") == PolicyFiles("org/model")
+    ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
+    peft = PeftModel.from_pretrained(load_causal_lm(cond), vertex).eval()
+    with torch.no_grad():
+        want = peft(input_ids=ids).logits
+        torch.testing.assert_close(load_causal_lm(vertex)(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert (want - load_causal_lm(cond)(input_ids=ids).logits).abs().max() > 1e-2  # the adapter is there
+    assert load_tokenizer(vertex).get_vocab() == load_tokenizer(tiny_model).get_vocab()
