@@ -38,7 +38,6 @@ baseline and a KL penalty to the reference), balanced by the same step.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -52,7 +51,7 @@ from reward_models.objectives import check_objectives, objectives_help
 from reward_models.prompts import load_prompts
 from trainers.balancing import averaged_gram, gapo_from_gram, gram_of, pgapo_from_gram
 from trainers.batches import batch_logits_to_keep, pad_pairs
-from trainers.config import JobConfig
+from trainers.config import JobConfig, multi_objective, objectives_errors
 from trainers.deepspeed_setup import use_bf16
 from trainers.core.config import opt, parse_numbers
 from trainers.core.logps import response_logits, sequence_logps
@@ -93,12 +92,9 @@ class GAPOJobConfig(JobConfig):
     def resolved(self) -> "GAPOJobConfig":
         """The policy's name joins the objectives, and a pair file without a label mapping is read as
         ``moray pairs``' ``pairs_multi.jsonl`` (response_0/1, better_<k>)."""
-        out = dataclasses.replace(self, data=dataclasses.replace(self.data))
-        if not out.objective and out.objectives:
-            out.objective = "+".join(out.objectives)
-        if not out.data.objective_labels and out.objectives and not out.online:
-            out.data.response_columns = out.data.response_columns or ["response_0", "response_1"]
-            out.data.objective_labels = {k: f"better_{k}" for k in out.objectives}
+        out = multi_objective(self, [] if self.online else self.objectives)
+        if not out.objective and self.objectives:
+            out.objective = "+".join(self.objectives)
         return out
 
     def _tied_head(self) -> bool:
@@ -130,9 +126,7 @@ class GAPOJobConfig(JobConfig):
         return [] if self.online else list(self.objectives)
 
     def extra_errors(self) -> List[str]:
-        errors = []
-        if len(self.objectives) < 2 or len(set(self.objectives)) != len(self.objectives):
-            errors.append(f"objectives must name at least two different objectives, got {self.objectives}")
+        errors = objectives_errors(self.objectives)
         if self.online:
             if self.samples_per_prompt < 2 or self.max_new_tokens < 1 or not self.temperature > 0 or self.kl_coef < 0:
                 errors.append("online GAPO needs samples_per_prompt >= 2, max_new_tokens >= 1, temperature > 0 "
