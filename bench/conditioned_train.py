@@ -47,12 +47,12 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="moray-bench-conditioned-"))
     if args.tiny:
-        from cluster.base_models import build_tiny_model
+        from cluster.recipes.base_models import build_tiny_model
         from reward_models.prompts import tiny_corpus
 
         model = build_tiny_model(str(root / "tiny"), tiny_corpus(400, seed=0))
     else:
-        from cluster.base_models import smollm2_dir
+        from cluster.recipes.base_models import smollm2_dir
 
         model = smollm2_dir()
     data = write_jsonl(root / "multi.jsonl", multi_rows(args.pairs))

@@ -36,7 +36,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.base_models import build_tiny_model  # noqa: E402
+from cluster.recipes.base_models import build_tiny_model  # noqa: E402
 from reward_models.prompts import FILLERS, NEGATIVE, POSITIVE, tiny_corpus  # noqa: E402
 
 TRL_SETTINGS = dict(precompute_ref_log_probs=True, bf16=False, gradient_checkpointing=False)
@@ -104,7 +104,7 @@ def run_moray(model_dir: str, data: str, out: str, args) -> dict:
              "reports in the loop": metrics["report_seconds"], "export": metrics["export_seconds"]}
     parts["rest (Ray Train shutdown, copy)"] = end_to_end - sum(parts.values()) - metrics["train_seconds"] \
         + metrics["report_seconds"]
-    return {"train_seconds": metrics["train_seconds"], "pairs": metrics["pairs_trained"],
+    return {"train_seconds": metrics["train_seconds"], "pairs": metrics["rows_trained"],
             "end_to_end_seconds": end_to_end, "fixed_costs": parts}
 
 

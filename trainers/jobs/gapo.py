@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import pyarrow as pa
@@ -51,14 +51,14 @@ from reward_models.objectives import check_objectives, objectives_help
 from reward_models.prompts import load_prompts
 from trainers.balancing import averaged_gram, gapo_from_gram, gram_of, pgapo_from_gram
 from trainers.batches import batch_logits_to_keep, pad_pairs
-from trainers.config import JobConfig, multi_objective, objectives_errors
-from trainers.deepspeed_setup import use_bf16
 from trainers.core.config import opt, parse_numbers
 from trainers.core.logps import response_logits, sequence_logps
 from trainers.core.models import count_parameters, ties_embeddings
 from trainers.core.weights import WeightError, check_weights
 from trainers.data import LoadReport, load_pairs
+from trainers.deepspeed_setup import use_bf16
 from trainers.job import Flag, Job
+from trainers.job_config import JobConfig, multi_objective, objectives_errors
 from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import dpo_loss, policy_gradient_loss
 from trainers.rollout import Rollout, TokenizePrompts, pad_prompts
@@ -310,7 +310,7 @@ def make_task(cfg: GAPOJobConfig) -> GAPOTask:
     return OnlineGAPOTask(cfg) if cfg.online else GAPOTask(cfg)
 
 
-def run(job: GAPOJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
+def run(job: GAPOJobConfig) -> Dict[str, Any]:
     """Train one GAPO / P-GAPO policy (offline or online) and export it to ``job.out``. Returns the
     final metrics. Rows and objectives are checked before Ray starts."""
     job = job.validate()
@@ -319,14 +319,14 @@ def run(job: GAPOJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
     if not job.online:
         table, report = load_pairs(job.data, job.objectives[0], also=job.objectives[1:], stage=staging_dir(job))
         return train_on_rows(make_task, job, table, report, policy_metadata(job, method=method, loss="dpo", **common),
-                             f"gapo-{job.objective}", address)
+                             f"gapo-{job.objective}")
     check_objectives(job.objectives)
     prompts = load_prompts(job.data.path, job.prompt_column, job.data.split)
     table = pa.table({"idx": pa.array(np.arange(len(prompts), dtype=np.int64)), "prompt": prompts})
     report = LoadReport(total=len(prompts), kept=len(prompts))
     metadata = policy_metadata(job, method=method + "-online", loss="policy_gradient", kl_coef=job.kl_coef,
                                samples_per_prompt=job.samples_per_prompt, max_new_tokens=job.max_new_tokens, **common)
-    return train_on_rows(make_task, job, table, report, metadata, f"gapo-online-{job.objective}", address,
+    return train_on_rows(make_task, job, table, report, metadata, f"gapo-online-{job.objective}",
                          tokenize=TokenizePrompts, unit="prompts")
 
 
