@@ -124,7 +124,8 @@ class ConditionedTask(PolicyTask):
         for i, k in enumerate(self.cfg.objectives):
             stats[f"lambda/{k}"] = lam[:, i].detach()
             stats[f"accuracy/{k}"] = (signs[:, i] * (c - r) > 0).to(c.dtype)
-        sums = torch.cat([lam.detach().sum(0), lam.new_tensor([lam.shape[0]])]).double()
+        drawn = batch["preference"].double()  # the drawn λ, float64: its sums are checked across a resume
+        sums = torch.cat([drawn.sum(0), drawn.new_tensor([drawn.shape[0]])])
         self.step_sums = sums if self.step_sums is None else self.step_sums + sums
         return losses, stats
 
