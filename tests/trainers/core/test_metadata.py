@@ -21,7 +21,7 @@ def test_policy_metadata_round_trips_the_flat_json(tmp_path):
 
 
 def test_kinds_table_says_what_mixes():
-    assert {k for k, kind in KINDS.items() if kind.mixable} == {"policy", "soup"}
+    assert {k for k, kind in KINDS.items() if kind.mixable} == {"policy", "soup", "conditioned"}
     soup = PolicyMetadata("policy", "a", "/m", 0.1).with_entries(kind="soup", objective="a+b", weights={"a": 1.0})
     assert (soup.kind, soup.objective, soup.reference_model, soup.entries) == ("soup", "a+b", "/m", {"weights": {"a": 1.0}})
     assert soup.mixable and not PolicyMetadata("reward_model", "x").mixable and not PolicyMetadata(None).mixable
@@ -29,10 +29,10 @@ def test_kinds_table_says_what_mixes():
 
 
 def test_unknown_kind_is_read_but_never_written(tmp_path):
-    (tmp_path / METADATA_FILE).write_text(json.dumps({"kind": "conditioned", "objective": "a"}))
+    (tmp_path / METADATA_FILE).write_text(json.dumps({"kind": "a_newer_kind", "objective": "a"}))
     meta = read_metadata(str(tmp_path))
-    assert meta.kind == "conditioned" and not meta.mixable and not has_kind(str(tmp_path), "policy")
-    with pytest.raises(ValueError, match="unknown moray.json kind 'conditioned'"):
+    assert meta.kind == "a_newer_kind" and not meta.mixable and not has_kind(str(tmp_path), "policy")
+    with pytest.raises(ValueError, match="unknown moray.json kind 'a_newer_kind'"):
         write_metadata(str(tmp_path), meta)
     with pytest.raises(FileNotFoundError, match="not a Moray policy"):
         read_metadata(str(tmp_path / "missing"))
