@@ -144,3 +144,20 @@ def test_bt_loss_oracles():
     assert loss.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-15)
     loss.sum().backward()
     assert w.grad.item() == pytest.approx(-1 / (1 + math.exp(1.5)), abs=1e-15)  # -σ(-(s_w - s_l))
+
+
+def test_conditioned_loss_weighs_each_objectives_dpo_in_its_own_ordering():
+    """§9: at π = π_ref L_row = log 2 · Σ_k λ_k |m_k| (m_k = 0: no label, no loss); otherwise objective
+    k's term is DPO with chosen and rejected swapped where m_k = -1, weighted by λ_k."""
+    from trainers.losses import conditioned_loss, dpo_loss
+
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    signs = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    lam = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]], dtype=torch.float64)
+    same = t(-5.0, -7.0)
+    losses, _, _ = conditioned_loss(same, same, same, same, signs, lam, 0.1)
+    torch.testing.assert_close(losses, math.log(2) * t(0.7, 0.9), rtol=0, atol=1e-15)
+    pc, pr, rc, rr = t(-50.0, -3.0), t(-40.0, -4.0), t(-52.0, -3.5), t(-41.0, -3.0)
+    losses, _, _ = conditioned_loss(pc, pr, rc, rr, signs, lam, 0.1)
+    fwd, back = dpo_loss(pc, pr, rc, rr, 0.1)[0], dpo_loss(pr, pc, rr, rc, 0.1)[0]
+    torch.testing.assert_close(losses, t(0.2 * fwd[0] + 0.5 * back[0], 0.6 * fwd[1] + 0.3 * fwd[1]), rtol=0, atol=1e-15)
