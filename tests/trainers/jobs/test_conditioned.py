@@ -89,6 +89,31 @@ def test_export_writes_the_base_and_one_peft_adapter_per_vertex(tiny_model, tmp_
         assert (want - base(input_ids=ids).logits).abs().max() > 1e-3
 
 
+def test_the_server_reads_the_export_as_the_trained_model_at_each_rows_weights(tiny_model, tmp_path):
+    """The writer's directory through the server's reader: ``--policies OUT`` expands to its
+    vertices, and one forward of the bare base with the stacked vertex adapters gives each row the
+    logits of the trained conditioned model at that row's λ (rows with different λ in one batch)."""
+    from serving.policies import parse_policies
+    from serving.rowsoup import LoraRowSoup
+    from trainers.core.export import load_lora_factors
+
+    cfg = _config(tiny_model, "unused", tmp_path / "out", rank=3, shared_rank=2, **{"model.lora_alpha": 6})
+    model = conditioned_model(tiny_model, 2, rank=3, shared_rank=2, dtype=torch.float32)
+    out = str(tmp_path / "out")
+    ConditionedTask(cfg).export(module_tensors(model), model, out, conditioned_metadata(cfg), torch.float32)
+    vertices = parse_policies(out)
+    assert list(vertices) == OBJECTIVES
+    soup = LoraRowSoup([load_causal_lm(out).eval()], [load_lora_factors(d) for d in vertices.values()], bare_base=True)
+    weights = torch.tensor([[0.2, 0.8], [1.0, 0.0], [0.65, 0.35]])
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 8], [4, 4, 17, 3, 60, 12, 9], [8, 2, 70, 33, 9, 5, 1]])
+    soup.select_rows(weights)
+    with torch.no_grad():
+        got = soup.model(input_ids=ids).logits
+        set_preference(model, weights.view(3, 1, 2))
+        want = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _pku_rows(rows):
     """The same pairs in PKU-SafeRLHF's shape: response_0/1, better_response_id, safer_response_id."""
     return [{"prompt": r["prompt"], "response_0": r["response_0"], "response_1": r["response_1"],
