@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from serving.decode import Sampling, row_probs, sample_rows
-from serving.metrics import serving_specs
+from serving.app import serving_specs
 from trainers.batches import pad_pairs, pair_logps
 from trainers.core.export import save_hf
 from trainers.core.metadata import PolicyMetadata, write_metadata
@@ -366,7 +366,7 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -
 
 
 def all_specs() -> list[MetricSpec]:
-    """Every Moray metric: training's (:mod:`trainers.training_metrics`) and serving's (:mod:`serving.metrics`)."""
+    """Every Moray metric: training's (:mod:`trainers.training_metrics`) and serving's (:mod:`serving.app`)."""
     return training_specs() + serving_specs()
 
 

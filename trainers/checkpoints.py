@@ -24,7 +24,7 @@ from trainers.core.metadata import PolicyMetadata
 from trainers.core.storage import filesystem, is_uri
 from trainers.deepspeed_setup import gathered_tensors
 from trainers.policy_export import export_dtype
-from trainers.reference import ReferenceTable
+from trainers.batches import ReferenceTable
 
 STATE_FILE = "trainer_state.json"
 FINAL_TASK_STATE = "task_state"  # the final metrics' key for the task's state at the end (Task.state)

@@ -6,7 +6,7 @@ reports, and exports at the end.
 Each worker reads its own shard (``get_dataset_shard(f"rank{r}")``, split deterministically on the
 driver); a window of ``bucket_batches`` batches is grouped by length before being cut into
 micro-batches. Before the first step, a task that trains against a reference gets its rows'
-reference log-probs from one pass of the untrained policy (:mod:`trainers.reference`). The data position is the count of micro-batches done, which with the seeded order
+reference log-probs from one pass of the untrained policy (:mod:`trainers.batches`). The data position is the count of micro-batches done, which with the seeded order
 makes a resumed run see exactly the rows an uninterrupted run would. Losses and statistics stay
 on the device and are read once per optimizer step (one all-reduce, one copy to the host).
 """
@@ -30,7 +30,7 @@ from trainers.checkpoints import (ExportTarget, export_final, load_engine_state,
 from trainers.core.metadata import PolicyMetadata
 from trainers.core.runtime import quiet_ray_data
 from trainers.deepspeed_setup import build_engine, worker_device
-from trainers.reference import ReferenceTable
+from trainers.batches import ReferenceTable
 from trainers.training_metrics import TrainingMetrics
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ class Task:
 
     name: str = "task"
     cfg: TaskConfig
-    needs_reference = False  # True: rows get ref_<response>_logps from the loop's reference pass (trainers.reference)
+    needs_reference = False  # True: rows get ref_<response>_logps from the loop's reference pass (trainers.batches)
 
     def build(self) -> torch.nn.Module:
         """The trainable module, on the CPU (DeepSpeed moves it)."""

@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from cluster.cli.commands import COMMANDS  # noqa: E402
 from cluster.cli.parser import build_parser  # noqa: E402
 from trainers.core.runtime import interactive, quiet_progress  # noqa: E402
-from trainers.job import PromiseUnmet  # noqa: E402
+from trainers.job_config import PromiseUnmet  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -31,7 +31,7 @@ from trainers.core.config import describe, load_config, parse_assignments, parse
 from trainers.core.models import Placement
 from trainers.core.runtime import init_ray
 from trainers.core.weights import check_weights
-from trainers.job import config_from
+from trainers.job_config import config_from
 from trainers.jobs import JOBS, get_job
 from trainers.ratings import RatingsMapping, pairs_from_ratings
 

@@ -39,7 +39,7 @@ from reward_models.objectives import objectives_help
 from serving.deploy import IMPORT_PATH
 from trainers.core.config import field_help
 from trainers.core.models import INFERENCE_DTYPES
-from trainers.job import Job, flags_of
+from trainers.job_config import Job, flags_of
 from trainers.jobs import JOBS
 
 RENAME_HELP = "accept NAMEs that differ from the objectives recorded in the policies' moray.json"
@@ -64,7 +64,7 @@ def add_placement(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_job(p: argparse.ArgumentParser, job: Job) -> None:
-    """A job's flags: ``--config``, every :class:`~trainers.job.Flag` it declares (``--address``
+    """A job's flags: ``--config``, every :class:`~trainers.job_config.Flag` it declares (``--address``
     among them) and ``--set``."""
     p.add_argument("--config", help="YAML file with model:, data:, train: sections (and the job's own fields)")
     for f in flags_of(job):

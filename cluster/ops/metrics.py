@@ -1,6 +1,6 @@
 """Moray's metrics seen from the cluster: read back from every node's Prometheus endpoint, and the
 Grafana dashboard built from their definitions (training's in :mod:`trainers.training_metrics`, serving's in
-:mod:`serving.metrics`, where their producers define them).
+:mod:`serving.app`, where their producers define them).
 
 Ray exports every metric with a ``ray_`` prefix from each node's metrics endpoint (``ray start
 --metrics-export-port``; Prometheus scrapes it, the Ray dashboard's Metrics page reads Prometheus).

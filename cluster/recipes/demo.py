@@ -39,7 +39,7 @@ from trainers.core.config import load_config
 from trainers.core.metadata import read_metadata
 from trainers.core.models import load_tokenizer
 from trainers.core.runtime import free_port, init_ray
-from trainers.job import Job
+from trainers.job_config import Job
 from trainers.jobs import JOBS
 
 log = logging.getLogger(__name__)

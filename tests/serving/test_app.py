@@ -12,7 +12,7 @@ import torch
 from cluster.ops.metrics import node_metrics_urls, read_metrics, total
 from serving.config import ServeConfig
 from serving.deploy import load_serve_file, run_serve_file, serve_file, write_serve_file
-from serving.metrics import SERVE
+from serving.app import SERVE
 from trainers.core.config import load_config
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.core.runtime import free_port

@@ -1,17 +1,21 @@
 """Micro-batches: packed sequences (no padding, each attending only to itself) give the same
 sequence log-probs as right-padded rows, to 1e-6 in float64, for pairs and for rows of more
-responses; packing leaves less padding; the riders follow their rows."""
+responses; packing leaves less padding; the riders follow their rows. Reference log-probs from the
+policy's own first pass: the first step's log-ratios are exactly 0, in the training dtype; the table
+survives a checkpoint."""
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import (HEAD_BOUND, bf16_head_errors, candidates, packing_gap, response_columns,
+from tests.helpers import (HEAD_BOUND, BareEngine, bf16_head_errors, candidates, packing_gap, response_columns,
                            synthetic_pairs)
-from trainers.batches import ATTENTION_ONE_ROW, pack_pairs, packs_one_row, pad_pairs, pair_logps
+from trainers.batches import ATTENTION_ONE_ROW, ReferenceTable, pack_pairs, packs_one_row, pad_pairs, pair_logps
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.job_config import ModelConfig
+from trainers.data import Tokenize
 from trainers.jobs.dpo import DPOJobConfig, DPOTask
+from trainers.task import build_policy
 
 
 _rows = response_columns
@@ -93,3 +97,34 @@ def test_bf16_model_log_probs_come_from_a_float32_head(tiny_model):
     the bf16 head (the path before) rounds logits to steps of 0.125 there and misses by far more."""
     new, old = bf16_head_errors(tiny_model)
     assert new <= HEAD_BOUND < old, (new, old)
+
+
+def _batches(tiny_model, task):
+    rows = synthetic_pairs(12, seed=4)
+    cols = {"idx": np.arange(12), "is_chat": np.zeros(12, dtype=bool),
+            **{k: np.array([r[k] for r in rows], dtype=object) for k in ("prompt", "chosen", "rejected")}}
+    tokenized = Tokenize(tiny_model, 64, 64)(cols)
+    pad = load_tokenizer(tiny_model).pad_token_id
+    return [task.collate(tokenized, pad, index) for index in ([3, 0, 7, 5], [1, 2, 4, 6], [8, 9, 10, 11])]
+
+
+def test_first_step_log_ratios_are_exactly_zero_and_the_table_round_trips(tiny_model, tmp_path):
+    cfg = DPOJobConfig(objective="s")
+    cfg.model.name_or_path = tiny_model
+    task = DPOTask(cfg)
+    assert task.needs_reference and cfg.train.packing
+    model = build_policy(cfg.model).train()
+    batches = _batches(tiny_model, task)
+    table = ReferenceTable.compute(model, batches, torch.device("cpu"))
+    assert table.values.dtype == np.float64 and table.values.shape == (12, 2) and table.names == ["chosen", "rejected"]
+    assert model.training  # the pass leaves the mode as it found it
+    for batch in batches:
+        losses, stats = task.losses(BareEngine(model), table.attach(batch))
+        assert stats["chosen_reward"].abs().max().item() == 0.0 and stats["rejected_reward"].abs().max().item() == 0.0
+        assert torch.allclose(losses, torch.full_like(losses, float(np.log(2))), rtol=0, atol=1e-7)
+    table.save(str(tmp_path), rank=1)
+    again = ReferenceTable.load(str(tmp_path), rank=1)
+    assert ReferenceTable.load(str(tmp_path), rank=0) is None
+    batch = batches[1]
+    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert torch.equal(again.attach(batch)[k], table.attach(batch)[k])

@@ -2,7 +2,7 @@
 all read :data:`JOBS`. A new job is one file here (its config, task, ``run`` and ``JOB``) and one
 line below."""
 
-from trainers.job import Job
+from trainers.job_config import Job
 from trainers.jobs import conditioned, dpo, gapo, mopo, reward, wrpo
 
 JOBS = {job.name: job for job in (

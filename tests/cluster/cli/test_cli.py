@@ -227,7 +227,7 @@ def test_every_job_runs_from_its_config_alone_and_address_is_a_config_field():
     ``address``, as does ``address:`` in a YAML file or ``--set address=...``."""
     import inspect
 
-    from trainers.job import config_from
+    from trainers.job_config import config_from
     from trainers.jobs import JOBS
 
     for job in JOBS.values():
