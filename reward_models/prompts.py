@@ -1,14 +1,17 @@
 """Offline prompts and text for the demo and the tiny test models (no downloads).
 
 Prompts ask for short reviews, descriptions and opinions: room for both sentiment and
-conciseness to move. ``tiny_corpus`` writes answer-like text of varied tone and length, used to
+conciseness to move. The pool is every topic under every question form (:data:`PROMPT_TOPICS` x
+:data:`PROMPT_FORMS`); :func:`prompt_split` cuts it, by seed, into training prompts and held-out
+prompts that no training, pair sampling or weight search sees. ``tiny_corpus`` writes answer-like text of varied tone and length, used to
 train the tiny tokenizer and to warm-start the tiny model so it writes words and stops.
 """
 
 from __future__ import annotations
 
 import random
-from typing import List, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
 
 TOPICS = ["coffee shop", "movie", "novel", "hiking trail", "phone", "restaurant", "museum", "song",
           "city park", "video game", "laptop", "bakery", "concert", "hotel", "podcast", "train ride",
@@ -16,6 +19,18 @@ TOPICS = ["coffee shop", "movie", "novel", "hiking trail", "phone", "restaurant"
 ASKS = ["Write a short review of a {t}.", "Describe a {t} you visited recently.",
         "What do you think of the new {t}?", "Give your opinion of a {t}.",
         "Tell me about a {t} in a few words.", "How was the {t}?"]
+# the prompt pool adds these to TOPICS and ASKS (the tiny model's warm-start text keeps the first ones)
+MORE_TOPICS = ["airport", "library", "gym", "pizza", "theater play", "art gallery", "smartwatch", "headphones",
+               "ski resort", "farmers market", "cooking class", "car", "apartment", "music festival", "tea house",
+               "documentary", "pair of sneakers", "amusement park", "ferry trip", "office chair", "music album",
+               "yoga class", "campsite", "ice cream shop"]
+MORE_ASKS = ["What did you like or dislike about the {t}?", "Would you recommend the {t} to a friend? Why?",
+             "Summarize your experience with the {t}.", "Write a one-paragraph review of the {t}.",
+             "What is the best thing about the {t}?", "What is the worst thing about the {t}?",
+             "Compare the {t} with one you knew before.", "Rate the {t} and explain your rating.",
+             "Write a note to a friend about the {t}.", "Explain what makes a good {t}."]
+PROMPT_TOPICS = TOPICS + MORE_TOPICS
+PROMPT_FORMS = ASKS + MORE_ASKS
 POSITIVE = ["great", "wonderful", "lovely", "excellent", "delightful", "happy", "amazing", "good",
             "beautiful", "friendly", "fun", "charming"]
 NEGATIVE = ["awful", "terrible", "boring", "bad", "disappointing", "sad", "ugly", "rude", "noisy",
@@ -26,11 +41,41 @@ FILLERS = ["I went there last week.", "It was busy that day.", "The staff were t
            "The price was what I expected.", "There were many people around."]
 
 
-def demo_prompts(n: int, seed: int = 0) -> List[str]:
-    """``n`` distinct review/opinion prompts (wrapping around the templates if n is large)."""
-    combos = [a.format(t=t) for t in TOPICS for a in ASKS]
+def prompt_pool(seed: int = 0) -> List[str]:
+    """Every topic under every question form, distinct, shuffled by ``seed``."""
+    combos = [a.format(t=t) for t in PROMPT_TOPICS for a in PROMPT_FORMS]
     random.Random(seed).shuffle(combos)
+    return combos
+
+
+def demo_prompts(n: int, seed: int = 0) -> List[str]:
+    """``n`` distinct review/opinion prompts (wrapping around the pool if n is large)."""
+    combos = prompt_pool(seed)
     return [combos[i % len(combos)] for i in range(n)]
+
+
+@dataclass
+class PromptSplit:
+    """Training prompts (pair sampling, training, MPO's weight search take theirs from these) and
+    held-out prompts (evaluation only), disjoint, from the pool shuffled by ``seed``."""
+    seed: int
+    train: List[str]
+    heldout: List[str]
+
+    def record(self) -> Dict[str, Any]:
+        """The split as the study's JSON states it."""
+        return {"seed": self.seed, "pool": len(PROMPT_TOPICS) * len(PROMPT_FORMS), "topics": len(PROMPT_TOPICS),
+                "question_forms": len(PROMPT_FORMS), "train": self.train, "heldout": self.heldout}
+
+
+def prompt_split(train: int, heldout: int, seed: int = 0) -> PromptSplit:
+    """``train`` prompts from the front of the shuffled pool, ``heldout`` from its back (the one
+    does not move when the other's count changes). ValueError when the pool cannot hold both."""
+    pool = prompt_pool(seed)
+    if train < 0 or heldout < 0 or train + heldout > len(pool):
+        raise ValueError(f"{train} training + {heldout} held-out prompts: the pool has {len(pool)} "
+                         f"({len(PROMPT_TOPICS)} topics x {len(PROMPT_FORMS)} question forms)")
+    return PromptSplit(seed, pool[:train], pool[::-1][:heldout])
 
 
 def tiny_corpus(n: int, seed: int = 0) -> List[str]:
