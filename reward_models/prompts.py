@@ -19,18 +19,23 @@ TOPICS = ["coffee shop", "movie", "novel", "hiking trail", "phone", "restaurant"
 ASKS = ["Write a short review of a {t}.", "Describe a {t} you visited recently.",
         "What do you think of the new {t}?", "Give your opinion of a {t}.",
         "Tell me about a {t} in a few words.", "How was the {t}?"]
-# the prompt pool adds these to TOPICS and ASKS (the tiny model's warm-start text keeps the first ones)
+# the prompt pool adds these to TOPICS (the tiny model's warm-start text keeps TOPICS and ASKS)
 MORE_TOPICS = ["airport", "library", "gym", "pizza", "theater play", "art gallery", "smartwatch", "headphones",
                "ski resort", "farmers market", "cooking class", "car", "apartment", "music festival", "tea house",
                "documentary", "pair of sneakers", "amusement park", "ferry trip", "office chair", "music album",
                "yoga class", "campsite", "ice cream shop"]
-MORE_ASKS = ["What did you like or dislike about the {t}?", "Would you recommend the {t} to a friend? Why?",
-             "Summarize your experience with the {t}.", "Write a one-paragraph review of the {t}.",
-             "What is the best thing about the {t}?", "What is the worst thing about the {t}?",
-             "Compare the {t} with one you knew before.", "Rate the {t} and explain your rating.",
-             "Write a note to a friend about the {t}.", "Explain what makes a good {t}."]
+# question forms of the prompt pool: each asks for a short answer, so the base's answers end well
+# before the evaluation's cap and the length objective is measured, not cut off
+SHORT_ASKS = ["Write a short review of the {t}.", "Describe the {t} in two sentences.",
+              "In a sentence or two, what do you think of the {t}?", "Give a brief opinion of the {t}.",
+              "Tell me about the {t} in a few words.", "How was the {t}? Answer briefly.",
+              "Sum up the {t} in one sentence.", "Would you recommend the {t}? Say why in a sentence.",
+              "What is the best thing about the {t}? Be brief.", "What is the worst thing about the {t}? Be brief.",
+              "Rate the {t} and give one reason.", "Write a one-line note to a friend about the {t}.",
+              "Describe a {t} you visited recently, briefly.", "What do you think of the new {t}? Keep it short.",
+              "Compare the {t} with one you knew before, in a sentence.", "Give your opinion of a {t} in a few words."]
 PROMPT_TOPICS = TOPICS + MORE_TOPICS
-PROMPT_FORMS = ASKS + MORE_ASKS
+PROMPT_FORMS = SHORT_ASKS
 POSITIVE = ["great", "wonderful", "lovely", "excellent", "delightful", "happy", "amazing", "good",
             "beautiful", "friendly", "fun", "charming"]
 NEGATIVE = ["awful", "terrible", "boring", "bad", "disappointing", "sad", "ugly", "rude", "noisy",

@@ -9,23 +9,13 @@ next request at once), so large batches stay full while answers of different len
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from reward_models.sampling import Samples
 from serving.api import Parsed
 from serving.config import ServeConfig
 from serving.decode import Sampling
 from trainers.core.prompts import ask, encode
-
-
-@dataclass
-class Samples:
-    """Answers ``texts[prompt][sample]``; ``capped[prompt][sample]``: the answer stopped at the
-    token cap (finish "length") rather than on EOS; ``tokens``: tokens generated, all answers."""
-
-    texts: List[List[str]]
-    capped: List[List[bool]]
-    tokens: int
 
 
 def engine_sample(policies: Mapping[str, str], weights: Mapping[str, float], prompts: Sequence[str], samples: int,
