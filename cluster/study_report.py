@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 import numpy as np
 
 from cluster.demo import OBJECTIVES, constraints_text
-from reward_models.evaluate import hypervolume, pareto_mask
+from reward_models.evaluate import hypervolume, pareto_mask, save_figure
 from reward_models.intervals import compare_methods, seed_spread
 
 RETRAINING = "linear scalarisation (DPO)"  # per-weight retraining: the baseline every method is compared with
@@ -163,7 +163,4 @@ def plot_study(doc: Dict[str, Any], path: str, title: str) -> str:
     hx.set_xlabel("hypervolume (95% paired bootstrap interval over prompts)")
     hx.legend(fontsize=7, loc="lower right")
     hx.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

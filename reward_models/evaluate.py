@@ -220,6 +220,13 @@ def plot(results: Mapping[str, Mapping[str, Any]], objectives: Sequence[str], pa
     ax.set_title(title or "policies in objective space (95% intervals over prompts)")
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Lay out, write as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
