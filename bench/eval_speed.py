@@ -2,7 +2,7 @@
 
 ``python bench/eval_speed.py [--model DIR] [--prompts 32] [--cap 64]``: tokens/s of the study's
 old evaluation path (HF ``generate`` in batches of 16 prompts, ``reward_models.sampling.Generate``)
-against the serving engine in process (``serving.offline.engine_sample``, batches of 64), the
+against the serving engine in process (``serving.engine_sampling.engine_sample``, batches of 64), the
 same prompts, samples and cap, measured in one run, with their ratio.
 
 ``--lengths 512``: the base model's answer lengths under a cap of 512 (engine sampling): quantiles
@@ -21,7 +21,7 @@ import torch
 from reward_models import GENERATE_TOP_K
 from reward_models.prompts import prompt_split
 from reward_models.sampling import Generate
-from serving.offline import engine_sample
+from serving.engine_sampling import engine_sample
 
 
 def hf_generate(model: str, prompts, samples: int, cap: int):

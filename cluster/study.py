@@ -14,7 +14,7 @@ set of on-policy samples of the base model it produces
 
 and the two per-objective DPO policies and ``ls-0.5`` again with other training seeds (training
 noise). Every policy and mix is sampled for evaluation by the serving engine in this process
-(:mod:`serving.offline`) on held-out prompts that nothing trained or searched on, with a token cap
+(:mod:`serving.engine_sampling`) on held-out prompts that nothing trained or searched on, with a token cap
 few of the base's answers reach; :mod:`cluster.study_report` compares the methods' hypervolumes
 (reference: sentiment −1, length at the cap) with paired bootstrap intervals over prompts and
 writes ``study.md``, ``study.json`` and ``study.png``. Cost is the wall-clock seconds to produce a
@@ -39,7 +39,7 @@ from cluster.study_report import RETRAINING, compare, format_study, plot_study, 
 from reward_models.evaluate import EvalSettings, evaluate, write_json
 from reward_models.pairs import best_vs_worst, make_wrpo_pairs, scalarise, write_jsonl
 from reward_models.sampling import Samples
-from serving.offline import engine_sample
+from serving.engine_sampling import engine_sample
 from serving.soup import soup_policies
 from trainers.jobs import JOBS
 
@@ -97,7 +97,7 @@ def scalarised_pairs(candidates: str, weights: Dict[str, float], out: str) -> Tu
 
 def engine_sampler(policies: Dict[str, str], weights: Dict[str, float], batch: int) -> Callable:
     """Samples from the mix of ``policies`` at ``weights`` (one policy at weight 1: the policy itself)
-    through the serving engine in this process (:func:`serving.offline.engine_sample`): the
+    through the serving engine in this process (:func:`serving.engine_sampling.engine_sample`): the
     sampling path the Serve app runs, seeded per answer."""
     def sample(prompts: Sequence[str], n: int, s) -> Samples:
         return engine_sample(policies, weights, prompts, n, s.max_new_tokens, s.seed, s.temperature, s.top_k,
