@@ -36,7 +36,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.base_models import build_tiny_model  # noqa: E402
+from cluster.recipes.base_models import build_tiny_model  # noqa: E402
 from reward_models.prompts import FILLERS, NEGATIVE, POSITIVE, tiny_corpus  # noqa: E402
 
 TRL_SETTINGS = dict(precompute_ref_log_probs=True, bf16=False, gradient_checkpointing=False)

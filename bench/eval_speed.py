@@ -35,7 +35,7 @@ def hf_generate(model: str, prompts, samples: int, cap: int):
 
 
 def main() -> None:
-    from cluster.base_models import smollm2_dir
+    from cluster.recipes.base_models import smollm2_dir
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)

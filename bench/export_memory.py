@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.dpo_vs_trl import make_pairs  # noqa: E402
-from cluster.base_models import build_tiny_model  # noqa: E402
+from cluster.recipes.base_models import build_tiny_model  # noqa: E402
 from reward_models.prompts import tiny_corpus  # noqa: E402
 
 PEER = """

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.dpo_vs_trl import make_pairs  # noqa: E402
-from cluster.base_models import build_tiny_model  # noqa: E402
+from cluster.recipes.base_models import build_tiny_model  # noqa: E402
 from reward_models.prompts import tiny_corpus  # noqa: E402
 from tests.helpers import BareEngine, preference_batch  # noqa: E402
 from trainers.core.models import load_causal_lm, load_tokenizer  # noqa: E402

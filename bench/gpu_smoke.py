@@ -107,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None, modules: Sequence[str] = STEP_MOD
 
     def base_model() -> str:
         if args.base_model is None:
-            from cluster.base_models import smollm2_dir
+            from cluster.recipes.base_models import smollm2_dir
 
             args.base_model = smollm2_dir()
         return args.base_model

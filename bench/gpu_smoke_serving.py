@@ -42,8 +42,8 @@ def _nudged(base: str, out: Path, seed: int, noise: float = 0.02) -> str:
 
 def _lora(base: str, out: Path, seed: int) -> str:
     """A LoRA policy of ``base`` (seeded adapters), exported as training exports one."""
-    from trainers.config import ModelConfig
     from trainers.core.metadata import PolicyMetadata
+    from trainers.job_config import ModelConfig
     from trainers.task import build_policy, export_policy
 
     if (out / "moray.json").exists():
@@ -142,7 +142,7 @@ def _device_map_soup(out: Path, base: str, lora: bool) -> str:
         assert len(spread) >= 2, f"device_map 'auto' kept the policy on {spread}: the hooks' branch is not reached"
         assert engine.row_soup.kind == ("lora" if lora else "full")
         if lora:
-            from serving.soup import soup_policies
+            from serving.offline.soup import soup_policies
             from trainers.core.models import load_causal_lm
 
             ids = torch.tensor(PROMPT_IDS)
@@ -202,7 +202,7 @@ def mpo_few_gpus(out: Path, base: str, gpus: int) -> str:
     run in groups), then SequenceLogps on the GPU against float64 teacher forcing on the CPU."""
     import numpy as np
 
-    from serving.mpo import SequenceLogps, sample_log_ratios
+    from serving.offline.mpo import SequenceLogps, sample_log_ratios
     from trainers.core.models import Placement
     from trainers.core.runtime import init_ray
 

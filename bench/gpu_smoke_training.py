@@ -30,7 +30,7 @@ LOGIT_BOUND = 0.05    # engine logits in bf16 against the export in float64, rel
 
 
 def _tiny(out: Path, name: str = "tiny") -> str:
-    from cluster.base_models import build_tiny_model
+    from cluster.recipes.base_models import build_tiny_model
     from reward_models.prompts import tiny_corpus
 
     path = out / name

@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from cluster.base_models import build_tiny_model
+    from cluster.recipes.base_models import build_tiny_model
     from reward_models.prompts import tiny_corpus
 
     with tempfile.TemporaryDirectory(prefix="moray-large-") as tmp:

@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cluster.base_models import build_tiny_model  # noqa: E402
+from cluster.recipes.base_models import build_tiny_model  # noqa: E402
 from reward_models.prompts import tiny_corpus  # noqa: E402
 
 LOAD = """
 import sys, torch
 from trainers.checkpoints import peak_rss, reset_peak_rss
-from trainers.config import ModelConfig, TrainConfig
 from trainers.deepspeed_setup import load_placement
+from trainers.job_config import ModelConfig, TrainConfig
 from trainers.task import build_policy
 torch.set_num_threads(1)
 dtype, device = load_placement(TrainConfig(bf16=sys.argv[2], zero_stage=2))

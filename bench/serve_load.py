@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
+from cluster.recipes.base_models import build_tiny_model  # noqa: E402
 from reward_models.prompts import demo_prompts, tiny_corpus  # noqa: E402
-from cluster.base_models import build_tiny_model  # noqa: E402
 from tests.helpers import make_policy  # noqa: E402
 
 SOUP_VECTORS = [{"sentiment": w, "conciseness": 1 - w} for w in (0.0, 0.25, 0.5, 0.75, 1.0)]
@@ -52,7 +52,7 @@ def bench_policies(root: Path, tiny: bool) -> dict:
     """Two policies to serve: the tiny ones, or nudged copies of SmolLM2-135M-Instruct."""
     if tiny:
         return tiny_policies(root)
-    from cluster.base_models import smollm2_dir
+    from cluster.recipes.base_models import smollm2_dir
 
     base = smollm2_dir()
     return {k: make_policy(base, str(root / k), seed, noise=1e-3, objective=k)

@@ -48,7 +48,7 @@ from trainers.core.models import load_causal_lm, load_tokenizer  # noqa: E402
 def lora_policies(root: Path, tiny: bool) -> dict:
     """Two LoRA policies of the same base as :func:`bench_policies` (rank 8, seeded adapters)."""
     from bench.serve_load import tiny_base
-    from cluster.base_models import smollm2_dir
+    from cluster.recipes.base_models import smollm2_dir
     from tests.helpers import make_lora_policy
 
     base = tiny_base(root) if tiny else smollm2_dir()

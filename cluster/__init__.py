@@ -1,1 +1,2 @@
-"""Moray operations: the `moray` command line, the demo, and (later) cluster configs."""
+"""Moray on top: the `moray` command line (cli/), the recipes that chain its commands (recipes/: demo,
+study, base models) and cluster operations (ops/: Ray Jobs, metrics, cluster configs, Grafana)."""

@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach
 # process, and a later change (a Jobs client) would leave this process without auth and its new nodes with it
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from cluster.base_models import build_tiny_model  # noqa: E402
+from cluster.recipes.base_models import build_tiny_model  # noqa: E402
 from reward_models.prompts import tiny_corpus  # noqa: E402
 from tests.helpers import synthetic_pairs, write_jsonl  # noqa: E402
 

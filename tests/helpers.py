@@ -18,14 +18,14 @@ import torch
 from serving.decode import Sampling, row_probs, sample_rows
 from serving.metrics import serving_specs
 from trainers.batches import pad_pairs, pair_logps
-from trainers.config import ModelConfig
 from trainers.core.export import save_hf
 from trainers.core.metadata import PolicyMetadata
-from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.core.metrics import MetricSpec
+from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.data import tokenize_responses
-from trainers.metrics import training_specs
+from trainers.job_config import ModelConfig
 from trainers.task import build_policy, export_policy
+from trainers.training_metrics import training_specs
 
 
 EXPORT_FILES = ("config.json", "generation_config.json", "moray.json", "model.safetensors.index.json",
@@ -287,8 +287,8 @@ def lora_zero3_worker(rank, world, port, model_dir, out, on_gpu: bool = False):
         torch.cuda.set_device(rank)
     torch.set_num_threads(1)
     from trainers.checkpoints import probe_input_ids
-    from trainers.config import TrainConfig
     from trainers.deepspeed_setup import build_engine, load_placement
+    from trainers.job_config import TrainConfig
 
     cfg = TrainConfig(zero_stage=3, micro_batch_size=1, use_gpu=on_gpu)
     lora = ModelConfig(name_or_path=model_dir, lora=True, lora_r=200)
@@ -313,5 +313,5 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -
 
 
 def all_specs() -> list[MetricSpec]:
-    """Every Moray metric: training's (:mod:`trainers.metrics`) and serving's (:mod:`serving.metrics`)."""
+    """Every Moray metric: training's (:mod:`trainers.training_metrics`) and serving's (:mod:`serving.metrics`)."""
     return training_specs() + serving_specs()

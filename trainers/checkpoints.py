@@ -24,7 +24,7 @@ import torch
 from trainers.core.metadata import PolicyMetadata
 from trainers.core.storage import filesystem, is_uri
 from trainers.deepspeed_setup import gathered_tensors
-from trainers.hf_export import export_dtype
+from trainers.policy_export import export_dtype
 from trainers.reference import ReferenceTable
 
 STATE_FILE = "trainer_state.json"

@@ -3,7 +3,7 @@
 Sources: jsonl, parquet (a file or a directory of them), a directory written by ``datasets``'
 ``save_to_disk``, or a hub dataset name. Every source row becomes ``prompt``, ``chosen``,
 ``rejected`` -- strings, or chat message lists rendered with the tokenizer's chat template --
-after an optional column mapping (:class:`~trainers.config.DataConfig`). Multi-objective pair
+after an optional column mapping (:class:`~trainers.job_config.DataConfig`). Multi-objective pair
 files (two responses plus one "which is better" label per objective) are turned into pairs for
 the requested objective.
 
@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainers.batches import RIDER_PREFIXES, response_names
-from trainers.config import DataConfig
 from trainers.core import storage
 from trainers.core.models import load_tokenizer
 from trainers.core.prompts import encode, encode_response, split_prompt
+from trainers.job_config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from trainers.config import TrainConfig
 from trainers.core.export import module_tensors
+from trainers.job_config import TrainConfig
 
 
 def use_bf16(cfg: TrainConfig, on_gpu: bool) -> bool:

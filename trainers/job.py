@@ -1,7 +1,7 @@
 """What a training job declares, so that one line in the table (:data:`trainers.jobs.JOBS`) gives it
 a ``moray train <name>`` command, a ``moray config <name>`` listing and its dispatch.
 
-A job is one file in ``trainers/jobs/``: its config (a :class:`~trainers.config.JobConfig`), its
+A job is one file in ``trainers/jobs/``: its config (a :class:`~trainers.job_config.JobConfig`), its
 task (a :class:`~trainers.task.Task`), its ``run`` (checks before Ray starts, then
 :func:`trainers.launch.train_on_rows`), and a :class:`Job` naming them with its own flags.
 """

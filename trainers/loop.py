@@ -30,8 +30,8 @@ from trainers.checkpoints import (ExportTarget, export_final, load_engine_state,
 from trainers.core.metadata import PolicyMetadata
 from trainers.core.runtime import quiet_ray_data
 from trainers.deepspeed_setup import build_engine, worker_device
-from trainers.metrics import TrainingMetrics
 from trainers.reference import ReferenceTable
+from trainers.training_metrics import TrainingMetrics
 
 log = logging.getLogger(__name__)
 

@@ -13,19 +13,19 @@ from typing import Any, Dict, Iterable, Optional, Protocol, Sequence, Tuple
 import torch
 
 from trainers.batches import pack_pairs, packs_one_row, pad_pairs
-from trainers.config import DataConfig, ModelConfig, TrainConfig
 from trainers.core.export import module_tensors, parse_size
 from trainers.core.metadata import PolicyMetadata
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.deepspeed_setup import load_placement
-from trainers.hf_export import export_model
+from trainers.job_config import DataConfig, ModelConfig, TrainConfig
+from trainers.policy_export import export_model
 
 Tensor = torch.Tensor
 
 
 class TaskConfig(Protocol):
     """All the loop and the default hooks read of a task's ``cfg``: every job's config
-    (:class:`~trainers.config.JobConfig`) has them."""
+    (:class:`~trainers.job_config.JobConfig`) has them."""
 
     objective: str  # the progress bar's and the metrics' objective
     train: TrainConfig  # schedule, seed, devices, checkpoints, packing
@@ -57,7 +57,7 @@ class Task:
         """On rank 0: write the trained model to ``out_dir`` in ``dtype``. ``tensors`` are its
         weights one at a time, as ZeRO gathers them (consume them all, in order: the other ranks
         gather alongside); ``module`` is the engine's (names, shapes and config; partitioned
-        under ZeRO-3). This default writes an HF checkpoint of ``cfg.model`` (:func:`trainers.hf_export.export_model`)."""
+        under ZeRO-3). This default writes an HF checkpoint of ``cfg.model`` (:func:`trainers.policy_export.export_model`)."""
         m = self.cfg.model
         export_model(tensors, module, load_tokenizer(m.name_or_path, m.trust_remote_code), out_dir, metadata, dtype,
                      parse_size(m.export_shard_size))
@@ -92,7 +92,7 @@ def pair_stats(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Dict[str, Te
 
 
 def build_policy(model_cfg, dtype: torch.dtype = torch.float32, device_map: Optional[str] = None) -> torch.nn.Module:
-    """The trainable causal LM of ``model_cfg`` (:class:`~trainers.config.ModelConfig`), wrapped
+    """The trainable causal LM of ``model_cfg`` (:class:`~trainers.job_config.ModelConfig`), wrapped
     with LoRA adapters if configured; loaded in ``dtype``, onto ``device_map`` (a device) if given."""
     model = load_causal_lm(model_cfg.name_or_path, model_cfg.trust_remote_code, dtype=dtype,
                            attn_implementation=model_cfg.attn_implementation or None,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import ray_jobs as jobs
+from cluster.ops import ray_jobs as jobs
 from tests.helpers import RayNode
 from trainers.core.runtime import free_port
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 import torch
 
-from cluster.metrics import node_metrics_urls, read_metrics, total
+from cluster.ops.metrics import node_metrics_urls, read_metrics, total
 from serving.config import ServeConfig
 from serving.deploy import load_serve_file, run_serve_file, serve_file, write_serve_file
 from serving.metrics import SERVE

@@ -169,7 +169,7 @@ def test_lora_policies_batch_per_request_soups_over_one_base_forward(tiny_model,
     from serving.api import Limits, parse_request
     from serving.config import ServeConfig
     from serving.engine import MixEngine
-    from serving.soup import soup_policies
+    from serving.offline.soup import soup_policies
     from tests.helpers import make_lora_policy
 
     dirs = {k: make_lora_policy(tiny_model, tmp_path / k, seed, k) for k, seed in (("a", 1), ("b", 2))}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from serving.mixing import merge_lora, mix_logits, soup_state_dicts
+from serving.offline.soup import soup_policies
 from serving.policies import check_compatible, parse_policies
-from serving.soup import soup_policies
 from tests.helpers import make_lora_policy, make_policy
 from trainers.core.metadata import read_metadata
 from trainers.core.models import load_causal_lm

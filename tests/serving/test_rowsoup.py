@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from serving.mixing import soup_state_dicts
+from serving.offline.soup import soup_policies
 from serving.rowsoup import LoraRowSoup, RowSoup
-from serving.soup import soup_policies
-from trainers.core.export import load_lora_factors
 from tests.helpers import make_lora_policy, make_policy
+from trainers.core.export import load_lora_factors
 from trainers.core.models import load_causal_lm
 
 PROMPTS = [[5, 9, 17, 33, 2, 8, 11], [7, 40, 3, 12, 6, 6, 19], [21, 4, 4, 30, 8, 2, 15]]

@@ -9,8 +9,8 @@ import torch
 from tests.helpers import (HEAD_BOUND, bf16_head_errors, candidates, packing_gap, response_columns,
                            synthetic_pairs)
 from trainers.batches import ATTENTION_ONE_ROW, pack_pairs, packs_one_row, pad_pairs, pair_logps
-from trainers.config import ModelConfig
 from trainers.core.models import load_causal_lm, load_tokenizer
+from trainers.job_config import ModelConfig
 from trainers.jobs.dpo import DPOJobConfig, DPOTask
 
 

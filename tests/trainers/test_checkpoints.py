@@ -18,7 +18,7 @@ def test_an_export_to_a_storage_uri_is_written_once_straight_there(tiny_model, t
 
     from trainers.checkpoints import ExportTarget
     from trainers.core.models import load_causal_lm, load_tokenizer
-    from trainers.hf_export import export_model
+    from trainers.policy_export import export_model
 
     staging = tmp_path / "tmp"
     staging.mkdir()

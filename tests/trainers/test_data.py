@@ -11,10 +11,10 @@ import torch
 from tests.helpers import synthetic_pairs, write_jsonl
 from trainers.batches import length_buckets, pad_pairs, pair_logps
 from trainers.core.logps import logits_needed
-from trainers.config import DataConfig
 from trainers.core.logps import sequence_logps
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.data import PreferenceDataError, Tokenize, load_pairs, tokenize_pair
+from trainers.job_config import DataConfig
 
 
 def test_jsonl_and_parquet_give_the_same_pairs(tmp_path):

@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from trainers.config import TrainConfig
-from trainers.core.export import INDEX_FILE, load_state
 from tests.helpers import lora_zero3_worker
-from trainers.config import ModelConfig
+from trainers.core.export import INDEX_FILE, load_state
 from trainers.core.models import load_causal_lm
+from trainers.job_config import TrainConfig
+from trainers.job_config import ModelConfig
 from trainers.deepspeed_setup import (PERSIST_BELOW, deepspeed_config, load_placement, persistence_threshold,
                                       worker_device)
-from trainers.task import build_policy
 from trainers.jobs.dpo import DPOJobConfig
+from trainers.task import build_policy
 
 
 def test_gpu_without_cuda_fails_fast(monkeypatch):
@@ -45,11 +45,11 @@ def _worker(rank, world, port, model_dir, stage, checkpointing, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from trainers.config import ModelConfig
+    from trainers.core.metadata import PolicyMetadata
     from trainers.core.models import load_tokenizer
     from trainers.deepspeed_setup import build_engine, gathered_tensors, load_placement
-    from trainers.core.metadata import PolicyMetadata
-    from trainers.hf_export import export_model
+    from trainers.job_config import ModelConfig
+    from trainers.policy_export import export_model
     from trainers.task import build_policy
 
     seen = {}

@@ -34,8 +34,8 @@ def test_epoch_batches_tokenize_and_cut_through_ray_datas_current_collate_api(ra
     import ray.data
 
     from tests.helpers import synthetic_pairs, write_jsonl
-    from trainers.config import DataConfig
     from trainers.data import Tokenize, load_pairs
+    from trainers.job_config import DataConfig
     from trainers.loop import epoch_batches
 
     table, _ = load_pairs(DataConfig(path=write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(10))), "s")

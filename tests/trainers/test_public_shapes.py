@@ -7,9 +7,9 @@ import json
 import pytest
 
 from tests.helpers import write_jsonl
-from trainers.config import DataConfig
 from trainers.core.models import load_tokenizer
 from trainers.data import PreferenceDataError, Tokenize, load_pairs
+from trainers.job_config import DataConfig
 
 
 def turn(role, content):

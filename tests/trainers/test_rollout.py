@@ -16,8 +16,8 @@ def _worker(rank, world, port, model_dir, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from trainers.config import TrainConfig
     from trainers.deepspeed_setup import build_engine
+    from trainers.job_config import TrainConfig
     from trainers.jobs.gapo import GAPOJobConfig, OnlineGAPOTask
 
     cfg = GAPOJobConfig(objectives=["relevance", "conciseness"], online=True, samples_per_prompt=2, max_new_tokens=4)

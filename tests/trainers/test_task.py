@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from trainers.config import ModelConfig
 from trainers.core.metadata import PolicyMetadata, read_metadata
 from trainers.core.models import load_causal_lm
+from trainers.job_config import ModelConfig
 from trainers.task import build_policy, export_policy
 
 

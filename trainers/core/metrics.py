@@ -1,6 +1,6 @@
 """What a Moray metric is (name, kind, tags, buckets, Grafana unit) and how it becomes a Ray metric
 (``ray.util.metrics`` or ``ray.serve.metrics``, exported with Ray's ``ray_`` prefix). The metrics
-themselves are defined beside their producers: ``trainers.metrics`` and ``serving.metrics``."""
+themselves are defined beside their producers: ``trainers.training_metrics`` and ``serving.metrics``."""
 
 from __future__ import annotations
 

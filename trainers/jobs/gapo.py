@@ -52,14 +52,14 @@ from reward_models.objectives import check_objectives, objectives_help
 from reward_models.prompts import load_prompts
 from trainers.balancing import averaged_gram, gapo_from_gram, gram_of, pgapo_from_gram
 from trainers.batches import batch_logits_to_keep, pad_pairs
-from trainers.config import JobConfig
-from trainers.deepspeed_setup import use_bf16
 from trainers.core.config import opt, parse_numbers
 from trainers.core.logps import response_logits, sequence_logps
 from trainers.core.models import count_parameters, ties_embeddings
 from trainers.core.weights import WeightError, check_weights
 from trainers.data import LoadReport, load_pairs
+from trainers.deepspeed_setup import use_bf16
 from trainers.job import Flag, Job
+from trainers.job_config import JobConfig
 from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import dpo_loss, policy_gradient_loss
 from trainers.rollout import Rollout, TokenizePrompts, pad_prompts

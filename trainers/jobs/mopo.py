@@ -32,7 +32,7 @@ import pyarrow as pa
 import torch
 
 from trainers.batches import pair_logps
-from trainers.config import DataConfig, JobConfig
+from trainers.job_config import DataConfig, JobConfig
 from trainers.constrained import (check_feasible, check_multipliers, constraint_report, dual_step, mopo_ratios,
                                   prompt_values, solve_dual, win_rates)
 from trainers.core.config import opt, parse_numbers

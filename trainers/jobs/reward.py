@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from reward_models.learned import DEFAULT_BACKBONE, LearnedScorer, encode, load_reward_model, resolve_backbone
-from trainers.config import JobConfig, ModelConfig
 from trainers.batches import pad_pairs
-from trainers.core.config import opt
 from trainers.core import storage
+from trainers.core.config import opt
 from trainers.core.metadata import PolicyMetadata, read_metadata, write_metadata
 from trainers.core.models import load_tokenizer
 from trainers.data import load_pairs
 from trainers.job import Flag, Job
+from trainers.job_config import JobConfig, ModelConfig
 from trainers.launch import train_on_rows
 from trainers.losses import bt_loss
 from trainers.task import Task, pair_stats

@@ -9,8 +9,8 @@ import numpy as np
 from reward_models.sampling import Generate
 from serving.api import Limits, parse_request
 from tests.helpers import write_jsonl
-from trainers.config import DataConfig
 from trainers.core.models import load_tokenizer
+from trainers.job_config import DataConfig
 from trainers.core.prompts import (
     ask,
     encode,

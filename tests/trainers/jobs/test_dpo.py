@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from tests.helpers import assert_only_policy_files, synthetic_pairs, write_jsonl
 from trainers.batches import pad_pairs, pair_logps
 from trainers.checkpoints import probe_input_ids
-from trainers.config import DataConfig
 from trainers.core.config import load_config
 from trainers.core.export import INDEX_FILE, load_state
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.data import load_pairs, tokenize_pair
+from trainers.job_config import DataConfig
 from trainers.jobs.dpo import DPOJobConfig
 from trainers.jobs.dpo import run as run_dpo
 from trainers.losses import dpo_loss

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.base_models import build_tiny_model
 from cluster.cli import main
+from cluster.recipes.base_models import build_tiny_model
 from reward_models.objectives import get_scorer
 from reward_models.prompts import tiny_corpus
 from tests.helpers import BareEngine, multi_batch, multi_rows, write_jsonl
 from trainers.balancing import gapo_coefficients
-from trainers.config import DataConfig
 from trainers.core.config import load_config
 from trainers.core.logps import sequence_logps
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.data import load_pairs
+from trainers.job_config import DataConfig
 from trainers.jobs.gapo import GAPOJobConfig, GAPOTask, OnlineGAPOTask
 from trainers.jobs.gapo import run as run_gapo
 from trainers.losses import policy_gradient_loss
@@ -214,7 +214,7 @@ def test_online_gapo_two_workers(ray_local, tiny_model, tmp_path, stage):
 def test_online_reference_uses_the_configured_attention(tiny_model):
     """The frozen reference of online GAPO loads with the policy's attention kernel, not transformers'
     default (under flash attention it would otherwise run another kernel than the policy)."""
-    from trainers.config import ModelConfig, TrainConfig
+    from trainers.job_config import ModelConfig, TrainConfig
     from trainers.rollout import frozen_reference
 
     ref = frozen_reference(ModelConfig(name_or_path=tiny_model, attn_implementation="eager"), TrainConfig())

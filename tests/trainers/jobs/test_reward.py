@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from cluster.base_models import build_tiny_model, warm_start
 from cluster.cli import main
+from cluster.recipes.base_models import build_tiny_model, warm_start
 from reward_models.objectives import get_scorer
 from reward_models.pairs import make_pairs
 from reward_models.prompts import demo_prompts, tiny_corpus, tiny_dialogues

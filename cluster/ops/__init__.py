@@ -1,0 +1,1 @@
+"""Cluster operations: Ray Jobs submission, metrics read back from nodes, cluster configs, Grafana."""
