@@ -62,7 +62,7 @@ def main() -> None:
               f"({got.tokens / secs:.0f} tokens/s); {capped:.1%} reached the cap")
         print("length quantiles (tokens): " + ", ".join(f"p{q} {np.percentile(lengths, q):.0f}"
                                                       for q in (50, 75, 90, 95, 98, 99, 100)))
-        for cap in (64, 96, 128, 160, 192, 256, 320, 384):
+        for cap in (64, 96, 128, 192, 256, 384, 512, 640, 768, 1024):
             print(f"  cap {cap}: {np.mean(lengths >= cap):.1%} of answers reach it")
         return
     tic = time.perf_counter()

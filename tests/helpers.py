@@ -121,6 +121,23 @@ def make_lora_policy(src: str, out, seed: int, objective: str, r: int = 4, std: 
     return export_policy(policy, cfg, str(out), PolicyMetadata("policy", objective, src, 0.1))
 
 
+def conditioned_model(src: str, objectives: int, rank: int, shared_rank: int, randomize: bool = True,
+                      seed: int = 0, dtype: torch.dtype = torch.float64):
+    """``src`` in ``dtype`` with conditioned adapters on the attention projections (scale 2); the
+    ``B`` factors set to seeded normal noise unless ``randomize`` is off (then the model is its base)."""
+    from trainers.conditioned_lora import install
+
+    model = load_causal_lm(src, dtype=dtype)
+    torch.manual_seed(seed)
+    install(model, objectives, rank, shared_rank, 2.0 * rank, ModelConfig().lora_target_modules)
+    if randomize:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B") or n.endswith("shared_B"):
+                    p.normal_(std=0.3)
+    return model
+
+
 def preference_batch(tok, rows, ref_model, names=("chosen", "rejected"), columns=None, max_length=64):
     """A padded micro-batch of plain-string rows: the responses ``names`` (read from ``columns`` of
     each row, default the same names) after each row's prompt, with the reference log-probs of

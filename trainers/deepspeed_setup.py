@@ -29,10 +29,11 @@ PERSIST_BELOW = 10_000  # ZeRO-3: parameters of at most this many elements (norm
 
 def persistence_threshold(model: torch.nn.Module) -> int:
     """ZeRO-3's ``stage3_param_persistence_threshold`` for ``model``: :data:`PERSIST_BELOW`, raised for
-    an adapter model (peft: LoRA) to its largest trainable parameter, so every adapter factor stays
-    whole -- partitioned, each r x d factor costs an all-gather of a few KB at every use (about 8 per
-    layer per pass), and all of them together are small by construction."""
-    if not hasattr(model, "peft_config"):
+    an adapter model (a frozen base: peft's LoRA, the conditioned adapters) to its largest trainable
+    parameter, so every adapter factor stays whole -- partitioned, each r x d factor costs an
+    all-gather of a few KB at every use (about 8 per layer per pass), and all of them together are
+    small by construction."""
+    if all(p.requires_grad for p in model.parameters()):
         return PERSIST_BELOW
     return max([PERSIST_BELOW] + [getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad])
 

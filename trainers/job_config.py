@@ -5,6 +5,7 @@ YAML files and ``--set`` overrides fill them (:mod:`trainers.core.config`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List
@@ -203,3 +204,22 @@ class JobConfig:
     def extra_errors(self) -> List[str]:
         """Checks of a job's own fields (none here)."""
         return []
+
+
+def multi_objective(job: JobConfig, objectives: List[str]) -> JobConfig:
+    """A copy of a job trained on several objectives' labels of the same pairs (GAPO, the
+    conditioned policy): its name joins the objectives, and a pair file without a label mapping is
+    read as ``moray pairs``' ``pairs_multi.jsonl`` (response_0/1, better_<k>)."""
+    out = dataclasses.replace(job, data=dataclasses.replace(job.data))
+    if not out.objective and objectives:
+        out.objective = "+".join(objectives)
+    if not out.data.objective_labels and objectives:
+        out.data.response_columns = out.data.response_columns or ["response_0", "response_1"]
+        out.data.objective_labels = {k: f"better_{k}" for k in objectives}
+    return out
+
+
+def objectives_errors(objectives: List[str]) -> List[str]:
+    if len(objectives) < 2 or len(set(objectives)) != len(objectives):
+        return [f"objectives must name at least two different objectives, got {objectives}"]
+    return []

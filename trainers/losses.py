@@ -7,7 +7,7 @@ padding masked out -- or scores; outputs are per-row losses (the caller takes th
 CLI's ``--loss`` choices and its help all read it). Each takes four ``(B,)`` tensors (policy and
 reference log-probs of chosen and rejected) and β, and returns ``(losses, chosen_rewards,
 rejected_rewards)``, each ``(B,)``. The other losses belong to one job each: :func:`wrpo_loss`
-(§7), :func:`bt_loss` (reward models, §2), :func:`weighted_bc_loss` (MOPO, §4),
+(§7), :func:`conditioned_loss` (§9), :func:`bt_loss` (reward models, §2), :func:`weighted_bc_loss` (MOPO, §4),
 :func:`policy_gradient_loss` (online GAPO, §5).
 """
 
@@ -89,6 +89,33 @@ def wrpo_loss(
     r_l = beta * (policy_rejected_logps - ref_rejected_logps)
     chosen = alpha * r_ws + (1.0 - alpha) * r_wt
     return -F.logsigmoid(chosen - r_l), chosen.detach(), r_l.detach()
+
+
+def conditioned_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    signs: Tensor,
+    weights: Tensor,
+    beta: float,
+) -> LossOutput:
+    """The preference-conditioned policy's loss (§9): ``L_row = Σ_k λ_k |m_k| (−log σ(z_k(λ)))``.
+
+    Four ``(B,)`` log-prob tensors of the two responses (the policy at each row's λ, the
+    reference); ``signs`` ``(B, K)``: ``m_k`` = +1 where objective ``k`` prefers ``chosen``, −1 where
+    it prefers ``rejected``, 0 where it ties or has no label; ``weights`` ``(B, K)``: each row's λ.
+    ``z_k = β m_k [(log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))]`` is DPO's logit
+    in objective ``k``'s ordering. Returns ``(losses (B,), chosen_rewards, rejected_rewards)``,
+    the rewards detached, in the chosen/rejected orientation.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+    z = signs * (chosen - rejected)[:, None]  # (B, K)
+    losses = (weights * signs.abs() * -F.logsigmoid(z)).sum(1)
+    return losses, chosen.detach(), rejected.detach()
 
 
 def wrpo_alpha(step: int, total_steps: int, alpha_max: float = 0.1) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -36,18 +36,26 @@ def export_dtype(name: str, trained_in_bf16: bool) -> torch.dtype:
 
 def export_model(tensors: Iterable[Tuple[str, Optional[Tensor]]], module: torch.nn.Module, tokenizer, out_dir: str,
                  metadata: PolicyMetadata, dtype: torch.dtype = torch.float32,
-                 max_shard_bytes: int = 5 * 10**9) -> List[str]:
+                 max_shard_bytes: int = 5 * 10**9, aside: Optional[Callable[[str], bool]] = None,
+                 kept: Optional[Dict[str, Tensor]] = None) -> List[str]:
     """Write ``module``'s trained weights (``tensors``: ``(name, tensor)`` in
     :func:`~trainers.core.export.module_tensors` order; under ZeRO-3 ``module`` holds partitions
     only, its shapes are read from them) as an HF checkpoint in ``out_dir`` (a directory or a storage
     URI, the weights written there once), floating tensors in
-    ``dtype``. Consumes ``tensors`` to the end. Returns the weight files written."""
+    ``dtype``. Consumes ``tensors`` to the end. Returns the weight files written. Tensors whose
+    name ``aside`` accepts stay out of the checkpoint and go to ``kept`` (on the CPU, as
+    trained): e.g. the conditioned adapters, written by their task."""
     lora = hasattr(module, "peft_config")
+    aside = aside or (lambda name: False)
     plan = [(name, tuple(t.shape), dtype if t.is_floating_point() else t.dtype)
-            for name, t in _export_stream(_meta_tensors(module), module, lora, None)]
+            for name, t in _export_stream(_meta_tensors(module), module, lora, None) if not aside(name)]
     writer = ShardWriter(out_dir, plan, max_shard_bytes)
     adapter: Dict[str, Tensor] = {}
     for name, t in _export_stream(tensors, module, lora, adapter):
+        if aside(name):
+            if kept is not None:
+                kept[name] = t.detach().to("cpu")
+            continue
         writer.write(name, t)
     files = writer.close()
     base = module.get_base_model() if lora else module

@@ -30,6 +30,8 @@ class Kind:
 KINDS: Dict[str, Kind] = {k.name: k for k in (
     Kind("policy", "a policy", mixable=True),  # trained by a job in trainers/jobs
     Kind("soup", "a merged policy", mixable=True),  # `moray mix soup`'s weighted merge of policies
+    # `moray train conditioned`: the base, one LoRA per objective (vertices/<k>/), any λ their soup
+    Kind("conditioned", "a preference-conditioned policy", mixable=True),
     Kind("reward_model", "a reward model", mixable=False),  # `moray train reward`'s Bradley-Terry scorer
 )}
 NAMED = ("kind", "objective", "reference_model", "beta")  # the fields with a name of their own

@@ -3,13 +3,14 @@ all read :data:`JOBS`. A new job is one file here (its config, task, ``run`` and
 line below."""
 
 from trainers.job import Job
-from trainers.jobs import dpo, gapo, mopo, reward, wrpo
+from trainers.jobs import conditioned, dpo, gapo, mopo, reward, wrpo
 
 JOBS = {job.name: job for job in (
     dpo.JOB,
     gapo.JOB,
     mopo.JOB,
     wrpo.JOB,
+    conditioned.JOB,
     reward.JOB,
 )}
 

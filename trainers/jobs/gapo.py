@@ -38,7 +38,6 @@ baseline and a KL penalty to the reference), balanced by the same step.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -59,7 +58,7 @@ from trainers.core.weights import WeightError, check_weights
 from trainers.data import LoadReport, load_pairs
 from trainers.deepspeed_setup import use_bf16
 from trainers.job import Flag, Job
-from trainers.job_config import JobConfig
+from trainers.job_config import JobConfig, multi_objective, objectives_errors
 from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import dpo_loss, policy_gradient_loss
 from trainers.rollout import Rollout, TokenizePrompts, pad_prompts
@@ -93,12 +92,9 @@ class GAPOJobConfig(JobConfig):
     def resolved(self) -> "GAPOJobConfig":
         """The policy's name joins the objectives, and a pair file without a label mapping is read as
         ``moray pairs``' ``pairs_multi.jsonl`` (response_0/1, better_<k>)."""
-        out = dataclasses.replace(self, data=dataclasses.replace(self.data))
-        if not out.objective and out.objectives:
-            out.objective = "+".join(out.objectives)
-        if not out.data.objective_labels and out.objectives and not out.online:
-            out.data.response_columns = out.data.response_columns or ["response_0", "response_1"]
-            out.data.objective_labels = {k: f"better_{k}" for k in out.objectives}
+        out = multi_objective(self, [] if self.online else self.objectives)
+        if not out.objective and self.objectives:
+            out.objective = "+".join(self.objectives)
         return out
 
     def _tied_head(self) -> bool:
@@ -130,9 +126,7 @@ class GAPOJobConfig(JobConfig):
         return [] if self.online else list(self.objectives)
 
     def extra_errors(self) -> List[str]:
-        errors = []
-        if len(self.objectives) < 2 or len(set(self.objectives)) != len(self.objectives):
-            errors.append(f"objectives must name at least two different objectives, got {self.objectives}")
+        errors = objectives_errors(self.objectives)
         if self.online:
             if self.samples_per_prompt < 2 or self.max_new_tokens < 1 or not self.temperature > 0 or self.kl_coef < 0:
                 errors.append("online GAPO needs samples_per_prompt >= 2, max_new_tokens >= 1, temperature > 0 "
