@@ -10,7 +10,7 @@ set of on-policy samples of the base model it produces
   Personalized Soups at the same w;
 - GAPO; P-GAPO with preference (w, 1 − w) at the same w; MOPO (conciseness maximised, sentiment
   win-rate held at two thresholds); WRPO with the two DPO policies as sources and the base as
-  target;
+  target; the preference-conditioned policy (one training run) at the same w;
 
 and the two per-objective DPO policies and ``ls-0.5`` again with other training seeds (training
 noise). Every policy and mix is sampled for evaluation by the serving engine in this process
@@ -133,7 +133,7 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
         sources[f"dpo-{k}"], method[f"dpo-{k}"] = per_objective[k], "DPO (one objective)"
     for w in WEIGHTS:
         ws = {"sentiment": w, "conciseness": 1 - w}
-        for kind in ("ls", "pgapo", "soup", "mpo"):
+        for kind in ("ls", "pgapo", "soup", "mpo", "conditioned"):
             weights[f"{kind}-{w}"] = ws
         sources[f"ls-{w}"], method[f"ls-{w}"] = linear_scalarisation(p, w), RETRAINING
     sources["gapo"], method["gapo"] = p.gapo(), "GAPO"
@@ -161,9 +161,8 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
     for name in [f"mpo-{w}" for w in WEIGHTS] + ["mpo-maxmin"]:
         sources[name] = engine_sampler(per_objective, weights[name], plan.batch)
         method[name], needs[name] = "MPO logits mixing", both
-    # issue 28's preference-conditioned policy joins here: one training step (``p.fit`` with its job),
-    # then one source per w in WEIGHTS, sampled from that one model with the preference w; method
-    # "preference-conditioned", weights[name] = w, needs[name] = ["conditioned"] (its cost is one run)
+    for name, path in conditioned(p).items():  # one trained model, swept over the same w
+        sources[name], method[name], needs[name] = path, "preference-conditioned", ["conditioned"]
 
     replicates = seed_replicates(p, plan.seeds)  # training noise: the same jobs with other seeds
     constraints = {n: policy_constraints(sources[n]) for n, m in method.items() if m == "MOPO"}
@@ -229,6 +228,33 @@ def linear_scalarisation(p, w: float, seed: int = 0) -> str:
     log.info("study: %d linear-scalarisation pairs at w_sentiment=%s", data[1], w)
     name = f"ls-{w}" + (f"-seed{seed}" if seed else "")
     return p.fit(name, JOBS["dpo"], data[0], objective=f"ls-{w}", **({"train.seed": seed} if seed else {}))
+
+
+def conditioned(p) -> Dict[str, str]:
+    """The preference-conditioned policy (``moray train conditioned``, one job on the pairs labelled
+    by both objectives) at each w in WEIGHTS, as checkpoints: ``conditioned-<w>``."""
+    model = p.fit("conditioned", JOBS["conditioned"], p.made["pairs_multi"], objectives=list(OBJECTIVES),
+                  **{"train.zero_stage": min(p.train["train.zero_stage"], 2)})
+    return {f"conditioned-{w}": p.steps(f"conditioned-{w}", lambda: conditioned_at(
+        model, [w, 1 - w], str(p.root / "policies" / f"conditioned-{w}"))) for w in WEIGHTS}
+
+
+def conditioned_at(model: str, preference: Sequence[float], out: str) -> str:
+    """The conditioned policy at λ = ``preference`` (objectives in OBJECTIVES' order) as a full
+    checkpoint: the base plus the λ-weighted LoRA soup of its vertices, ``W + s(B_0A_0 + Σ_k λ_k B_kA_k)``
+    (docs/algorithms.md §9)."""
+    from serving.mixing import merge_lora
+    from trainers.core.export import load_lora_factors, load_matching_state, save_hf
+    from trainers.core.metadata import read_metadata
+    from trainers.core.models import load_causal_lm, load_tokenizer
+    from trainers.jobs.conditioned import VERTICES_DIR
+
+    base = load_causal_lm(model)
+    factors = [load_lora_factors(str(Path(model) / VERTICES_DIR / k)) for k in OBJECTIVES]
+    load_matching_state(base, merge_lora(base.state_dict(), factors, list(preference)))
+    meta = read_metadata(model).with_entries(kind="soup", objective="+".join(OBJECTIVES),
+                                             weights=dict(zip(OBJECTIVES, preference)), sources={"conditioned": model})
+    return save_hf(base, load_tokenizer(model), out, meta)
 
 
 def seed_replicates(p, seeds: Sequence[int]) -> Dict[str, str]:

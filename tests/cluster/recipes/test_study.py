@@ -32,7 +32,8 @@ def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
         assert {k: after[k] for k in SHARED} == {k: before[k] for k in SHARED}  # reused, not redone
         added = {f"{kind}-{w}" for kind in ("ls", "data ls", "pgapo", "soup") for w in (0.25, 0.5, 0.75)}
         seeded = {"dpo-sentiment-seed1", "dpo-conciseness-seed1", "ls-0.5-seed1"}
-        assert set(after) - set(before) == added | seeded | {"mopo-0.55", "data wrpo", "wrpo"}
+        conditioned = {"conditioned"} | {f"conditioned-{w}" for w in (0.25, 0.5, 0.75)}
+        assert set(after) - set(before) == added | seeded | conditioned | {"mopo-0.55", "data wrpo", "wrpo"}
 
         assert json.loads((root / "study.json").read_text()) == json.loads(json.dumps(doc, default=float))
         assert (root / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -48,7 +49,7 @@ def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
         assert doc["mpo_headline"]["cost_fraction"] > 0 and len(doc["seeds"]["dpo_pair_hypervolume"]) == 2
         assert doc["eval_tokens_per_s"] > 0
         policies = doc["policies"]
-        assert len(policies) == 20 and len(doc["methods"]) == 9
+        assert len(policies) == 23 and len(doc["methods"]) == 10
 
         # the front and every method's hypervolume follow from the per-policy means
         names = list(policies)
@@ -81,6 +82,10 @@ def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
         assert policies["wrpo"]["cost_s"] == pytest.approx(pairs + dpo_both + after["wrpo"]["seconds"]
                                                            + after["data wrpo"]["seconds"])
         assert policies["mpo-0.5"]["cost_s"] == pytest.approx(pairs + dpo_both)
+        one_run = after["conditioned"]["seconds"]  # the conditioned method: one training run for every w
+        assert policies["conditioned-0.25"]["cost_s"] == pytest.approx(pairs + one_run + after["conditioned-0.25"]["seconds"])
+        assert doc["methods"]["preference-conditioned"]["cost_s"] == pytest.approx(
+            pairs + one_run + sum(after[f"conditioned-{w}"]["seconds"] for w in (0.25, 0.5, 0.75)))
         assert policies["wrpo"]["cost_samples"] > policies["ls-0.5"]["cost_samples"] == 96 * 6
 
         # moray eval on two of the study's policies
