@@ -63,7 +63,7 @@ class StudyPlan:
 
 
 PLANS = {True: StudyPlan(eval_prompts=64, eval_samples=1, eval_max_new_tokens=64, seeds=(0, 1)),
-         False: StudyPlan(eval_prompts=256, eval_samples=1, eval_max_new_tokens=256, seeds=(0, 1, 2))}
+         False: StudyPlan(eval_prompts=256, eval_samples=1, eval_max_new_tokens=1024, seeds=(0, 1, 2))}
 
 
 # -- data ------------------------------------------------------------------------------------
