@@ -78,8 +78,8 @@ def format_study(doc: Dict[str, Any]) -> str:
                      f"{o['sentiment']['ci95']:.3f} | {-o['conciseness']['mean']:.1f} ± {o['conciseness']['ci95']:.1f} | "
                      f"{r.get('capped_fraction', float('nan')):.0%} | {r['empty_fraction']:.0%} | {r['cost_s']:.0f} | "
                      f"{r['cost_samples']} | {constraints_text(r['constraints']) if 'constraints' in r else ''} |")
-    lines += ["", f"| method | policies | hypervolume [95%] | minus retraining's [95%] | fraction of retraining's [95%] "
-                  f"| cost (s) | cost / retraining's |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | policies | hypervolume [95%] | minus retraining's [95%] | fraction of retraining's [95%] "
+                  "| cost (s) | cost / retraining's |", "|---|---|---|---|---|---|---|"]
     for g, m in doc["methods"].items():
         mark = " †" if m["difference_excludes_0"] else ""
         lines.append(f"| {g} | {len(m['policies'])} | {m['hypervolume']:.2f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}] | "
