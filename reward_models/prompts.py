@@ -36,6 +36,9 @@ SHORT_ASKS = ["Write a short review of the {t}.", "Describe the {t} in two sente
               "Compare the {t} with one you knew before, in a sentence.", "Give your opinion of a {t} in a few words."]
 PROMPT_TOPICS = TOPICS + MORE_TOPICS
 PROMPT_FORMS = SHORT_ASKS
+# the named prompt pools: topics x question forms. "tiny": the forms and topics the tiny model was
+# warm-started on (144 prompts; its tokenizer knows no other topic)
+POOLS = {"short": (PROMPT_TOPICS, PROMPT_FORMS), "tiny": (TOPICS, ASKS)}
 POSITIVE = ["great", "wonderful", "lovely", "excellent", "delightful", "happy", "amazing", "good",
             "beautiful", "friendly", "fun", "charming"]
 NEGATIVE = ["awful", "terrible", "boring", "bad", "disappointing", "sad", "ugly", "rude", "noisy",
@@ -46,16 +49,20 @@ FILLERS = ["I went there last week.", "It was busy that day.", "The staff were t
            "The price was what I expected.", "There were many people around."]
 
 
-def prompt_pool(seed: int = 0) -> List[str]:
-    """Every topic under every question form, distinct, shuffled by ``seed``."""
-    combos = [a.format(t=t) for t in PROMPT_TOPICS for a in PROMPT_FORMS]
+def prompt_pool(seed: int = 0, pool: str = "short") -> List[str]:
+    """Every topic under every question form of ``pool`` (:data:`POOLS`), distinct, shuffled by ``seed``."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown prompt pool {pool!r}; known: {sorted(POOLS)}")
+    topics, forms = POOLS[pool]
+    combos = [a.format(t=t) for t in topics for a in forms]
     random.Random(seed).shuffle(combos)
     return combos
 
 
 def demo_prompts(n: int, seed: int = 0) -> List[str]:
-    """``n`` distinct review/opinion prompts (wrapping around the pool if n is large)."""
-    combos = prompt_pool(seed)
+    """``n`` distinct review/opinion prompts of the 144 the tiny model knows (``demo:N``), wrapping
+    around if n is larger."""
+    combos = prompt_pool(seed, "tiny")
     return [combos[i % len(combos)] for i in range(n)]
 
 
@@ -64,23 +71,26 @@ class PromptSplit:
     """Training prompts (pair sampling, training, MPO's weight search take theirs from these) and
     held-out prompts (evaluation only), disjoint, from the pool shuffled by ``seed``."""
     seed: int
+    pool: str
     train: List[str]
     heldout: List[str]
 
     def record(self) -> Dict[str, Any]:
         """The split as the study's JSON states it."""
-        return {"seed": self.seed, "pool": len(PROMPT_TOPICS) * len(PROMPT_FORMS), "topics": len(PROMPT_TOPICS),
-                "question_forms": len(PROMPT_FORMS), "train": self.train, "heldout": self.heldout}
+        topics, forms = POOLS[self.pool]
+        return {"seed": self.seed, "pool_name": self.pool, "pool": len(topics) * len(forms), "topics": len(topics),
+                "question_forms": len(forms), "train": self.train, "heldout": self.heldout}
 
 
-def prompt_split(train: int, heldout: int, seed: int = 0) -> PromptSplit:
+def prompt_split(train: int, heldout: int, seed: int = 0, pool: str = "short") -> PromptSplit:
     """``train`` prompts from the front of the shuffled pool, ``heldout`` from its back (the one
     does not move when the other's count changes). ValueError when the pool cannot hold both."""
-    pool = prompt_pool(seed)
-    if train < 0 or heldout < 0 or train + heldout > len(pool):
-        raise ValueError(f"{train} training + {heldout} held-out prompts: the pool has {len(pool)} "
-                         f"({len(PROMPT_TOPICS)} topics x {len(PROMPT_FORMS)} question forms)")
-    return PromptSplit(seed, pool[:train], pool[::-1][:heldout])
+    prompts = prompt_pool(seed, pool)
+    if train < 0 or heldout < 0 or train + heldout > len(prompts):
+        topics, forms = POOLS[pool]
+        raise ValueError(f"{train} training + {heldout} held-out prompts: the {pool!r} pool has {len(prompts)} "
+                         f"({len(topics)} topics x {len(forms)} question forms)")
+    return PromptSplit(seed, pool, prompts[:train], prompts[::-1][:heldout])
 
 
 def tiny_corpus(n: int, seed: int = 0) -> List[str]:

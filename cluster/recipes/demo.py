@@ -31,7 +31,7 @@ from cluster.recipes.base_models import build_tiny_model, smollm2_dir, warm_star
 from reward_models import GENERATE_TOP_K
 from reward_models.evaluate import summarise
 from reward_models.pairs import make_pairs, score_candidates
-from reward_models.prompts import PromptSplit, prompt_pool, prompt_split, tiny_corpus, tiny_dialogues
+from reward_models.prompts import PromptSplit, prompt_split, tiny_corpus, tiny_dialogues
 from reward_models.sampling import sample_responses
 from serving.config import ServeConfig
 from serving.deploy import run_serve_file, serve_file
@@ -60,12 +60,13 @@ class DemoSettings:
     epochs: int
     micro_batch_size: int
     mpo_prompts: int
+    prompt_pool: str  # reward_models.prompts.POOLS: where training and held-out prompts are drawn from
 
 
 TINY = DemoSettings(train_prompts=96, eval_prompts=24, samples=6, eval_samples=4, max_new_tokens=40,
-                    lr=1e-3, beta=0.1, epochs=3, micro_batch_size=8, mpo_prompts=32)
+                    lr=1e-3, beta=0.1, epochs=3, micro_batch_size=8, mpo_prompts=32, prompt_pool="tiny")
 FULL = DemoSettings(train_prompts=48, eval_prompts=16, samples=4, eval_samples=2, max_new_tokens=64,
-                    lr=2e-5, beta=0.1, epochs=2, micro_batch_size=4, mpo_prompts=16)
+                    lr=2e-5, beta=0.1, epochs=2, micro_batch_size=4, mpo_prompts=16, prompt_pool="short")
 
 
 def base_model(tiny: bool, out: Path) -> str:
@@ -166,7 +167,7 @@ class Pipeline:
 
 def prompts_for(s: DemoSettings, eval_prompts: int) -> PromptSplit:
     """The run's training and held-out prompts (split seed 0: every run of these settings alike)."""
-    return prompt_split(s.train_prompts, eval_prompts, seed=0)
+    return prompt_split(s.train_prompts, eval_prompts, seed=0, pool=s.prompt_pool)
 
 
 def pipeline(tiny: bool, out: str, workers: Optional[int], zero_stage: int, eval_prompts: int) -> Pipeline:
@@ -179,8 +180,7 @@ def pipeline(tiny: bool, out: str, workers: Optional[int], zero_stage: int, eval
     init_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = workers or min(2, cpus)
-    steps = Steps(root, {"tiny": tiny, **asdict(s), "workers": workers, "zero_stage": zero_stage,
-                         "prompt_pool": len(prompt_pool())})  # a directory made from another pool runs again
+    steps = Steps(root, {"tiny": tiny, **asdict(s), "workers": workers, "zero_stage": zero_stage})
     base = steps("base", lambda: base_model(tiny, root))
     split = prompts_for(s, eval_prompts)
     train_prompts = split.train

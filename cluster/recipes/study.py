@@ -62,7 +62,7 @@ class StudyPlan:
     level: float = 0.95
 
 
-PLANS = {True: StudyPlan(eval_prompts=64, eval_samples=1, eval_max_new_tokens=64, seeds=(0, 1)),
+PLANS = {True: StudyPlan(eval_prompts=48, eval_samples=1, eval_max_new_tokens=64, seeds=(0, 1)),
          False: StudyPlan(eval_prompts=256, eval_samples=1, eval_max_new_tokens=1024, seeds=(0, 1, 2))}
 
 

@@ -41,8 +41,8 @@ def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
         for ext in ("md", "json", "png"):  # --docs: the repository's copies
             assert (tmp_path / f"study-tiny.{ext}").read_bytes() == (root / f"study.{ext}").read_bytes()
         held, train = set(doc["prompts"]["heldout"]), set(doc["prompts"]["train"])
-        assert len(held) == 64 and not held & train
-        assert all(0 <= r["capped_fraction"] <= 1 and len(r["per_prompt"]["sentiment"]) == 64 for r in doc["policies"].values())
+        assert len(held) == 48 and not held & train
+        assert all(0 <= r["capped_fraction"] <= 1 and len(r["per_prompt"]["sentiment"]) == 48 for r in doc["policies"].values())
         for m in doc["methods"].values():  # intervals on every method, and on its difference from retraining
             assert m["ci95"][0] <= m["ci95"][1] and m["difference_ci95"][0] <= m["difference"] <= m["difference_ci95"][1]
         assert doc["methods"]["linear scalarisation (DPO)"]["difference_ci95"] == [0.0, 0.0]

@@ -7,7 +7,7 @@ from cluster.recipes.demo import FULL, TINY, Pipeline, prompts_for
 from cluster.recipes.study import PLANS
 from cluster.recipes.study_report import RETRAINING, compare, format_study, plot_study, seed_report
 from reward_models.evaluate import hypervolume
-from reward_models.prompts import PROMPT_FORMS, PROMPT_TOPICS, prompt_split
+from reward_models.prompts import POOLS, prompt_split
 
 
 @pytest.mark.parametrize("tiny", [True, False])
@@ -20,10 +20,12 @@ def test_held_out_prompts_are_disjoint_from_every_prompt_trained_sampled_or_sear
         assert used and not held & set(used)
     assert p.train_prompts == prompts_for(s, 16).train  # the demo's split trains on the same prompts
     record = p.split.record()
-    assert (record["topics"], record["question_forms"]) == (len(PROMPT_TOPICS), len(PROMPT_FORMS)) == (48, 16)
-    assert record["pool"] == 768 and record["heldout"] == p.eval_prompts and record["train"] == p.train_prompts
+    topics, forms = POOLS[s.prompt_pool]
+    assert (record["topics"], record["question_forms"], record["pool"]) == (len(topics), len(forms), len(set(
+        a.format(t=t) for t in topics for a in forms))) == ((24, 6, 144) if tiny else (48, 16, 768))
+    assert record["heldout"] == p.eval_prompts and record["train"] == p.train_prompts
     with pytest.raises(ValueError, match="pool has"):
-        prompt_split(record["pool"], 1)
+        prompt_split(record["pool"], 1, pool=s.prompt_pool)
 
 
 def results_for(points, rng, prompts=40):
