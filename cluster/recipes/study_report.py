@@ -145,7 +145,7 @@ def plot_study(doc: Dict[str, Any], path: str, title: str) -> str:
         on = pareto_mask(np.stack([x, -y], 1))
         if on.sum() > 1:
             fx, fy = zip(*sorted(zip(x[on], y[on])))
-            ax.step(fx, fy, where="pre", color=color, lw=1, alpha=0.7)  # the attainment boundary: more sentiment costs length
+            ax.step(fx, fy, where="pre", color=color, lw=1, alpha=0.7)  # attainment boundary
     ax.set_xlabel("mean sentiment (VADER compound), higher is better")
     ax.set_ylabel("mean length (tokens), lower is better")
     ax.set_title(f"{title}: policies on held-out prompts, each method's front")
