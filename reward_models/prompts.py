@@ -1,10 +1,11 @@
 """Offline prompts and text for the demo and the tiny test models (no downloads).
 
 Prompts ask for short reviews, descriptions and opinions: room for both sentiment and
-conciseness to move. The pool is every topic under every question form (:data:`PROMPT_TOPICS` x
-:data:`PROMPT_FORMS`); :func:`prompt_split` cuts it, by seed, into training prompts and held-out
-prompts that no training, pair sampling or weight search sees. ``tiny_corpus`` writes answer-like text of varied tone and length, used to
-train the tiny tokenizer and to warm-start the tiny model so it writes words and stops.
+conciseness to move. A pool (:data:`POOLS`) is every topic under every question form;
+:func:`prompt_split` cuts it, by seed, into training prompts and held-out prompts that no
+training, pair sampling or weight search sees. ``tiny_corpus`` writes answer-like text of varied
+tone and length, used to train the tiny tokenizer and to warm-start the tiny model so it writes
+words and stops.
 """
 
 from __future__ import annotations
