@@ -55,7 +55,7 @@ class StudyPlan:
     """What the study adds to the demo's settings (``cluster.recipes.demo.TINY`` / ``FULL``)."""
     eval_prompts: int         # held-out prompts (never trained on, sampled for pairs or searched by MPO)
     eval_samples: int         # answers per held-out prompt and policy
-    eval_max_new_tokens: int  # evaluation's cap: at most 5% of the base's answers reach it (measured)
+    eval_max_new_tokens: int  # evaluation's cap: at most 5% of the base's answers reach it (SmolLM2, 1024: 4.3%)
     seeds: Tuple[int, ...]    # training seeds of the per-objective DPO policies and of ls-0.5
     batch: int = 64           # rows the serving engine decodes at once during evaluation
     resamples: int = 1000     # paired bootstrap resamples over prompts
