@@ -199,7 +199,7 @@ def _demo_and_study(sub) -> None:
     """The demo and the study."""
     for name, text, tiny in (("demo", "end-to-end demo on an embedded local Ray", "about 4 minutes"),
                              ("study", "every method on the demo task: table, JSON, Pareto plot, hypervolume",
-                              "about 7 minutes from scratch")):
+                              "about 7 minutes from scratch, 6 on a demo directory")):
         run = sub.add_parser(name, help=text)
         run.add_argument("--tiny", action="store_true", help=f"the tiny model built here ({tiny})")
         run.add_argument("--out", default=f"moray_runs/{name}", help="output directory (steps already done "
