@@ -104,7 +104,7 @@ def run_moray(model_dir: str, data: str, out: str, args) -> dict:
              "reports in the loop": metrics["report_seconds"], "export": metrics["export_seconds"]}
     parts["rest (Ray Train shutdown, copy)"] = end_to_end - sum(parts.values()) - metrics["train_seconds"] \
         + metrics["report_seconds"]
-    return {"train_seconds": metrics["train_seconds"], "pairs": metrics["pairs_trained"],
+    return {"train_seconds": metrics["train_seconds"], "pairs": metrics["rows_trained"],
             "end_to_end_seconds": end_to_end, "fixed_costs": parts}
 
 

@@ -89,9 +89,11 @@ class LockstepDecoder:
     """Decode a batch of rows through ``models`` (one tokenizer, one vocabulary)."""
 
     def __init__(self, models: Sequence[torch.nn.Module], pad_id: int, eos_ids: Sequence[int], device: str = "cpu",
-                 on_rows: Optional[Callable[[List[int]], None]] = None):
+                 on_rows: Optional[Callable[[List[int]], Optional[Sequence[torch.nn.Module]]]] = None):
         """``on_rows(live)``: told the rows in the batch (their indices in ``rows``) before the first
-        forward and whenever rows leave (a per-row soup selects its weight vectors)."""
+        forward, before joining rows are prefilled and whenever rows leave (a per-row soup selects
+        their weight vectors); it returns the models to run from then on -- their keys and values
+        must match the ones they replace, as the KV caches carry over -- or None to keep them."""
         self.models, self.pad_id, self.eos = list(models), pad_id, set(eos_ids)
         self.device = torch.device(device)
         self.on_rows = on_rows
@@ -138,13 +140,12 @@ class LockstepDecoder:
         gens = [_generator(r) for r in rows]
         out: List[List[int]] = [[] for _ in rows]
         live = list(range(len(rows)))  # rows still decoding; finished rows leave the batch and its caches
-        if self.on_rows is not None:
-            self.on_rows(live)
+        self._rows_changed(live)
         while live:
             logits = self._forwards(active, step_ids, mask, step_pos, caches)
             mixed = mix_logits(logits, torch.tensor([[weights[i][k] for k in active] for i in live]))
-            chosen = sample_rows(mixed, [rows[i].sampling for i in live], [gens[i] for i in live])
-            tokens = chosen.tolist()  # the step's one copy to the host (the text streams need the tokens)
+            sampled = sample_rows(mixed, [rows[i].sampling for i in live], [gens[i] for i in live])
+            tokens = sampled.tolist()  # the step's one copy to the host (the text streams need the tokens)
             keep = []
             for j, (i, tok) in enumerate(zip(live, tokens)):
                 r = rows[i]
@@ -155,7 +156,7 @@ class LockstepDecoder:
                         on_finish(i)
                 else:
                     keep.append(j)
-            step_ids = chosen[:, None]
+            step_ids = sampled[:, None]
             if len(keep) < len(live):
                 index = torch.tensor(keep, dtype=torch.long, device=self.device)
                 for cache in caches.values():
@@ -173,9 +174,14 @@ class LockstepDecoder:
                 out += [[] for _ in joining]
                 caches, mask, step_ids, step_pos = self._join(joining, first, active, caches, mask, step_ids, step_pos)
                 live += list(range(first, len(rows)))
-            if self.on_rows is not None and live and (joining or len(keep) < len(tokens)):
-                self.on_rows(live)
+            if live and (joining or len(keep) < len(tokens)):
+                self._rows_changed(live)
         return out
+
+    def _rows_changed(self, live: List[int]) -> None:
+        models = self.on_rows(live) if self.on_rows is not None else None
+        if models is not None:
+            self.models = list(models)
 
     def _join(self, rows: Sequence[Row], first: int, active: Sequence[int], caches, mask, step_ids, step_pos):
         """Rows joining a running batch: each prompt but its last token is prefilled into new KV
@@ -190,8 +196,7 @@ class LockstepDecoder:
         new_mask = new_mask.to(self.device)
         new_caches = {k: DynamicCache() for k in active}
         if Ln:
-            if self.on_rows is not None:  # the prefill's rows are the joining ones (numbered from first)
-                self.on_rows(list(range(first, first + n)))
+            self._rows_changed(list(range(first, first + n)))  # the prefill's rows: the joining ones
             pos = (new_mask.cumsum(1) - 1).clamp(min=0)
             self._forwards(active, ids.to(self.device), new_mask, pos, new_caches)
         T = max(mask.shape[1] - 1, Ln)  # cache length both sides are padded to

@@ -186,6 +186,31 @@ def per_row_soup(models: Sequence[torch.nn.Module], dirs: Sequence[str]):
     return RowSoup(models)
 
 
+class SoupBatch:
+    """A soup-mode batch: each row's weight vector (in :meth:`row` order) and the model the rows
+    decode through -- the merged model of their one vector while they share it, else, for good
+    once a row with another vector joins, the per-row soup (its layers give the same keys and
+    values, so the KV caches carry over). Its :meth:`on_rows` is the decoder's hook."""
+
+    def __init__(self, row_soup, merged: Optional[torch.nn.Module], decimals: int):
+        self.row_soup, self.merged, self.decimals = row_soup, merged, decimals
+        self.vectors: List[Tuple[float, ...]] = []
+
+    def models(self) -> List[torch.nn.Module]:
+        return [self.merged if self.merged is not None else self.row_soup.model]
+
+    def row(self, req: Request) -> Row:
+        self.vectors.append(round_weights(req.parsed.weights, self.decimals))
+        if self.merged is not None and self.vectors[-1] != self.vectors[0]:
+            self.merged = None
+        return Row(req.parsed.prompt_ids, (1.0,), req.parsed.sampling)
+
+    def on_rows(self, live: List[int]) -> List[torch.nn.Module]:
+        if self.merged is None:
+            self.row_soup.select_rows(torch.tensor([self.vectors[i] for i in live], dtype=torch.float32))
+        return self.models()
+
+
 class MixEngine:
     def __init__(self, cfg: ServeConfig, on_batch: Optional[Callable[[str, int, Optional[bool]], None]] = None):
         """``on_batch(mode, size, soup_cache_hit)``: called after every decoded batch (metrics)."""
@@ -290,21 +315,9 @@ class MixEngine:
         model, cache_hit = None, None
         if len(set(vectors)) == 1:
             model, cache_hit = self.soups.get(vectors[0])
-        chosen: List[Tuple[float, ...]] = []  # row i's vector; grows as rows join
-
-        def per_row(live: List[int]) -> None:
-            self.row_soup.select_rows(torch.tensor([chosen[i] for i in live], dtype=torch.float32))
-
-        decoder = LockstepDecoder([model if model is not None else self.row_soup.model], self.tokenizer.pad_token_id,
-                                  self.eos_ids, self.device, on_rows=None if model is not None else per_row)
-
-        def row_of(j: Request) -> Row:
-            chosen.append(round_weights(j.parsed.weights, self.cfg.soup_decimals))
-            if decoder.on_rows is None and chosen[-1] != chosen[0]:
-                decoder.models[0], decoder.on_rows = self.row_soup.model, per_row
-            return Row(j.parsed.prompt_ids, (1.0,), j.parsed.sampling)
-
-        return decoder, row_of, cache_hit
+        soup = SoupBatch(self.row_soup, model, self.cfg.soup_decimals)
+        decoder = LockstepDecoder(soup.models(), self.tokenizer.pad_token_id, self.eos_ids, self.device, soup.on_rows)
+        return decoder, soup.row, cache_hit
 
     def _joiners(self, key: Tuple, row_of: Callable[[Request], Optional[Row]], room: int) -> List[Tuple[Request, Row]]:
         """Waiting requests that can join the running batch now (same mode, accepted by it)."""

@@ -3,6 +3,8 @@ and the DeepSpeed engine's calling surface over a bare module."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import random
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -332,3 +335,60 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -
 def all_specs() -> list[MetricSpec]:
     """Every Moray metric: training's (:mod:`trainers.training_metrics`) and serving's (:mod:`serving.metrics`)."""
     return training_specs() + serving_specs()
+
+
+FAIL_ONCE, FAILED_ONCE = "fail-once.json", "failed-once"  # in a run's Ray Train storage: the plan; its record
+
+
+def fail_once(monkeypatch, storage_dir, step: int) -> Path:
+    """Recovery tests: the next training run whose Ray Train storage is ``storage_dir`` (local)
+    loses one worker process (rank 1, or 0 alone) right after optimizer step ``step``, once. Ray Train
+    then runs :func:`train_loop_failing_once`, the real loop whose task dies there. Returns the file
+    the dying worker writes first (a restarted worker that finds it trains on)."""
+    import trainers.launch
+
+    Path(storage_dir).mkdir(parents=True, exist_ok=True)
+    (Path(storage_dir) / FAIL_ONCE).write_text(json.dumps({"step": step}))
+    monkeypatch.setattr(trainers.launch, "train_loop", train_loop_failing_once)
+    return Path(storage_dir) / FAILED_ONCE
+
+
+def train_loop_failing_once(config) -> None:
+    """:func:`trainers.loop.train_loop` on a Ray Train worker, with the failure :func:`fail_once`
+    planned in the run's storage."""
+    import ray.train
+    from pyarrow.fs import FileType
+
+    from trainers.loop import train_loop
+
+    ctx = ray.train.get_context()
+    fs, root = ctx.get_storage().storage_filesystem, ctx.get_storage().storage_fs_path
+    plan, done = f"{root}/{FAIL_ONCE}", f"{root}/{FAILED_ONCE}"
+    loop = config["loop"]
+    if (ctx.get_world_rank() == min(1, ctx.get_world_size() - 1) and fs.get_file_info(plan).type == FileType.File
+            and fs.get_file_info(done).type == FileType.NotFound):
+        with fs.open_input_stream(plan) as f:
+            step = json.loads(f.read())["step"]
+        loop = dataclasses.replace(loop, make_task=functools.partial(_task_failing_after, loop.make_task, step, done))
+    train_loop({**config, "loop": loop})
+
+
+def _task_failing_after(make_task, step: int, done: str, job):
+    """``make_task(job)`` whose process exits right after optimizer step ``step`` (before that step's
+    report), writing ``done`` first."""
+    task = make_task(job)
+    start_step, end_step = task.start_step, task.end_step
+    current = [0]
+
+    def started(index: int, total: int) -> None:
+        current[0] = index + 1
+        return start_step(index, total)
+
+    def ended():
+        if current[0] == step:
+            Path(done).write_text(f"worker killed after optimizer step {step}\n")
+            os._exit(1)
+        return end_step()
+
+    task.start_step, task.end_step = started, ended
+    return task

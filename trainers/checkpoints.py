@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from trainers.policy_export import export_dtype
 from trainers.reference import ReferenceTable
 
 STATE_FILE = "trainer_state.json"
+FINAL_TASK_STATE = "task_state"  # the final metrics' key for the task's state at the end (Task.state)
 DS_TAG = "deepspeed"
 
 
@@ -99,7 +99,7 @@ def export_final(task, engine, rank: int, metadata: PolicyMetadata, metrics: Dic
     from pyarrow.fs import FileSelector
 
     tic = time.perf_counter()
-    metrics = {**metrics, "probe_logits": probe_logits(engine), "exported": True}
+    metrics = {**metrics, "probe_logits": probe_logits(engine), "exported": True, FINAL_TASK_STATE: task.state()}
     dtype = export_dtype(task.cfg.model.export_dtype, engine.bfloat16_enabled())
     tensors = gathered_tensors(engine, rank)
     if rank == 0:
@@ -156,14 +156,6 @@ def _status_bytes(field: str, path: str = "/proc/self/status", unit: int = 1024)
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * unit
     raise OSError(f"{path} has no {field}")
-
-
-def maybe_fail(fail_at_step: int, step: int, rank: int, world: int, marker: str) -> None:
-    """Fault injection for recovery tests (``train.fail_at_step``): one worker process dies, once."""
-    if fail_at_step != step or rank != min(1, world - 1) or not marker or os.path.exists(marker):
-        return
-    Path(marker).write_text(f"worker {rank} killed at step {step}\n")
-    os._exit(1)
 
 
 def quiet_report_logs() -> None:

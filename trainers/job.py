@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from trainers.core.config import load_config, parse_dotted
+from trainers.job_config import JobConfig
 from trainers.losses import LOSSES
 
 
@@ -44,7 +45,7 @@ class Job:
     help: str
     config: type                                   # its JobConfig subclass
     task: Callable[[Any], Any]                     # config -> the Task the loop trains
-    run: Callable[..., Dict[str, Any]]             # run(config, address=None) -> final metrics
+    run: Callable[[JobConfig], Dict[str, Any]]     # run(config) -> final metrics
     flags: Tuple[Flag, ...] = ()
 
 
@@ -56,7 +57,7 @@ COMMON_FLAGS: Tuple[Flag, ...] = (
     Flag("--beta", "train.beta", float), Flag("--lr", "train.lr", float), Flag("--epochs", "train.epochs", int),
     Flag("--micro-batch-size", "train.micro_batch_size", int), Flag("--grad-accum", "train.grad_accum", int),
     Flag("--use-gpu", "train.use_gpu", switch=True), Flag("--seed", "train.seed", int),
-    Flag("--max-failures", "train.max_failures", int),
+    Flag("--max-failures", "train.max_failures", int), Flag("--address", "address"),
 )
 
 

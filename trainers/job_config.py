@@ -115,8 +115,6 @@ class TrainConfig:
                                   "where possible) | STRICT_PACK | STRICT_SPREAD.")
     log_every: int = opt(10, "Send metrics to Ray Train every N optimizer steps (each report "
                          "carries every step's metrics in 'history'; the progress bar shows each step).")
-    fail_at_step: int = opt(-1, "Testing: rank 1 (or 0 with one worker) dies once at this "
-                            "optimizer step, to exercise recovery. -1 disables.")
 
 
 @dataclass
@@ -127,6 +125,8 @@ class JobConfig:
     objective: str = opt("", "Name of the objective this policy is aligned to (e.g. sentiment).")
     out: str = opt("", "Where the exported HF checkpoint goes: a local directory or a storage URI (file://, "
                    "s3://, gs://, ...). It holds the weights, config, tokenizer and moray.json only.")
+    address: str = opt("", "The Ray cluster to run on, as ray.init takes it; empty: RAY_ADDRESS, else an embedded "
+                       "local Ray.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -97,18 +97,18 @@ def staging_dir(job) -> str:
 
 
 def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata: PolicyMetadata, name: str,
-                  address: Optional[str] = None, failure_marker: str = "", tokenize: Optional[type] = None,
-                  unit: str = "pairs") -> Dict[str, Any]:
+                  tokenize: Optional[type] = None, unit: str = "pairs") -> Dict[str, Any]:
     """Start Ray, shard the rows, train ``make_task(job)`` on Ray Train (the workers tokenize with
     ``tokenize``, a class like :class:`~trainers.data.Tokenize`, its default), export to
-    ``job.out``. ``metadata`` (the job's own ``moray.json`` entries) gains the run's: data, rows,
-    epochs, ZeRO stage, workers, seed."""
+    ``job.out``, on the Ray cluster at ``job.address`` (empty: ``RAY_ADDRESS``, else an embedded
+    one). ``metadata`` (the job's own ``moray.json`` entries) gains the run's: data, rows, epochs,
+    ZeRO stage, workers, seed."""
     check_enough_rows(report.kept, job.train.workers)
     if tokenize is None:
         check_rendering(job, table)
     locations = run_locations(job)
     tic = time.perf_counter()
-    init_ray(address)
+    init_ray(job.address or None)
     ray_start = time.perf_counter() - tic
     prepared = shard_rows(job, table, report)
     shard_s = time.perf_counter() - tic - ray_start
@@ -116,7 +116,7 @@ def train_on_rows(make_task: Callable[[Any], Any], job, table, report, metadata:
     metadata = metadata.with_entries(data=job.data.path, pairs=prepared.rows, epochs=t.epochs,
                                      zero_stage=t.zero_stage, workers=t.workers, seed=t.seed)
     try:
-        metrics = fit(make_task, job, prepared, metadata, name, locations, failure_marker, tokenize or Tokenize)
+        metrics = fit(make_task, job, prepared, metadata, name, locations, tokenize or Tokenize)
     finally:
         if isinstance(table, StagedRows):
             storage.remove_dir(storage.parent(table.path))
@@ -170,7 +170,7 @@ def check_enough_rows(kept: int, workers: int) -> None:
 
 
 def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: PolicyMetadata, name: str,
-        locations: Tuple[str, str], failure_marker: str = "", tokenize: type = Tokenize) -> Dict[str, Any]:
+        locations: Tuple[str, str], tokenize: type = Tokenize) -> Dict[str, Any]:
     """Run :func:`trainers.loop.train_loop` on a TorchTrainer with Ray Train's storage at
     ``locations[1]``; rank 0 writes the export to ``locations[0]`` (both from :func:`run_locations`),
     or into the storage for this driver to copy when it runs on another node and the location is local."""
@@ -185,7 +185,7 @@ def fit(make_task: Callable[[Any], Any], job, prepared: PreparedRows, metadata: 
         train_loop,
         train_loop_config={"loop": LoopConfig(
             make_task=make_task, job=for_workers(job), tokenize=tokenize, rows_per_rank=prepared.rows_per_rank,
-            pad_id=prepared.pad_id, metadata=metadata, run=run, progress=interactive(), failure_marker=failure_marker,
+            pad_id=prepared.pad_id, metadata=metadata, run=run, progress=interactive(),
             export=ExportTarget(out, storage.join(storage_path, run, "export"), ray.get_runtime_context().get_node_id()))},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker},

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from trainers.batches import length_buckets, to_device
-from trainers.checkpoints import (ExportTarget, export_final, load_engine_state, maybe_fail, quiet_report_logs, report,
+from trainers.checkpoints import (ExportTarget, export_final, load_engine_state, quiet_report_logs, report,
                                   resume_state)
 from trainers.core.metadata import PolicyMetadata
 from trainers.core.runtime import quiet_ray_data
@@ -50,7 +50,6 @@ class LoopConfig:
     export: ExportTarget  # where rank 0 writes the export
     run: str  # the run's name (its metrics are published under it)
     progress: bool = True  # draw a progress bar: the driver is on a terminal
-    failure_marker: str = ""  # recovery tests: the file that says a planned failure already happened
 
 
 def train_loop(config: Dict[str, Any]) -> None:
@@ -126,7 +125,6 @@ def train_loop(config: Dict[str, Any]) -> None:
 
             engine.step()
             step += 1
-            maybe_fail(t.fail_at_step, step, rank, world, loop.failure_marker)
             now = time.perf_counter()
             metrics = sums.reduce(now - tic, world)
             metrics.update(step=step, epoch=epoch, lr=engine.get_lr()[0], **task.end_step())
@@ -145,13 +143,13 @@ def train_loop(config: Dict[str, Any]) -> None:
                 history = []
             if bar is not None:
                 bar.set_description(f"{task.name} {task.cfg.objective} loss={metrics['loss']:.4f} "
-                                    f"{metrics['pairs_per_s']:.1f} rows/s")
+                                    f"{metrics['rows_per_s']:.1f} rows/s")
                 bar.update(1)
     if bar is not None:
         bar.close()
 
     # this attempt's training-loop throughput (all ranks' rows; rank 0's clock)
-    metrics.update(train_seconds=time.perf_counter() - loop_start, pairs_trained=rows_trained * world, step=step,
+    metrics.update(train_seconds=time.perf_counter() - loop_start, rows_trained=rows_trained * world, step=step,
                    **timings)
     if published is not None:
         published.close(metrics)  # its gauges leave the endpoint; the last values stay in Ray's KV store
@@ -252,6 +250,6 @@ class StepSums:
         self.total, self.rows = None, 0
         rows = max(values[-1], 1.0)
         out = {"loss": values[0] / rows, **{k: v / rows for k, v in zip(self.names, values[1:-2])}}
-        out.update(step_pairs=values[-1], pairs_per_s=values[-1] / max(seconds, 1e-9),
+        out.update(step_rows=values[-1], rows_per_s=values[-1] / max(seconds, 1e-9),
                    tokens_per_s=values[-2] / max(seconds, 1e-9))
         return out

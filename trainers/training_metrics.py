@@ -25,7 +25,7 @@ TRAIN_SCALARS: Dict[str, MetricSpec] = {key: MetricSpec(name, "gauge", desc, TRA
     ("loss", "moray_train_loss", "Training loss, mean over the rows of the last optimizer step", "short"),
     ("reward_margin", "moray_train_reward_margin", "Mean implicit reward margin beta*(chosen - rejected) log-ratio", "short"),
     ("accuracy", "moray_train_accuracy", "Fraction of pairs ranked the right way (implicit reward, or a reward model's score)", "percentunit"),
-    ("pairs_per_s", "moray_train_pairs_per_second", "Pairs (prompts for MOPO and online GAPO) trained per second, all workers", "short"),
+    ("rows_per_s", "moray_train_rows_per_second", "Rows (pairs; prompts for MOPO and online GAPO) trained per second, all workers", "short"),
     ("tokens_per_s", "moray_train_tokens_per_second", "Tokens through the model per second, all workers", "short"),
     ("lr", "moray_train_learning_rate", "Learning rate of the last optimizer step", "short"),
     ("step", "moray_train_step", "Optimizer steps done", "short"),
@@ -48,11 +48,11 @@ TRAIN_FAMILIES: Dict[str, MetricSpec] = {key: MetricSpec(name, "gauge", desc, TR
     ("threshold", "moray_train_mopo_threshold", "MOPO: the constraint's threshold"),
 ]}
 
-TRAIN_PAIRS = MetricSpec("moray_train_pairs", "counter", "Pairs (prompts for MOPO and online GAPO) trained", TRAIN_TAGS)
+TRAIN_ROWS = MetricSpec("moray_train_rows", "counter", "Rows (pairs; prompts for MOPO and online GAPO) trained", TRAIN_TAGS)
 
 
 def training_specs() -> List[MetricSpec]:
-    return list(TRAIN_SCALARS.values()) + list(TRAIN_FAMILIES.values()) + [TRAIN_PAIRS]
+    return list(TRAIN_SCALARS.values()) + list(TRAIN_FAMILIES.values()) + [TRAIN_ROWS]
 
 
 def training_series(metrics: Mapping[str, Any]) -> List[Tuple[MetricSpec, Optional[str], float]]:
@@ -103,7 +103,7 @@ class TrainingMetrics:
     def __init__(self, run: str, method: str, objective: str):
         self.tags = {"run": run, "method": method, "objective": objective}
         self._gauges: Dict[str, Any] = {}
-        self._out = BestEffort(lambda: make_metric(TRAIN_PAIRS), "training")
+        self._out = BestEffort(lambda: make_metric(TRAIN_ROWS), "training")
         self._again = Republisher()
 
     def record(self, metrics: Mapping[str, Any]) -> None:
@@ -119,8 +119,8 @@ class TrainingMetrics:
             if spec.name not in self._gauges:
                 self._gauges[spec.name] = make_metric(spec)
             self._again.set(self._gauges[spec.name], value, tags)
-        if metrics.get("step_pairs"):
-            self._out.target.inc(float(metrics["step_pairs"]), tags=self.tags)
+        if metrics.get("step_rows"):
+            self._out.target.inc(float(metrics["step_rows"]), tags=self.tags)
 
     def close(self, final: Mapping[str, Any]) -> None:
         """The job ended: stop re-publishing, and leave ``final``'s gauges in Ray's KV store."""

@@ -26,6 +26,7 @@ from serving.deploy import load_serve_file, run_serve_file, serve_file, write_se
 from serving.offline.mpo import compute_mpo_weights
 from serving.offline.soup import soup_policies
 from serving.policies import parse_policies
+from trainers.checkpoints import FINAL_TASK_STATE
 from trainers.core.config import describe, load_config, parse_assignments, parse_dotted, parse_numbers
 from trainers.core.models import Placement
 from trainers.core.runtime import init_ray
@@ -45,16 +46,16 @@ def objective_list(text: str):
 
 
 def print_metrics(metrics: Dict[str, Any]) -> None:
-    """A training job's final metrics as JSON (the per-step history and probe logits left out)."""
-    print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "probe_logits")}, indent=2,
-                     default=str))
+    """A training job's final metrics as JSON (the per-step history, probe logits and task state left out)."""
+    left_out = ("history", "probe_logits", FINAL_TASK_STATE)
+    print(json.dumps({k: v for k, v in metrics.items() if k not in left_out}, indent=2, default=str))
 
 
 def train(args: argparse.Namespace) -> None:
     """``moray train <job>``: the job's config from defaults, ``--config``, flags and ``--set``; its run."""
     job = get_job(args.method)
     cfg = config_from(job, args.config, args, args.overrides)
-    print_metrics(job.run(cfg, address=args.address))
+    print_metrics(job.run(cfg))
 
 
 def placement(args: argparse.Namespace) -> Placement:

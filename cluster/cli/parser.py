@@ -61,8 +61,8 @@ def add_placement(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_job(p: argparse.ArgumentParser, job: Job) -> None:
-    """A job's flags: ``--config``, every :class:`~trainers.job.Flag` it declares, ``--set`` and
-    ``--address``."""
+    """A job's flags: ``--config``, every :class:`~trainers.job.Flag` it declares (``--address``
+    among them) and ``--set``."""
     p.add_argument("--config", help="YAML file with model:, data:, train: sections (and the job's own fields)")
     for f in flags_of(job):
         text = (f.help or field_help(job.config, f.key)).replace("%", "%%")
@@ -72,7 +72,6 @@ def add_job(p: argparse.ArgumentParser, job: Job) -> None:
             p.add_argument(f.flag, dest=f.dest, type=f.type, choices=f.choices, help=text)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"any config field by dotted key, e.g. train.checkpoint_every=20 (moray config {job.name})")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
 from trainers.core.metrics import MetricSpec
-from trainers.training_metrics import TRAIN_FAMILIES, TRAIN_PAIRS, TRAIN_SCALARS, read_final
+from trainers.training_metrics import TRAIN_FAMILIES, TRAIN_ROWS, TRAIN_SCALARS, read_final
 
 
 # -- reading them back ------------------------------------------------------------------------
@@ -78,12 +78,12 @@ def grafana_dashboard() -> Dict[str, Any]:
     def gauge(spec: MetricSpec, legend: str = by_run) -> Tuple[str, str]:
         return f"ray_{spec.name}{job}", legend
 
-    for key in ("loss", "reward_margin", "accuracy", "pairs_per_s", "tokens_per_s", "lr", "step"):
+    for key in ("loss", "reward_margin", "accuracy", "rows_per_s", "tokens_per_s", "lr", "step"):
         s = TRAIN_SCALARS[key]
-        title = {"lr": "learning rate", "pairs_per_s": "pairs per second", "tokens_per_s": "tokens per second"}
+        title = {"lr": "learning rate", "rows_per_s": "rows per second", "tokens_per_s": "tokens per second"}
         add(f"Training: {title.get(key, key.replace('_', ' '))}", [gauge(s)], s.unit, s.description)
-    add("Training: pairs trained per second (counter rate)",
-        [(f"sum by (run, objective) (rate(ray_{TRAIN_PAIRS.name}_total{job}[1m]))", by_run)])
+    add("Training: rows trained per second (counter rate)",
+        [(f"sum by (run, objective) (rate(ray_{TRAIN_ROWS.name}_total{job}[1m]))", by_run)])
     for key in ("loss", "margin", "accuracy", "reward"):
         s = TRAIN_FAMILIES[key]
         add(f"Per objective: {'reward margin' if key == 'margin' else key}", [gauge(s)], description=s.description)

@@ -226,3 +226,42 @@ def test_each_policy_loads_in_the_serving_dtype_straight_onto_its_device(two_pol
         assert loads == [("cpu", {("cpu", torch.bfloat16)})] * len(two_policies)
     finally:
         engine.close()
+
+
+def test_a_soup_batch_moves_to_the_per_row_soup_when_another_vector_joins(two_policies):
+    """A soup batch starts on the merged model of its one vector; a row with another vector joining
+    moves it, KV caches and all, to the per-row soup (whose layers give the same keys and values):
+    the joining row decodes as its own merged model alone, the first row as its own throughout."""
+    import copy
+
+    from serving.api import Parsed
+    from serving.decode import LockstepDecoder, Sampling
+    from serving.engine import Request, SoupBatch
+    from serving.rowsoup import RowSoup
+
+    models = [load_causal_lm(p).eval() for p in two_policies.values()]
+
+    def merged(w):
+        model = copy.deepcopy(models[0])
+        model.load_state_dict(soup_state_dicts([m.state_dict() for m in models], w))
+        return model
+
+    def request(prompt, w, n):
+        return Request(Parsed(prompt, w, "soup", Sampling(max_tokens=n, temperature=0), [], False, False), print)
+
+    a, b = (0.25, 0.75), (0.75, 0.25)
+    first, joining = request([5, 9, 17, 33, 2, 8, 11], a, 10), request([7, 40, 3, 12, 6], b, 5)
+    soup = SoupBatch(RowSoup(models), merged(a), decimals=2)
+    decoder = LockstepDecoder(soup.models(), 0, [], on_rows=soup.on_rows)
+    assert decoder.models[0] is soup.merged
+    steps = []
+
+    def more(n):
+        steps.append(n)
+        return [soup.row(joining)] if len(steps) == 3 else []
+
+    got = decoder.generate([soup.row(first)], more=more)
+    assert soup.merged is None and decoder.models == [soup.row_soup.model] and soup.vectors == [a, b]
+    for req, w, tokens in zip((first, joining), (a, b), got):
+        alone = LockstepDecoder([merged(w)], 0, []).generate([soup.row(req)])[0]
+        assert tokens == alone

@@ -11,8 +11,8 @@ import torch
 from tests.helpers import BareEngine, conditioned_model, multi_batch, multi_rows, response_columns
 from trainers.batches import pack_pairs, pad_pairs, pair_logps
 from trainers.conditioned_lora import adapters, row_preferences, set_preference, token_preferences
-from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.job_config import ModelConfig
+from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.jobs.conditioned import ConditionedJobConfig, ConditionedTask
 from trainers.losses import dpo_loss
 from trainers.task import build_policy

@@ -21,7 +21,7 @@ def test_micro_batches_add_on_the_device_and_the_step_reads_once(monkeypatch):
     out = sums.reduce(seconds=2.0, world=1)
     assert reads.count("cpu") == 1 and "item" not in reads
     assert out["loss"] == pytest.approx(1.5) and out["reward_margin"] == pytest.approx(2.0)
-    assert out["accuracy"] == pytest.approx(0.5) and out["step_pairs"] == 8 and out["tokens_per_s"] == 20
+    assert out["accuracy"] == pytest.approx(0.5) and out["step_rows"] == 8 and out["tokens_per_s"] == 20
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ KEPT_TO_THE_JOB = {"chosen_reward", "rejected_reward", "logp_best", "logp_worst"
 
 
 def test_training_series_tags_per_objective_entries_with_their_objective():
-    step = {"loss": 0.5, "accuracy": 0.75, "step": 3, "step_pairs": 8.0, "epoch": 0, "history": [],
+    step = {"loss": 0.5, "accuracy": 0.75, "step": 3, "step_rows": 8.0, "epoch": 0, "history": [],
             "alpha/sentiment": 0.3, "alpha/conciseness": 0.7, "grad_norm/sentiment": 2.0, "grad_cosine": -0.2,
             "lambda/sentiment": 0.1, "constraint/sentiment": 0.45, "reward/sentiment": float("nan"),
             "unknown/sentiment": 1.0, "chosen_reward": 0.1, "flag": True}

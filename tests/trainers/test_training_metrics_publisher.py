@@ -30,7 +30,7 @@ def test_gauges_stay_between_slow_steps_and_the_last_values_outlive_the_job(publ
     import ray
 
     url = node_metrics_urls()[0]
-    ray.get(publisher.record.remote({"loss": 0.75, "step": 1, "step_pairs": 4.0}))
+    ray.get(publisher.record.remote({"loss": 0.75, "step": 1, "step_rows": 4.0}))
     assert wait_for(lambda: _loss(url) == [0.75], 30), read_metrics(url)
     # a step that takes four report intervals (Ray's agent drops a gauge two intervals after its last report)
     seen = []
@@ -38,11 +38,11 @@ def test_gauges_stay_between_slow_steps_and_the_last_values_outlive_the_job(publ
         time.sleep(0.5)
         seen.append(_loss(url))
     assert all(v == [0.75] for v in seen), seen
-    ray.get(publisher.record.remote({"loss": 0.5, "step": 2, "step_pairs": 4.0}))
+    ray.get(publisher.record.remote({"loss": 0.5, "step": 2, "step_rows": 4.0}))
     assert wait_for(lambda: _loss(url) == [0.5], 30), read_metrics(url)
 
     # the job ends: the gauges stop being re-reported and leave the endpoint; the last values stay readable
-    ray.get(publisher.close.remote({"loss": 0.5, "step": 2, "pairs_trained": 8}))
+    ray.get(publisher.close.remote({"loss": 0.5, "step": 2, "rows_trained": 8}))
     assert wait_for(lambda: _loss(url) == [], 30), read_metrics(url)
     final = {(n, lab["objective"]): v for n, lab, v in final_samples() if lab["run"] == "slow-run"}
     assert final == {("ray_moray_train_loss", "sentiment"): 0.5, ("ray_moray_train_step", "sentiment"): 2.0}

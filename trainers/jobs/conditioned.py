@@ -32,11 +32,11 @@ from trainers.core.metadata import PolicyMetadata, write_metadata
 from trainers.core.models import load_tokenizer
 from trainers.data import load_pairs
 from trainers.deepspeed_setup import load_placement
+from trainers.policy_export import export_model
 from trainers.job import Flag, Job
 from trainers.job_config import JobConfig, multi_objective, objectives_errors, one_of
 from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import conditioned_loss
-from trainers.policy_export import export_model
 from trainers.task import PolicyTask, build_policy, pair_stats
 
 VERTICES_DIR = "vertices"  # one peft adapter per objective, beside the base checkpoint
@@ -198,13 +198,13 @@ def conditioned_metadata(job: ConditionedJobConfig) -> PolicyMetadata:
         "sampling": job.sampling, "target_modules": list(m.lora_target_modules)})
 
 
-def run(job: ConditionedJobConfig, address: Optional[str] = None, failure_marker: str = "") -> Dict[str, Any]:
+def run(job: ConditionedJobConfig) -> Dict[str, Any]:
     """Train one conditioned policy and export it to ``job.out``. Returns the final metrics. The
     config and every row are checked before Ray starts."""
     job = job.validate()
     table, report = load_pairs(job.data, job.objectives[0], also=job.objectives[1:], stage=staging_dir(job))
     return train_on_rows(ConditionedTask, job, table, report, conditioned_metadata(job),
-                         f"conditioned-{job.objective}", address, failure_marker)
+                         f"conditioned-{job.objective}")
 
 
 JOB = Job("conditioned", "one policy conditioned on the objective weights (per-objective LoRA pairs)",

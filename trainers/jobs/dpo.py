@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
@@ -36,12 +36,12 @@ class DPOTask(PolicyTask):
         return losses, pair_stats(cr, rr)
 
 
-def run(job: DPOJobConfig, address: Optional[str] = None, failure_marker: str = "") -> Dict[str, Any]:
+def run(job: DPOJobConfig) -> Dict[str, Any]:
     """Train one per-objective policy and export it to ``job.out``. Returns the final metrics."""
     job = job.validate()
     table, report = load_pairs(job.data, job.objective, stage=staging_dir(job))  # fail fast: before Ray starts
     return train_on_rows(DPOTask, job, table, report, policy_metadata(job, loss=job.train.loss),
-                         f"{job.train.loss}-{job.objective}", address, failure_marker)
+                         f"{job.train.loss}-{job.objective}")
 
 
 JOB = Job("dpo", "per-objective DPO/IPO on Ray Train + DeepSpeed", DPOJobConfig, DPOTask, run)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import pyarrow as pa
@@ -310,7 +310,7 @@ def make_task(cfg: GAPOJobConfig) -> GAPOTask:
     return OnlineGAPOTask(cfg) if cfg.online else GAPOTask(cfg)
 
 
-def run(job: GAPOJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
+def run(job: GAPOJobConfig) -> Dict[str, Any]:
     """Train one GAPO / P-GAPO policy (offline or online) and export it to ``job.out``. Returns the
     final metrics. Rows and objectives are checked before Ray starts."""
     job = job.validate()
@@ -319,14 +319,14 @@ def run(job: GAPOJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
     if not job.online:
         table, report = load_pairs(job.data, job.objectives[0], also=job.objectives[1:], stage=staging_dir(job))
         return train_on_rows(make_task, job, table, report, policy_metadata(job, method=method, loss="dpo", **common),
-                             f"gapo-{job.objective}", address)
+                             f"gapo-{job.objective}")
     check_objectives(job.objectives)
     prompts = load_prompts(job.data.path, job.prompt_column, job.data.split)
     table = pa.table({"idx": pa.array(np.arange(len(prompts), dtype=np.int64)), "prompt": prompts})
     report = LoadReport(total=len(prompts), kept=len(prompts))
     metadata = policy_metadata(job, method=method + "-online", loss="policy_gradient", kl_coef=job.kl_coef,
                                samples_per_prompt=job.samples_per_prompt, max_new_tokens=job.max_new_tokens, **common)
-    return train_on_rows(make_task, job, table, report, metadata, f"gapo-online-{job.objective}", address,
+    return train_on_rows(make_task, job, table, report, metadata, f"gapo-online-{job.objective}",
                          tokenize=TokenizePrompts, unit="prompts")
 
 

@@ -32,13 +32,14 @@ import pyarrow as pa
 import torch
 
 from trainers.batches import pair_logps
-from trainers.job_config import DataConfig, JobConfig
+from trainers.checkpoints import FINAL_TASK_STATE
 from trainers.constrained import (check_feasible, check_multipliers, constraint_report, dual_step, mopo_ratios,
                                   prompt_values, solve_dual, win_rates)
 from trainers.core.config import opt, parse_numbers
 from trainers.core.metadata import METADATA_FILE, read_metadata, write_metadata
 from trainers.data import LoadReport, PreferenceDataError, field_problem, read_source, settle_problems
 from trainers.job import Flag, Job, PromiseUnmet
+from trainers.job_config import DataConfig, JobConfig
 from trainers.launch import train_on_rows
 from trainers.losses import weighted_bc_loss
 from trainers.task import PolicyTask, policy_metadata
@@ -214,6 +215,7 @@ class MOPOTask(PolicyTask):
         self.cfg, self.names = cfg, list(cfg.constraints)
         self.lam = torch.tensor([float(cfg.initial_lambda.get(k, 0.0)) for k in self.names], dtype=torch.float64)
         self.thresholds = torch.tensor([cfg.constraints[k] for k in self.names], dtype=torch.float64)
+        self.step_thresholds = self.thresholds  # those the latest dual step used (self.thresholds: the next one's)
         self.steps = 0
         self._sum: Optional[torch.Tensor] = None  # Σ prompt values, prompts: on the device, read once per step
         self._window = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # the same since the last ratchet
@@ -244,7 +246,7 @@ class MOPOTask(PolicyTask):
         values = total[:-1] / total[-1].clamp_min(1.0)
         out = {f"constraint/{k}": float(v) for k, v in zip(self.names, values)}
         out.update({f"threshold/{k}": float(b) for k, b in zip(self.names, self.thresholds)})
-        self.lam = dual_step(self.lam, self.thresholds, values, self.cfg.dual_lr)
+        self.lam, self.step_thresholds = dual_step(self.lam, self.thresholds, values, self.cfg.dual_lr), self.thresholds
         out.update({f"lambda/{k}": float(v) for k, v in zip(self.names, self.lam)})
         check_multipliers(self.lam, self.cfg.lambda_bound, self.names, values, self.thresholds)
         self.steps += 1
@@ -257,7 +259,7 @@ class MOPOTask(PolicyTask):
 
     def state(self) -> Dict[str, Any]:
         return {"lambda": self.lam.tolist(), "thresholds": self.thresholds.tolist(), "steps": self.steps,
-                "window": self._window.tolist()}
+                "window": self._window.tolist(), "step_thresholds": self.step_thresholds.tolist()}
 
     def load_state(self, state: Dict[str, Any]) -> None:
         if not state:
@@ -266,9 +268,17 @@ class MOPOTask(PolicyTask):
         self.thresholds = torch.tensor(state["thresholds"], dtype=torch.float64)
         self.steps = int(state["steps"])
         self._window = torch.tensor(state["window"], dtype=torch.float64)
+        self.step_thresholds = torch.tensor(state.get("step_thresholds", state["thresholds"]), dtype=torch.float64)
+
+    @staticmethod
+    def final_duals(state: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(λ, thresholds)`` of the last dual step from a :meth:`state`: the multipliers it reached and
+        the thresholds it stepped against (a ratchet at that step only changes the next step's)."""
+        as_tensor = lambda key: torch.tensor(state[key], dtype=torch.float64)  # noqa: E731
+        return as_tensor("lambda"), as_tensor("step_thresholds")
 
 
-def run(job: MOPOJobConfig, address: Optional[str] = None, failure_marker: str = "") -> Dict[str, Any]:
+def run(job: MOPOJobConfig) -> Dict[str, Any]:
     """Train one MOPO policy and export it to ``job.out``. Returns the final metrics, with each
     constraint's final estimate under ``constraints_report`` (also in ``moray.json``).
 
@@ -289,10 +299,9 @@ def run(job: MOPOJobConfig, address: Optional[str] = None, failure_marker: str =
         job = dataclasses.replace(job, initial_lambda={k: float(v) for k, v in zip(names, lam0)})
     metadata = policy_metadata(job, method="mopo", loss="mopo", constraints=job.constraints, tau=job.tau,
                                dual_lr=job.dual_lr, dual_init=job.dual_init, candidates=int(q_bar.shape[1]))
-    metrics = train_on_rows(MOPOTask, job, table, report, metadata, f"mopo-{job.objective}", address,
-                            failure_marker, unit="prompts")
-    lam = torch.tensor([metrics[f"lambda/{k}"] for k in names], dtype=torch.float64)
-    final_b = torch.tensor([metrics[f"threshold/{k}"] for k in names], dtype=torch.float64)  # ratcheted, maybe
+    metrics = train_on_rows(MOPOTask, job, table, report, metadata, f"mopo-{job.objective}",
+                            unit="prompts")
+    lam, final_b = MOPOTask.final_duals(metrics[FINAL_TASK_STATE])
     done = constraint_report(p_bar, q_bar, lam, final_b, job.tau, names, job.constraint_slack, mask)
     met = all(c["satisfied"] for c in done.values())
     write_metadata(job.out, read_metadata(job.out).with_entries(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ class RewardTask(Task):
         return bt_loss(c, r), pair_stats(c, r)
 
 
-def run(job: RewardJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
+def run(job: RewardJobConfig) -> Dict[str, Any]:
     """Train a reward model on Ray Train + DeepSpeed; export it with its held-out accuracy."""
     backbone = job.model.name_or_path
     job = job.validate()
@@ -107,7 +107,7 @@ def run(job: RewardJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
     held_out, train = table.take(np.sort(perm[:n_eval])), table.take(np.sort(perm[n_eval:]))
     report.kept = train.num_rows
     metadata = PolicyMetadata("reward_model", job.objective, entries={"backbone": backbone, "held_out_pairs": n_eval})
-    metrics = train_on_rows(RewardTask, job, train, report, metadata, f"reward-{job.objective}", address,
+    metrics = train_on_rows(RewardTask, job, train, report, metadata, f"reward-{job.objective}",
                             tokenize=TokenizeReward)
     if n_eval:
         with storage.local_dir(job.out) as local:

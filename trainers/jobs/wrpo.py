@@ -11,7 +11,7 @@ steps), logged each step as ``alpha``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
@@ -68,12 +68,12 @@ class WRPOTask(PolicyTask):
         return {"alpha": self.alpha}
 
 
-def run(job: WRPOJobConfig, address: Optional[str] = None) -> Dict[str, Any]:
+def run(job: WRPOJobConfig) -> Dict[str, Any]:
     """Train one WRPO policy and export it to ``job.out``. Returns the final metrics."""
     job = job.validate()
     table, report = load_pairs(job.data, job.objective, extra=("source",), stage=staging_dir(job))  # before Ray starts
     metadata = policy_metadata(job, method="wrpo", loss="wrpo", alpha_max=job.alpha_max, alpha_steps=job.alpha_steps)
-    return train_on_rows(WRPOTask, job, table, report, metadata, f"wrpo-{job.objective}", address)
+    return train_on_rows(WRPOTask, job, table, report, metadata, f"wrpo-{job.objective}")
 
 
 JOB = Job("wrpo", "WRPO: fuse source models' chosen responses into the target (§7)", WRPOJobConfig, WRPOTask, run,

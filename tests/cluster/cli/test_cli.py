@@ -220,3 +220,19 @@ def test_command_is_checked_before_submitting():
         moray_command(["--", "train", "dpo", "--no-such-flag", "1"])
     with pytest.raises(ValueError, match="runs on this machine"):
         moray_command(["jobs", "list"])
+
+
+def test_every_job_runs_from_its_config_alone_and_address_is_a_config_field():
+    """One ``run(config)`` for every job; ``--address`` (the flag every job keeps) lands in the config's
+    ``address``, as does ``address:`` in a YAML file or ``--set address=...``."""
+    import inspect
+
+    from trainers.job import config_from
+    from trainers.jobs import JOBS
+
+    for job in JOBS.values():
+        assert list(inspect.signature(job.run).parameters) == ["job"], job.name
+        args = build_parser().parse_args(["train", job.name, "--address", "ray://head:10001"])
+        assert config_from(job, None, args).address == "ray://head:10001"
+        assert config_from(job, None, build_parser().parse_args(["train", job.name])).address == ""
+        assert config_from(job, None, args, ["address=auto"]).address == "auto"

@@ -15,7 +15,7 @@ from cluster.cli import main
 from cluster.ops import ray_jobs as jobs
 from cluster.ops.metrics import read_metrics
 from trainers.core.runtime import free_port
-from trainers.training_metrics import TRAIN_PAIRS, TRAIN_SCALARS
+from trainers.training_metrics import TRAIN_ROWS, TRAIN_SCALARS
 
 
 def test_runtime_env(tmp_path):
@@ -130,8 +130,8 @@ def test_per_objective_jobs_side_by_side_with_metrics(ray_head, tiny_model, pair
         AutoModelForCausalLM.from_pretrained(str(tmp_path / objective))
         run, method, steps = scraper.largest("ray_" + TRAIN_SCALARS["step"].name, objective)
         assert run.startswith(f"dpo-{objective}-") and method == "dpo" and steps == 36
-        assert scraper.largest(f"ray_{TRAIN_PAIRS.name}_total", objective)[2] == 144
-        for key in ("loss", "reward_margin", "accuracy", "pairs_per_s", "tokens_per_s", "lr"):
+        assert scraper.largest(f"ray_{TRAIN_ROWS.name}_total", objective)[2] == 144
+        for key in ("loss", "reward_margin", "accuracy", "rows_per_s", "tokens_per_s", "lr"):
             assert scraper.largest("ray_" + TRAIN_SCALARS[key].name, objective)[0] == run
         assert 0 < scraper.largest("ray_" + TRAIN_SCALARS["accuracy"].name, objective)[2] <= 1
 

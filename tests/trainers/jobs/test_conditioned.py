@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cluster.cli import main
-from tests.helpers import conditioned_model, multi_rows, write_jsonl
+from tests.helpers import conditioned_model, fail_once, multi_rows, write_jsonl
 from trainers.conditioned_lora import adapters, row_preferences, set_preference
 from trainers.core.config import load_config
 from trainers.core.export import module_tensors
@@ -96,7 +96,7 @@ def _pku_rows(rows):
 
 
 @pytest.mark.slow
-def test_two_workers_zero2_resumed_and_zero3_train_the_same_policy(ray_local, tiny_model, tmp_path):
+def test_two_workers_zero2_resumed_and_zero3_train_the_same_policy(ray_local, tiny_model, tmp_path, monkeypatch):
     """ZeRO-2 loses a worker at step 3 and resumes from its checkpoint; the run's Σλ over every row
     trained equals each row's own λ (a function of seed and row id) summed over both epochs, so
     every row kept its λ across the restart. ZeRO-3 on the same pairs in PKU-SafeRLHF's shape trains
@@ -104,10 +104,10 @@ def test_two_workers_zero2_resumed_and_zero3_train_the_same_policy(ray_local, ti
     rows = multi_rows(16)
     common = {"train.workers": 2, "train.micro_batch_size": 2, "train.epochs": 2, "train.lr": 5e-3,
               "train.log_every": 1, "rank": 4, "shared_rank": 2, "concentration": 0.7}
-    marker = tmp_path / "failed.txt"
+    marker = fail_once(monkeypatch, tmp_path / "ray_storage", step=3)
     z2 = run_conditioned(_config(tiny_model, write_jsonl(tmp_path / "m.jsonl", rows), tmp_path / "z2", **common, **{
-        "train.zero_stage": 2, "train.checkpoint_every": 1, "train.fail_at_step": 3, "train.max_failures": 1}),
-        failure_marker=str(marker))
+        "train.zero_stage": 2, "train.checkpoint_every": 1, "train.max_failures": 1}))
+    monkeypatch.undo()
     assert marker.exists() and z2["step"] == 8
     want = row_preferences(range(16), 0, 2, 0.7, "dirichlet").sum(0) * 2
     assert z2["rows_seen"] == 32

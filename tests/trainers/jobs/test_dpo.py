@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import assert_only_policy_files, synthetic_pairs, write_jsonl
+from tests.helpers import assert_only_policy_files, fail_once, synthetic_pairs, write_jsonl
 from trainers.batches import pad_pairs, pair_logps
 from trainers.checkpoints import probe_input_ids
 from trainers.core.config import load_config
@@ -77,17 +77,17 @@ def _check_export(metrics, out, model, data, lora=False):
     assert loss < math.log(2) - 0.1, f"DPO loss on the training pairs did not fall: {loss:.4f}"
 
 
-def test_zero2_two_workers_then_recovery_matches(ray_local, tiny_model, train_file, tmp_path):
+def test_zero2_two_workers_then_recovery_matches(ray_local, tiny_model, train_file, tmp_path, monkeypatch):
     clean = run_dpo(_job(tiny_model, train_file, tmp_path / "clean", zero_stage=2))
     assert clean["pairs"] == N_PAIRS and clean["step"] == 6
     _check_export(clean, tmp_path / "clean", tiny_model, train_file)
     assert list((tmp_path / "ray_storage").glob("dpo-sentiment-*/step_0000003"))  # beside the export
 
     # rank 1 dies at step 4, right after the checkpoint at step 3 = the end of epoch 0
-    marker = tmp_path / "killed"
-    job = _job(tiny_model, train_file, tmp_path / "resumed", zero_stage=2, fail_at_step=4, max_failures=1)
+    marker = fail_once(monkeypatch, tmp_path / "ray_storage", step=4)
+    job = _job(tiny_model, train_file, tmp_path / "resumed", zero_stage=2, max_failures=1)
     job.data.in_memory_mb = 0  # and its rows staged to parquet, read by Ray Data: the same rows per worker
-    resumed = run_dpo(job, failure_marker=str(marker))
+    resumed = run_dpo(job)
     assert marker.exists(), "the injected failure did not happen"
     assert not list((tmp_path / "ray_storage").glob("staged-*")), "the staged rows were left behind"
     a = load_file(str(tmp_path / "clean" / "model.safetensors"))
@@ -98,12 +98,11 @@ def test_zero2_two_workers_then_recovery_matches(ray_local, tiny_model, train_fi
     assert resumed["step"] == 6
 
 
-def test_failure_on_epoch_boundary_resumes_exactly(ray_local, tiny_model, train_file, tmp_path):
+def test_failure_on_epoch_boundary_resumes_exactly(ray_local, tiny_model, train_file, tmp_path, monkeypatch):
     # checkpoint every 2 steps: the failure at step 3 (last step of epoch 0) resumes from step 2
     base = run_dpo(_job(tiny_model, train_file, tmp_path / "clean", zero_stage=2, checkpoint_every=2))
-    marker = tmp_path / "killed"
-    run_dpo(_job(tiny_model, train_file, tmp_path / "resumed", zero_stage=2, checkpoint_every=2,
-                 fail_at_step=3, max_failures=1), failure_marker=str(marker))
+    marker = fail_once(monkeypatch, tmp_path / "ray_storage", step=3)
+    run_dpo(_job(tiny_model, train_file, tmp_path / "resumed", zero_stage=2, checkpoint_every=2, max_failures=1))
     assert marker.exists()
     a = load_file(str(tmp_path / "clean" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cluster.cli import main
-from tests.helpers import BareEngine, assert_only_policy_files, candidates, write_jsonl
+from tests.helpers import BareEngine, assert_only_policy_files, candidates, fail_once, write_jsonl
 from trainers.batches import pad_pairs
 from trainers.constrained import constraint_values, mopo_ratios
 from trainers.core.config import load_config
@@ -81,12 +81,11 @@ def test_bad_rows_unknown_objectives_and_infeasible_thresholds_fail_before_ray(t
 
 
 @pytest.mark.slow
-def test_mopo_two_workers_zero2_binds_the_constraint_and_resumes_lambda(ray_local, tiny_model, tmp_path):
+def test_mopo_two_workers_zero2_binds_the_constraint_and_resumes_lambda(ray_local, tiny_model, tmp_path, monkeypatch):
     """Conciseness is maximised while sentiment (which prefers the longer candidates) must keep
     its win-rate at 1/2: unconstrained, π_λ puts sentiment near 0.2, so λ rises; the run loses a
     worker at step 3 and resumes with λ and the step count from the checkpoint."""
     from pathlib import Path
-
 
     data = write_jsonl(tmp_path / "cands.jsonl", candidates(16))
     out = tmp_path / "mopo"
@@ -94,9 +93,10 @@ def test_mopo_two_workers_zero2_binds_the_constraint_and_resumes_lambda(ray_loca
         "objective": "conciseness", "constraints": {"sentiment": 0.5}, "out": str(out), "data.path": data,
         "model.name_or_path": tiny_model, "tau": 0.1, "dual_lr": 2.0, "train.workers": 2, "train.zero_stage": 2,
         "train.micro_batch_size": 2, "train.lr": 1e-3, "train.epochs": 2, "train.checkpoint_every": 1,
-        "train.log_every": 1, "train.fail_at_step": 3, "train.max_failures": 1})
-    metrics = run_mopo(job, failure_marker=str(tmp_path / "failed.txt"))
-    assert (tmp_path / "failed.txt").exists()  # a worker did die
+        "train.log_every": 1, "train.max_failures": 1})
+    failed = fail_once(monkeypatch, tmp_path / "ray_storage", step=3)
+    metrics = run_mopo(job)
+    assert failed.exists()  # a worker did die
     meta = json.loads((out / "moray.json").read_text())
     assert meta["method"] == "mopo" and meta["constraints"] == {"sentiment": 0.5} and meta["candidates"] == 4
     assert metrics["step"] == 8 and metrics["lambda/sentiment"] > 0.1
@@ -142,6 +142,27 @@ def test_mopo_task_step_takes_the_dual_step_on_the_batch_values(tiny_model, tmp_
     task.losses(engine, batches[0])  # now with λ > 0: the secondary objective weighs in
     again = task.end_step()
     assert again["constraint/sentiment"] > float(constraint_values(rho[:2], w[:2, :, 1:].nan_to_num(0), mask[:2])[0])
+
+
+def test_final_multipliers_and_thresholds_come_from_the_task_state_even_after_a_ratchet(tiny_model, tmp_path):
+    """A ratchet at the last step changes only the next step's thresholds: the final report judges the
+    policy against the thresholds its last dual step used, with the λ that step reached -- read from
+    the task's state (as a resumed task restores it), not from logged metrics."""
+    job = _job(write_jsonl(tmp_path / "c.jsonl", candidates(4, seed=1)), tmp_path / "o", dual_lr=0.5,
+               ratchet_every=1, ratchet_relax=0.5)
+    job.model.name_or_path = tiny_model
+    table, _ = load_candidates(job.validate())
+    tokenized = Tokenize(tiny_model, 64, 64)({k: np.array(v, dtype=object) for k, v in table.to_pydict().items()})
+    task, engine = MOPOTask(job), BareEngine(load_causal_lm(tiny_model))
+    task.losses(engine, pad_pairs(tokenized, 0, [0, 1, 2, 3]))
+    logged = task.end_step()
+    state = task.state()
+    assert state["thresholds"] == [0.5 * logged["constraint/sentiment"]]  # ratcheted for a next step
+    resumed = MOPOTask(job)
+    resumed.load_state(json.loads(json.dumps(state)))
+    for s in (state, resumed.state()):
+        lam, thresholds = MOPOTask.final_duals(s)
+        assert lam.tolist() == [logged["lambda/sentiment"]] and thresholds.tolist() == [0.5] == [logged["threshold/sentiment"]]
 
 
 @pytest.mark.slow
