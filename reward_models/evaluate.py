@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from reward_models import GENERATE_TOP_K
 from reward_models.batch import Scorers
 from reward_models.objectives import check_objectives
 from reward_models.pairs import score_candidates
-from reward_models.sampling import sample_responses
+from reward_models.sampling import Samples, sample_responses
 from trainers.core.models import Placement, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,23 @@ def summarise(scores: Mapping[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
     """``{objective: (prompts, samples) scores, NaN = unscorable}`` -> per objective ``mean``,
     ``ci95`` (half-width over prompts), ``prompts`` (those with a scored sample)."""
     out = {}
-    for k, s in scores.items():
-        s = np.asarray(s, dtype=np.float64)
-        scored = np.isfinite(s).any(1)
-        per_prompt = np.array([np.nanmean(row) for row in s[scored]]) if scored.any() else np.zeros(0)
+    for k, means in per_prompt_means(scores).items():
+        per_prompt = np.array([m for m in means if m is not None])
         n = len(per_prompt)
         mean = float(per_prompt.mean()) if n else float("nan")
         sd = float(per_prompt.std(ddof=1)) if n > 1 else float("nan")
         out[k] = {"mean": mean, "ci95": t_quantile(n) * sd / np.sqrt(n) if n > 1 else float("nan"), "prompts": n}
+    return out
+
+
+def per_prompt_means(scores: Mapping[str, np.ndarray]) -> Dict[str, List[Optional[float]]]:
+    """``{objective: (prompts, samples)}`` -> each prompt's mean over its scored samples (None
+    where none was scored): what a bootstrap over prompts resamples."""
+    out = {}
+    for k, v in scores.items():
+        v = np.asarray(v, dtype=np.float64)
+        ok = np.isfinite(v)
+        out[k] = [float(row[m].mean()) if m.any() else None for row, m in zip(v, ok)]
     return out
 
 
@@ -111,9 +120,10 @@ class EvalSettings:
     placement: Placement = field(default_factory=Placement)  # the sampling actors' device and dtype
 
 
-def generate_for(source: Any, prompts: Sequence[str], s: EvalSettings) -> List[List[str]]:
+def generate_for(source: Any, prompts: Sequence[str], s: EvalSettings) -> Union[List[List[str]], Samples]:
     """Samples from a policy directory (Ray Data actors), or from a callable
-    ``fn(prompts, samples, settings) -> responses`` (e.g. an MPO logits mix)."""
+    ``fn(prompts, samples, settings) -> responses`` or :class:`Samples` (e.g. the serving engine
+    on an MPO logits mix)."""
     if callable(source):
         return source(prompts, s.samples, s)
     return sample_responses(source, prompts, s.samples, max_new_tokens=s.max_new_tokens,
@@ -142,10 +152,15 @@ def evaluate(policies: Mapping[str, Any], prompts: Sequence[str], objectives: Se
 
 def _evaluate_each(policies, prompts, objectives, tok, s: EvalSettings, scorers: Scorers, on_policy, out) -> None:
     for name, source in policies.items():
-        responses = generate_for(source, prompts, s)
+        got = generate_for(source, prompts, s)
+        responses = got.texts if isinstance(got, Samples) else got
         scores = score_candidates(objectives, prompts, responses, tok, scorers)
         empty = sum(not r.strip() for rs in responses for r in rs) / max(1, sum(len(rs) for rs in responses))
-        out[name] = {"objectives": summarise(scores), "empty_fraction": empty, "example": responses[0][0]}
+        out[name] = {"objectives": summarise(scores), "empty_fraction": empty, "example": responses[0][0],
+                     "per_prompt": per_prompt_means(scores)}
+        if isinstance(got, Samples):  # the engine says which answers stopped at the cap
+            out[name]["capped_fraction"] = float(np.mean([c for cs in got.capped for c in cs]))
+            out[name]["tokens"] = got.tokens
         if on_policy:
             on_policy(name, out[name])
         log.info("%s: %s", name, ", ".join(f"{k} {v['mean']:.3f} ± {v['ci95']:.3f}"
@@ -205,6 +220,13 @@ def plot(results: Mapping[str, Mapping[str, Any]], objectives: Sequence[str], pa
     ax.set_title(title or "policies in objective space (95% intervals over prompts)")
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Lay out, write as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

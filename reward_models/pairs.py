@@ -217,9 +217,3 @@ def write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> str:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return path
-
-
-def mean_scores(names: Sequence[str], prompts: Sequence[str], responses: Sequence[Sequence[str]],
-                tokenizer: Optional[object] = None) -> Dict[str, float]:
-    """Mean of each objective's score over all non-empty samples of all prompts."""
-    return {k: float(np.nanmean(v)) for k, v in score_candidates(names, prompts, responses, tokenizer).items()}

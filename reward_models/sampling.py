@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -16,6 +17,16 @@ from trainers.core.models import Placement, load_tokenizer
 from trainers.core.prompts import ask, encode, left_pad
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Samples:
+    """Answers ``texts[prompt][sample]``; ``capped[prompt][sample]``: the answer stopped at the
+    token cap rather than on EOS; ``tokens``: tokens generated over all answers."""
+
+    texts: List[List[str]]
+    capped: List[List[bool]]
+    tokens: int
 
 
 class Generate:

@@ -131,7 +131,7 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def study(args: argparse.Namespace) -> None:
-    run_study(tiny=args.tiny, out=args.out, workers=args.workers, zero_stage=args.zero_stage)
+    run_study(tiny=args.tiny, out=args.out, workers=args.workers, zero_stage=args.zero_stage, docs=args.docs)
 
 
 def metrics(args: argparse.Namespace) -> None:

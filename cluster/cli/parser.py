@@ -18,7 +18,7 @@ choices from the jobs. Also what checks a command line before ``moray submit`` s
     moray serve --config serve.yaml | --policies a=DIR,b=DIR [--mpo-weights F] [--allow-rename] [--write-config F]
     moray demo [--tiny] [--out DIR]
     moray eval --policies a=DIR,b=DIR --prompts P --objectives a,b --out DIR [--reference a=-1,b=-64]
-    moray study [--tiny] [--out DIR]      # every method on the demo task: table, JSON, Pareto plot
+    moray study [--tiny] [--out DIR] [--docs docs]  # every method on the demo task: table, JSON, plot, intervals
     moray submit [--address URL] [--working-dir D] [--pip PKG] [--env K=V] [--wait] -- train dpo ...
     moray jobs list | status ID | logs ID [--follow] | stop ID      [--address URL]
     moray metrics [--address ADDR]        # Moray's metrics as every node exports them now
@@ -201,13 +201,16 @@ def _demo_and_study(sub) -> None:
     """The demo and the study."""
     for name, text, tiny in (("demo", "end-to-end demo on an embedded local Ray", "about 4 minutes"),
                              ("study", "every method on the demo task: table, JSON, Pareto plot, hypervolume",
-                              "about 6 minutes; 3 on a demo directory")):
+                              "about 7 minutes from scratch, 6 on a demo directory")):
         run = sub.add_parser(name, help=text)
         run.add_argument("--tiny", action="store_true", help=f"the tiny model built here ({tiny})")
         run.add_argument("--out", default=f"moray_runs/{name}", help="output directory (steps already done "
                          "there with the same settings are reused)")
         run.add_argument("--workers", type=int, default=None, help="Ray Train workers per training job")
         run.add_argument("--zero-stage", dest="zero_stage", type=int, default=2, choices=[0, 1, 2, 3])
+        if name == "study":
+            run.add_argument("--docs", default=None, help="also copy study.{md,json,png} into this directory as "
+                             "study-smollm2.* (study-tiny.* with --tiny): `--docs docs` regenerates the repository's")
 
 
 def _eval(sub) -> None:

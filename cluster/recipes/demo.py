@@ -29,8 +29,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 from cluster.recipes.base_models import build_tiny_model, smollm2_dir, warm_start
 from reward_models import GENERATE_TOP_K
-from reward_models.pairs import make_pairs, mean_scores
-from reward_models.prompts import demo_prompts, tiny_corpus, tiny_dialogues
+from reward_models.evaluate import summarise
+from reward_models.pairs import make_pairs, score_candidates
+from reward_models.prompts import PromptSplit, prompt_split, tiny_corpus, tiny_dialogues
 from reward_models.sampling import sample_responses
 from serving.config import ServeConfig
 from serving.deploy import run_serve_file, serve_file
@@ -59,12 +60,13 @@ class DemoSettings:
     epochs: int
     micro_batch_size: int
     mpo_prompts: int
+    prompt_pool: str  # reward_models.prompts.POOLS: where training and held-out prompts are drawn from
 
 
 TINY = DemoSettings(train_prompts=96, eval_prompts=24, samples=6, eval_samples=4, max_new_tokens=40,
-                    lr=1e-3, beta=0.1, epochs=3, micro_batch_size=8, mpo_prompts=32)
+                    lr=1e-3, beta=0.1, epochs=3, micro_batch_size=8, mpo_prompts=32, prompt_pool="tiny")
 FULL = DemoSettings(train_prompts=48, eval_prompts=16, samples=4, eval_samples=2, max_new_tokens=64,
-                    lr=2e-5, beta=0.1, epochs=2, micro_batch_size=4, mpo_prompts=16)
+                    lr=2e-5, beta=0.1, epochs=2, micro_batch_size=4, mpo_prompts=16, prompt_pool="short")
 
 
 def base_model(tiny: bool, out: Path) -> str:
@@ -108,12 +110,23 @@ class Pipeline:
     root: Path
     steps: Steps
     base: str
-    train_prompts: List[str]
-    eval_prompts: List[str]
+    split: PromptSplit      # training prompts (pairs, training, MPO's weight search) and held-out ones
     made: Dict[str, Any]
     train: Dict[str, Any]   # config overrides every policy job takes
     sampling: Dict[str, Any]
     cpus: int
+
+    @property
+    def train_prompts(self) -> List[str]:
+        return self.split.train
+
+    @property
+    def eval_prompts(self) -> List[str]:
+        return self.split.heldout
+
+    def mpo_prompts(self) -> List[str]:
+        """The prompts MPO's weight search samples the reference on: training prompts."""
+        return self.train_prompts[: self.s.mpo_prompts]
 
     def fit(self, name: str, job: Job, data: str, **extra) -> str:
         """Train policy ``name`` with ``job`` (a step) into ``root/policies/name``; returns its directory."""
@@ -145,11 +158,16 @@ class Pipeline:
     def mpo_weights(self, policies: Dict[str, str]) -> Dict[str, Any]:
         def run() -> Dict[str, Any]:
             log.info("MPO: max-min weights by mirror descent on %d prompts x 4 samples from the base", self.s.mpo_prompts)
-            got = compute_mpo_weights(policies, self.base, self.train_prompts[: self.s.mpo_prompts],
+            got = compute_mpo_weights(policies, self.base, self.mpo_prompts(),
                                       str(self.root / "mpo_weights.json"), samples_per_prompt=4, prompt_batch=8,
                                       max_new_tokens=self.s.max_new_tokens, seed=3, actors=1)
             return {k: got[k] for k in ("weights", "F", "expected_log_ratio", "ess_mean")}
         return self.steps("mpo-maxmin", run)
+
+
+def prompts_for(s: DemoSettings, eval_prompts: int) -> PromptSplit:
+    """The run's training and held-out prompts (split seed 0: every run of these settings alike)."""
+    return prompt_split(s.train_prompts, eval_prompts, seed=0, pool=s.prompt_pool)
 
 
 def pipeline(tiny: bool, out: str, workers: Optional[int], zero_stage: int, eval_prompts: int) -> Pipeline:
@@ -164,8 +182,8 @@ def pipeline(tiny: bool, out: str, workers: Optional[int], zero_stage: int, eval
     workers = workers or min(2, cpus)
     steps = Steps(root, {"tiny": tiny, **asdict(s), "workers": workers, "zero_stage": zero_stage})
     base = steps("base", lambda: base_model(tiny, root))
-    prompts = demo_prompts(s.train_prompts + eval_prompts, seed=0)
-    train_prompts = prompts[: s.train_prompts]
+    split = prompts_for(s, eval_prompts)
+    train_prompts = split.train
     sampling = dict(max_new_tokens=s.max_new_tokens, actors=cpus, threads_per_actor=1, batch_size=8)
 
     def pairs() -> Dict[str, Any]:
@@ -175,8 +193,7 @@ def pipeline(tiny: bool, out: str, workers: Optional[int], zero_stage: int, eval
     train = {"model.name_or_path": base, "train.workers": workers, "train.zero_stage": zero_stage, "train.lr": s.lr,
              "train.beta": s.beta, "train.epochs": s.epochs, "train.micro_batch_size": s.micro_batch_size,
              "train.warmup_steps": 2, "train.checkpoint_every": 0}
-    return Pipeline(s, root, steps, base, train_prompts, prompts[s.train_prompts:], steps("pairs", pairs), train,
-                    sampling, cpus)
+    return Pipeline(s, root, steps, base, split, steps("pairs", pairs), train, sampling, cpus)
 
 
 def run_demo(tiny: bool = False, out: str = "moray_runs/demo", workers: Optional[int] = None,
@@ -225,9 +242,11 @@ def policy_constraints(policy_dir: str) -> Optional[Dict[str, Dict[str, Any]]]:
 
 
 def table_row(answers, prompts, tok) -> Dict[str, float]:
-    means = mean_scores(OBJECTIVES, prompts, answers, tok)
+    """Mean sentiment and length with their 95% intervals over prompts (``reward_models.evaluate.summarise``)."""
+    got = summarise(score_candidates(OBJECTIVES, prompts, answers, tok))
     empty = sum(not a.strip() for rs in answers for a in rs) / sum(len(rs) for rs in answers)
-    return {"mean_sentiment": means["sentiment"], "mean_length_tokens": -means["conciseness"],
+    return {"mean_sentiment": got["sentiment"]["mean"], "sentiment_ci95": got["sentiment"]["ci95"],
+            "mean_length_tokens": -got["conciseness"]["mean"], "length_ci95": got["conciseness"]["ci95"],
             "empty_fraction": empty, "example": answers[0][0]}
 
 
@@ -270,13 +289,12 @@ def serve_mixes(policies: Dict[str, str], mpo_file: str, mpo_weights: Dict[str, 
 
 
 def format_table(table: Dict[str, Dict[str, float]], prompts: int, samples: int, seconds: float) -> str:
-    lines = [f"Held-out prompts: {prompts}; {samples} samples each from the base and the policies, one each from "
-             f"the served mixes ({seconds:.0f}s end to end)",
-             f"{'policy / mix':<24} {'mean sentiment':>15} {'mean length (tokens)':>21} {'empty answers':>14}"]
+    lines = [f"Held-out prompts: {prompts}; {samples} samples each from the base and the policies, a single draw per "
+             f"prompt from each served mix ({seconds:.0f}s end to end); ± is the 95% interval over prompts",
+             f"{'policy / mix':<24} {'mean sentiment':>17} {'mean length (tokens)':>21} {'empty answers':>14}"]
     for name, row in table.items():
-        lines.append(f"{name:<24} {row['mean_sentiment']:>15.3f} {row['mean_length_tokens']:>21.1f} "
-                     f"{row['empty_fraction']:>14.0%}")
+        lines.append(f"{name:<24} {row['mean_sentiment']:>9.3f} ± {row['sentiment_ci95']:.3f} "
+                     f"{row['mean_length_tokens']:>13.1f} ± {row['length_ci95']:>4.1f} {row['empty_fraction']:>14.0%}")
     for name, row in table.items():
         lines.append(f"  {name}: {row['example'][:100]!r}")
     return "\n".join(lines)
-

@@ -10,35 +10,37 @@ set of on-policy samples of the base model it produces
   Personalized Soups at the same w;
 - GAPO; P-GAPO with preference (w, 1 − w) at the same w; MOPO (conciseness maximised, sentiment
   win-rate held at two thresholds); WRPO with the two DPO policies as sources and the base as
-  target;
+  target; the preference-conditioned policy (one training run) at the same w;
 
-scores every one on the same held-out prompts (:mod:`reward_models.evaluate`), and writes
-``study.md`` (a table), ``study.json`` and ``study.png`` (objective space, Pareto front).
-Cost is the wall-clock seconds to produce a policy from the base, counting the shared sampling of
-training data, its own data and training, its mixing, and the per-objective policies it mixes
-or fuses. Hypervolume is taken per method over its points against the fixed reference
-(sentiment −1, length ``max_new_tokens``): the worst any policy can score.
+and the two per-objective DPO policies and ``ls-0.5`` again with other training seeds (training
+noise). Every policy and mix is sampled for evaluation by the serving engine in this process
+(:mod:`serving.engine_sampling`) on held-out prompts that nothing trained or searched on, with a token cap
+few of the base's answers reach; :mod:`cluster.recipes.study_report` compares the methods' hypervolumes
+(reference: sentiment −1, length at the cap) with paired bootstrap intervals over prompts and
+writes ``study.md``, ``study.json`` and ``study.png``. Cost is the wall-clock seconds to produce a
+policy from the base, counting the shared sampling of training data, its own data and training,
+its mixing, and the per-objective policies it mixes or fuses.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
-from cluster.recipes.demo import OBJECTIVES, constraints_text, pipeline, policy_constraints
-from reward_models.evaluate import EvalSettings, evaluate, hypervolume, pareto_mask, plot, write_json
+from cluster.recipes.demo import OBJECTIVES, pipeline, policy_constraints
+from cluster.recipes.study_report import RETRAINING, compare, format_study, plot_study, seed_report
+from reward_models.evaluate import EvalSettings, evaluate, write_json
 from reward_models.pairs import best_vs_worst, make_wrpo_pairs, scalarise, write_jsonl
-from reward_models.sampling import Generate
-from serving.decode import LockstepDecoder, Row, Sampling
+from reward_models.sampling import Samples
+from serving.engine_sampling import engine_sample
 from serving.offline.soup import soup_policies
-from trainers.core.models import load_causal_lm, load_tokenizer
-from trainers.core.prompts import ask, encode
 from trainers.jobs import JOBS
 
 log = logging.getLogger(__name__)
@@ -51,13 +53,17 @@ MOPO_THRESHOLDS = (0.5, 0.55)         # sentiment win-rate against the base's ow
 @dataclass
 class StudyPlan:
     """What the study adds to the demo's settings (``cluster.recipes.demo.TINY`` / ``FULL``)."""
-    eval_prompts: int
-    eval_samples: int
-    in_process: bool  # sample for evaluation in this process (tiny) or on Ray Data actors
+    eval_prompts: int         # held-out prompts (never trained on, sampled for pairs or searched by MPO)
+    eval_samples: int         # answers per held-out prompt and policy
+    eval_max_new_tokens: int  # evaluation's cap: at most 5% of the base's answers reach it (SmolLM2, 1024: 4.3%)
+    seeds: Tuple[int, ...]    # training seeds of the per-objective DPO policies and of ls-0.5
+    batch: int = 64           # rows the serving engine decodes at once during evaluation
+    resamples: int = 1000     # paired bootstrap resamples over prompts
+    level: float = 0.95
 
 
-PLANS = {True: StudyPlan(eval_prompts=32, eval_samples=2, in_process=True),
-         False: StudyPlan(eval_prompts=32, eval_samples=2, in_process=False)}
+PLANS = {True: StudyPlan(eval_prompts=48, eval_samples=1, eval_max_new_tokens=64, seeds=(0, 1)),
+         False: StudyPlan(eval_prompts=256, eval_samples=1, eval_max_new_tokens=1024, seeds=(0, 1, 2))}
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -89,49 +95,27 @@ def scalarised_pairs(candidates: str, weights: Dict[str, float], out: str) -> Tu
 
 # -- sampling for evaluation -----------------------------------------------------------------
 
-def local_sampler(path: str, max_new_tokens: int) -> Callable:
-    """Samples from a policy directory in this process (``reward_models.sampling.Generate``)."""
-    def sample(prompts: Sequence[str], n: int, s) -> List[List[str]]:
-        gen = Generate(path, n, max_new_tokens, s.temperature, 1.0, s.seed, threads=2, top_k=s.top_k)
-        out: List[List[str]] = []
-        for i in range(0, len(prompts), 16):
-            chunk = list(prompts[i:i + 16])
-            got = gen({"prompt": np.array(chunk, dtype=object), "row": np.arange(i, i + len(chunk))})
-            out += [json.loads(r) for r in got["responses"]]
-        return out
+def engine_sampler(policies: Dict[str, str], weights: Dict[str, float], batch: int) -> Callable:
+    """Samples from the mix of ``policies`` at ``weights`` (one policy at weight 1: the policy itself)
+    through the serving engine in this process (:func:`serving.engine_sampling.engine_sample`): the
+    sampling path the Serve app runs, seeded per answer."""
+    def sample(prompts: Sequence[str], n: int, s) -> Samples:
+        return engine_sample(policies, weights, prompts, n, s.max_new_tokens, s.seed, s.temperature, s.top_k,
+                             batch=batch, threads=2)
     return sample
 
 
-def logits_sampler(policies: Dict[str, str], weights: Dict[str, float], max_new_tokens: int) -> Callable:
-    """Samples from the MPO per-token mixture ``softmax(Σ_k w_k logits_k)`` of ``policies``
-    (:class:`serving.decode.LockstepDecoder`, the decoder the Serve app runs), seeded per row."""
-    def sample(prompts: Sequence[str], n: int, s) -> List[List[str]]:
-        torch.set_num_threads(2)
-        names = list(policies)
-        tok = load_tokenizer(policies[names[0]])
-        models = [load_causal_lm(policies[k]).eval() for k in names]
-        eos = {tok.eos_token_id} | set(np.atleast_1d(getattr(models[0].generation_config, "eos_token_id", None) or []))
-        dec = LockstepDecoder(models, tok.pad_token_id, sorted(e for e in eos if e is not None))
-        w = [weights.get(k, 0.0) for k in names]
-        rows = []
-        for i, p in enumerate(prompts):
-            ids = encode(tok, ask(tok, p))
-            rows += [Row(ids, w, Sampling(max_tokens=max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                          seed=s.seed * 1_000_003 + i * n + j)) for j in range(n)]
-        out = []
-        for b in range(0, len(rows), 32):
-            out += dec.generate(rows[b:b + 32])
-        texts = [tok.decode(t, skip_special_tokens=True) for t in out]
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
-    return sample
+def policy_sampler(path: str, batch: int) -> Callable:
+    return engine_sampler({"policy": path}, {"policy": 1.0}, batch)
 
 
 # -- the study -------------------------------------------------------------------------------
 
 def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Optional[int] = None,
-              zero_stage: int = 2) -> Dict[str, Any]:
+              zero_stage: int = 2, docs: Optional[str] = None) -> Dict[str, Any]:
     """Run (or, in a directory where ``moray demo``/``moray study`` already ran with the same
-    settings, finish) the study; write ``study.md``, ``study.json`` and ``study.png`` to ``out``."""
+    settings, finish) the study; write ``study.md``, ``study.json`` and ``study.png`` to ``out``
+    (and, with ``docs``, copy them there as ``study-smollm2.*`` / ``study-tiny.*``)."""
     plan = PLANS[tiny]
     tic = time.perf_counter()
     p = pipeline(tiny, out, workers, zero_stage, plan.eval_prompts)
@@ -149,13 +133,9 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
         sources[f"dpo-{k}"], method[f"dpo-{k}"] = per_objective[k], "DPO (one objective)"
     for w in WEIGHTS:
         ws = {"sentiment": w, "conciseness": 1 - w}
-        for kind in ("ls", "pgapo", "soup", "mpo"):
+        for kind in ("ls", "pgapo", "soup", "mpo", "conditioned"):
             weights[f"{kind}-{w}"] = ws
-        data = steps(f"data ls-{w}", lambda: scalarised_pairs(p.made["candidates"], ws,
-                                                               str(root / "data" / f"pairs_ls_{w}.jsonl")))
-        log.info("study: %d linear-scalarisation pairs at w_sentiment=%s", data[1], w)
-        sources[f"ls-{w}"] = p.fit(f"ls-{w}", JOBS["dpo"], data[0], objective=f"ls-{w}")
-        method[f"ls-{w}"] = "linear scalarisation (DPO)"
+        sources[f"ls-{w}"], method[f"ls-{w}"] = linear_scalarisation(p, w), RETRAINING
     sources["gapo"], method["gapo"] = p.gapo(), "GAPO"
     for w in WEIGHTS:
         sources[f"pgapo-{w}"], method[f"pgapo-{w}"] = p.gapo(f"pgapo-{w}", weights[f"pgapo-{w}"]), "P-GAPO"
@@ -179,16 +159,21 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
     weights["mpo-maxmin"] = mpo["weights"]
     samples["mpo-maxmin"] = s.mpo_prompts * 4
     for name in [f"mpo-{w}" for w in WEIGHTS] + ["mpo-maxmin"]:
-        sources[name] = logits_sampler(per_objective, weights[name], s.max_new_tokens)
+        sources[name] = engine_sampler(per_objective, weights[name], plan.batch)
         method[name], needs[name] = "MPO logits mixing", both
+    for name, path in conditioned(p).items():  # one trained model, swept over the same w
+        sources[name], method[name], needs[name] = path, "preference-conditioned", ["conditioned"]
 
+    replicates = seed_replicates(p, plan.seeds)  # training noise: the same jobs with other seeds
     constraints = {n: policy_constraints(sources[n]) for n, m in method.items() if m == "MOPO"}
-    if plan.in_process:
-        sources = {k: local_sampler(v, s.max_new_tokens) if isinstance(v, str) else v for k, v in sources.items()}
-    settings = EvalSettings(samples=plan.eval_samples, max_new_tokens=s.max_new_tokens, seed=2, actors=p.cpus)
-    log.info("study: evaluating %d policies and mixes on %d held-out prompts x %d samples", len(sources),
-             len(p.eval_prompts), plan.eval_samples)
-    results = evaluate(sources, p.eval_prompts, OBJECTIVES, p.base, settings)
+    sources = {k: policy_sampler(v, plan.batch) if isinstance(v, str) else v for k, v in {**sources, **replicates}.items()}
+    settings = EvalSettings(samples=plan.eval_samples, max_new_tokens=plan.eval_max_new_tokens, seed=2)
+    log.info("study: evaluating %d policies and mixes on %d held-out prompts x %d samples (up to %d new tokens)",
+             len(sources), len(p.eval_prompts), plan.eval_samples, plan.eval_max_new_tokens)
+    eval_tic = time.perf_counter()
+    scored = evaluate(sources, p.eval_prompts, OBJECTIVES, p.base, settings)
+    eval_seconds = time.perf_counter() - eval_tic
+    results = {n: scored[n] for n in method}
 
     def cost(name: str) -> Tuple[float, int]:
         """Seconds and samples from the base: the shared pair sampling, its own data, training or
@@ -204,56 +189,81 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
         if name in constraints:
             r["constraints"] = constraints[name]
         r["cost_s"], r["cost_samples"] = cost(name)
-    reference = (-1.0, -float(s.max_new_tokens))
-    points = {n: (r["objectives"]["sentiment"]["mean"], r["objectives"]["conciseness"]["mean"]) for n, r in results.items()}
-    on_front = dict(zip(results, pareto_mask(np.array(list(points.values())))))
     groups: Dict[str, List[str]] = {}
     for n, r in results.items():
         groups.setdefault(r["method"], []).append(n)
+
     def group_cost(names: List[str]) -> float:  # every step behind a method's policies, shared ones once
         behind = set(names) | {q for n in names for q in needs.get(n, [])}
         return steps.seconds("pairs") + sum(steps.seconds(x) + steps.seconds(f"data {x}") for x in behind)
 
-    summary = {g: {"policies": names, "hypervolume": hypervolume([points[n] for n in names], reference),
-                   "cost_s": group_cost(names) if g != "base" else 0.0} for g, names in groups.items()}
+    reference = (-1.0, -float(plan.eval_max_new_tokens))
     doc = {"task": "sentiment + conciseness", "model": "tiny" if tiny else "SmolLM2-135M-Instruct", "base": p.base,
-           "settings": {**asdict(s), "eval_prompts": plan.eval_prompts, "eval_samples": plan.eval_samples,
-                        "weights": list(WEIGHTS), "mopo_thresholds": list(MOPO_THRESHOLDS)},
+           "settings": {**asdict(s), **asdict(plan), "weights": list(WEIGHTS),
+                        "mopo_thresholds": list(MOPO_THRESHOLDS)},
+           "prompts": p.split.record(), "mpo_search_prompts": len(p.mpo_prompts()),
            "reference_point": {"sentiment": reference[0], "conciseness": reference[1]},
-           "hypervolume_all": hypervolume(list(points.values()), reference),
-           "pareto_front": [n for n, m in on_front.items() if m], "methods": summary,
-           "policies": results, "mpo_maxmin_weights": mpo["weights"], "seconds": time.perf_counter() - tic,
+           "policies": results, "mpo_maxmin_weights": mpo["weights"],
+           "eval_seconds": eval_seconds, "eval_tokens_per_s": sum(scored[n].get("tokens", 0) for n in scored) / eval_seconds,
            "steps_seconds": {k: steps.seconds(k) for k in steps.done}}
+    doc.update(compare(results, groups, {g: group_cost(n) if g != "base" else 0.0 for g, n in groups.items()},
+                       reference, plan))
+    doc["seeds"] = seed_report({n: scored[n] for n in scored if n not in method}, results, plan.seeds, reference)
+    doc["seconds"] = time.perf_counter() - tic
     write_json(str(root / "study.json"), doc)
-    plot(results, list(OBJECTIVES), str(root / "study.png"), groups={n: r["method"] for n, r in results.items()},
-         transform={"conciseness": lambda v: -v}, labels={"sentiment": "mean sentiment (VADER compound), higher is better",
-                                                           "conciseness": "mean length (tokens), lower is better"},
-         title=f"moray study{' --tiny' if tiny else ''}: {len(results)} policies on held-out prompts")
+    plot_study(doc, str(root / "study.png"), title=f"moray study{' --tiny' if tiny else ''}")
     (root / "study.md").write_text(format_study(doc))
+    if docs:
+        for ext in ("md", "json", "png"):
+            shutil.copyfile(root / f"study.{ext}", Path(docs) / f"study-{'tiny' if tiny else 'smollm2'}.{ext}")
     print(format_study(doc))
     return doc
 
 
-def format_study(doc: Dict[str, Any]) -> str:
-    """The study as a markdown table: one row per policy, then one per method."""
-    s = doc["settings"]
-    lines = [f"Held-out prompts: {s['eval_prompts']} x {s['eval_samples']} samples; model {doc['model']}; "
-             f"95% intervals over prompts; * on the Pareto front of all policies. Hypervolume against "
-             f"(sentiment {doc['reference_point']['sentiment']:g}, length {-doc['reference_point']['conciseness']:g} tokens). "
-             f"Cost: from the base model, including the shared pair sampling and the policies a mix is made of.", "",
-             "| policy | method | mean sentiment | mean length (tokens) | empty | cost (s) | samples | constraints |",
-             "|---|---|---|---|---|---|---|---|"]
-    front = set(doc["pareto_front"])
-    for name, r in doc["policies"].items():
-        o = r["objectives"]
-        lines.append(f"| {name}{' *' if name in front else ''} | {r['method']} | {o['sentiment']['mean']:.3f} ± "
-                     f"{o['sentiment']['ci95']:.3f} | {-o['conciseness']['mean']:.1f} ± {o['conciseness']['ci95']:.1f} | "
-                     f"{r['empty_fraction']:.0%} | {r['cost_s']:.0f} | {r['cost_samples']} | "
-                     f"{constraints_text(r['constraints']) if 'constraints' in r else ''} |")
-    lines += ["", "| method | policies | hypervolume | cost (s, all its policies, shared work once) |", "|---|---|---|---|"]
-    for g, m in doc["methods"].items():
-        lines.append(f"| {g} | {len(m['policies'])} | {m['hypervolume']:.2f} | {m['cost_s']:.0f} |")
-    lines.append(f"| all | {len(doc['policies'])} | {doc['hypervolume_all']:.2f} | |")
-    w = doc["mpo_maxmin_weights"]
-    lines += ["", "MPO max-min weights: " + ", ".join(f"{k} {v:.3f}" for k, v in w.items())]
-    return "\n".join(lines) + "\n"
+def linear_scalarisation(p, w: float, seed: int = 0) -> str:
+    """DPO on the pairs labelled by ``w z_sentiment + (1 - w) z_conciseness`` (per-weight retraining)."""
+    ws = {"sentiment": w, "conciseness": 1 - w}
+    data = p.steps(f"data ls-{w}", lambda: scalarised_pairs(p.made["candidates"], ws,
+                                                             str(p.root / "data" / f"pairs_ls_{w}.jsonl")))
+    log.info("study: %d linear-scalarisation pairs at w_sentiment=%s", data[1], w)
+    name = f"ls-{w}" + (f"-seed{seed}" if seed else "")
+    return p.fit(name, JOBS["dpo"], data[0], objective=f"ls-{w}", **({"train.seed": seed} if seed else {}))
+
+
+def conditioned(p) -> Dict[str, str]:
+    """The preference-conditioned policy (``moray train conditioned``, one job on the pairs labelled
+    by both objectives) at each w in WEIGHTS, as checkpoints: ``conditioned-<w>``."""
+    model = p.fit("conditioned", JOBS["conditioned"], p.made["pairs_multi"], objectives=list(OBJECTIVES),
+                  **{"train.zero_stage": min(p.train["train.zero_stage"], 2)})
+    return {f"conditioned-{w}": p.steps(f"conditioned-{w}", lambda: conditioned_at(
+        model, [w, 1 - w], str(p.root / "policies" / f"conditioned-{w}"))) for w in WEIGHTS}
+
+
+def conditioned_at(model: str, preference: Sequence[float], out: str) -> str:
+    """The conditioned policy at λ = ``preference`` (objectives in OBJECTIVES' order) as a full
+    checkpoint: the base plus the λ-weighted LoRA soup of its vertices, ``W + s(B_0A_0 + Σ_k λ_k B_kA_k)``
+    (docs/algorithms.md §9)."""
+    from serving.mixing import merge_lora
+    from trainers.core.export import load_lora_factors, load_matching_state, save_hf
+    from trainers.core.metadata import read_metadata
+    from trainers.core.models import load_causal_lm, load_tokenizer
+    from trainers.jobs.conditioned import VERTICES_DIR
+
+    base = load_causal_lm(model)
+    factors = [load_lora_factors(str(Path(model) / VERTICES_DIR / k)) for k in OBJECTIVES]
+    load_matching_state(base, merge_lora(base.state_dict(), factors, list(preference)))
+    meta = read_metadata(model).with_entries(kind="soup", objective="+".join(OBJECTIVES),
+                                             weights=dict(zip(OBJECTIVES, preference)), sources={"conditioned": model})
+    return save_hf(base, load_tokenizer(model), out, meta)
+
+
+def seed_replicates(p, seeds: Sequence[int]) -> Dict[str, str]:
+    """The two per-objective DPO policies and linear scalarisation at 0.5, trained again with each
+    seed after the first (same data): ``{name-seedN: policy directory}``."""
+    out: Dict[str, str] = {}
+    for seed in seeds[1:]:
+        for k in OBJECTIVES:
+            name = f"dpo-{k}-seed{seed}"
+            out[name] = p.fit(name, JOBS["dpo"], p.made["pairs"][k], objective=k, **{"train.seed": seed})
+        out[f"ls-0.5-seed{seed}"] = linear_scalarisation(p, 0.5, seed)
+    return out

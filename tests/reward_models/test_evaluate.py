@@ -140,3 +140,11 @@ def test_relevance_runs_in_the_placements_dtype():
     want, got = fp32.score(prompts, responses), bf16.score(prompts, responses)
     assert want[0] > want[1] + 0.1  # the on-topic answer is the more relevant
     assert np.abs(got - want).max() < 2e-2
+
+
+def test_per_prompt_means_skip_unscored_samples_and_mark_unscored_prompts():
+    from reward_models.evaluate import per_prompt_means
+
+    got = per_prompt_means({"sentiment": np.array([[1.0, np.nan], [np.nan, np.nan], [0.5, -0.5]])})
+    assert got == {"sentiment": [1.0, None, 0.0]}
+    assert summarise({"sentiment": np.array([[1.0, np.nan], [np.nan, np.nan], [0.5, -0.5]])})["sentiment"]["prompts"] == 2

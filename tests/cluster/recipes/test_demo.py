@@ -16,6 +16,8 @@ def test_tiny_demo_moves_each_objective(tiny_demo):
     assert sent["mean_sentiment"] > base["mean_sentiment"] + 0.1
     assert conc["mean_length_tokens"] < 0.8 * base["mean_length_tokens"]
     assert json.loads((root / "results.json").read_text()) == json.loads(json.dumps(table))
+    assert all(r["sentiment_ci95"] > 0 and r["length_ci95"] > 0 for r in table.values())  # an interval beside every mean
+    assert "a single draw per prompt from each served mix" in tiny_demo["stdout"]
     for objective in ("sentiment", "conciseness"):
         meta = json.loads((root / "policies" / f"dpo-{objective}" / "moray.json").read_text())
         assert meta["objective"] == objective and meta["workers"] == 2

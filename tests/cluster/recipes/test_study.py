@@ -26,24 +26,36 @@ def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
     before = json.loads((root / "steps.json").read_text())["steps"]
     assert set(SHARED) <= set(before)
     try:
-        doc = run_study(tiny=True, out=str(root))
+        doc = run_study(tiny=True, out=str(root), docs=str(tmp_path))
         table = capsys.readouterr().out
         after = json.loads((root / "steps.json").read_text())["steps"]
         assert {k: after[k] for k in SHARED} == {k: before[k] for k in SHARED}  # reused, not redone
         added = {f"{kind}-{w}" for kind in ("ls", "data ls", "pgapo", "soup") for w in (0.25, 0.5, 0.75)}
-        assert set(after) - set(before) == added | {"mopo-0.55", "data wrpo", "wrpo"}
+        seeded = {"dpo-sentiment-seed1", "dpo-conciseness-seed1", "ls-0.5-seed1"}
+        conditioned = {"conditioned"} | {f"conditioned-{w}" for w in (0.25, 0.5, 0.75)}
+        assert set(after) - set(before) == added | seeded | conditioned | {"mopo-0.55", "data wrpo", "wrpo"}
 
         assert json.loads((root / "study.json").read_text()) == json.loads(json.dumps(doc, default=float))
         assert (root / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (root / "study.md").read_text() in table and "| mpo-maxmin" in table
+        for ext in ("md", "json", "png"):  # --docs: the repository's copies
+            assert (tmp_path / f"study-tiny.{ext}").read_bytes() == (root / f"study.{ext}").read_bytes()
+        held, train = set(doc["prompts"]["heldout"]), set(doc["prompts"]["train"])
+        assert len(held) == 48 and not held & train
+        assert all(0 <= r["capped_fraction"] <= 1 and len(r["per_prompt"]["sentiment"]) == 48 for r in doc["policies"].values())
+        for m in doc["methods"].values():  # intervals on every method, and on its difference from retraining
+            assert m["ci95"][0] <= m["ci95"][1] and m["difference_ci95"][0] <= m["difference"] <= m["difference_ci95"][1]
+        assert doc["methods"]["linear scalarisation (DPO)"]["difference_ci95"] == [0.0, 0.0]
+        assert doc["mpo_headline"]["cost_fraction"] > 0 and len(doc["seeds"]["dpo_pair_hypervolume"]) == 2
+        assert doc["eval_tokens_per_s"] > 0
         policies = doc["policies"]
-        assert len(policies) == 20 and len(doc["methods"]) == 9
+        assert len(policies) == 23 and len(doc["methods"]) == 10
 
         # the front and every method's hypervolume follow from the per-policy means
         names = list(policies)
         pts = np.array([[policies[n]["objectives"][k]["mean"] for k in ("sentiment", "conciseness")] for n in names])
         assert doc["pareto_front"] == [n for n, m in zip(names, pareto_mask(pts)) if m]
-        ref = (-1.0, -40.0)
+        ref = (-1.0, -64.0)
         assert doc["hypervolume_all"] == pytest.approx(hypervolume(pts, ref))
         for method, m in doc["methods"].items():
             assert m["hypervolume"] == pytest.approx(hypervolume(pts[[names.index(n) for n in m["policies"]]], ref))
@@ -70,6 +82,10 @@ def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
         assert policies["wrpo"]["cost_s"] == pytest.approx(pairs + dpo_both + after["wrpo"]["seconds"]
                                                            + after["data wrpo"]["seconds"])
         assert policies["mpo-0.5"]["cost_s"] == pytest.approx(pairs + dpo_both)
+        one_run = after["conditioned"]["seconds"]  # the conditioned method: one training run for every w
+        assert policies["conditioned-0.25"]["cost_s"] == pytest.approx(pairs + one_run + after["conditioned-0.25"]["seconds"])
+        assert doc["methods"]["preference-conditioned"]["cost_s"] == pytest.approx(
+            pairs + one_run + sum(after[f"conditioned-{w}"]["seconds"] for w in (0.25, 0.5, 0.75)))
         assert policies["wrpo"]["cost_samples"] > policies["ls-0.5"]["cost_samples"] == 96 * 6
 
         # moray eval on two of the study's policies
