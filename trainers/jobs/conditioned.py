@@ -33,8 +33,7 @@ from trainers.core.models import load_tokenizer
 from trainers.data import load_pairs
 from trainers.deepspeed_setup import load_placement
 from trainers.policy_export import export_model
-from trainers.job_config import Flag, Job
-from trainers.job_config import JobConfig, multi_objective, objectives_errors, one_of
+from trainers.job_config import Flag, Job, JobConfig, multi_objective, objectives_errors, one_of
 from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import conditioned_loss
 from trainers.task import PolicyTask, build_policy, pair_stats

@@ -10,8 +10,7 @@ import torch
 
 from trainers.batches import pair_logps
 from trainers.data import load_pairs
-from trainers.job_config import Job
-from trainers.job_config import JobConfig
+from trainers.job_config import Job, JobConfig
 from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import get_loss
 from trainers.task import PolicyTask, pair_stats, policy_metadata

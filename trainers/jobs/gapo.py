@@ -57,8 +57,7 @@ from trainers.core.models import count_parameters, ties_embeddings
 from trainers.core.weights import WeightError, check_weights
 from trainers.data import LoadReport, load_pairs
 from trainers.deepspeed_setup import use_bf16
-from trainers.job_config import Flag, Job
-from trainers.job_config import JobConfig, multi_objective, objectives_errors
+from trainers.job_config import Flag, Job, JobConfig, multi_objective, objectives_errors
 from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import dpo_loss, policy_gradient_loss
 from trainers.rollout import Rollout, TokenizePrompts, pad_prompts

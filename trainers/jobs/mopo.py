@@ -38,8 +38,7 @@ from trainers.constrained import (check_feasible, check_multipliers, constraint_
 from trainers.core.config import opt, parse_numbers
 from trainers.core.metadata import METADATA_FILE, read_metadata, write_metadata
 from trainers.data import LoadReport, PreferenceDataError, field_problem, read_source, settle_problems
-from trainers.job_config import Flag, Job, PromiseUnmet
-from trainers.job_config import DataConfig, JobConfig
+from trainers.job_config import DataConfig, Flag, Job, JobConfig, PromiseUnmet
 from trainers.launch import train_on_rows
 from trainers.losses import weighted_bc_loss
 from trainers.task import PolicyTask, policy_metadata

@@ -23,8 +23,7 @@ from trainers.core.config import opt
 from trainers.core.metadata import PolicyMetadata, read_metadata, write_metadata
 from trainers.core.models import load_tokenizer
 from trainers.data import load_pairs
-from trainers.job_config import Flag, Job
-from trainers.job_config import JobConfig, ModelConfig
+from trainers.job_config import Flag, Job, JobConfig, ModelConfig
 from trainers.launch import train_on_rows
 from trainers.losses import bt_loss
 from trainers.task import Task, pair_stats

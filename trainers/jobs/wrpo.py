@@ -18,8 +18,7 @@ import torch
 from trainers.batches import pair_logps
 from trainers.core.config import opt
 from trainers.data import load_pairs
-from trainers.job_config import Flag, Job
-from trainers.job_config import JobConfig
+from trainers.job_config import Flag, Job, JobConfig
 from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import wrpo_alpha, wrpo_loss
 from trainers.task import PolicyTask, pair_stats, policy_metadata
