@@ -32,12 +32,11 @@ from trainers.core.metadata import PolicyMetadata, write_metadata
 from trainers.core.models import load_tokenizer
 from trainers.data import load_pairs
 from trainers.deepspeed_setup import load_placement
-from trainers.policy_export import export_model
 from trainers.job_config import Flag, Job, JobConfig, multi_objective, objectives_errors, one_of
 from trainers.launch import staging_dir, train_on_rows
 from trainers.losses import conditioned_loss
+from trainers.policy_export import export_model
 from trainers.task import PolicyTask, build_policy, pair_stats
-
 
 
 @dataclass
