@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Callable, List, Tuple
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from tests.helpers import (HEAD_BOUND, BareEngine, bf16_head_errors, lora_zero3_worker, multi_batch,  # noqa: E402
-                           multi_rows, packing_gap, response_columns, synthetic_pairs, write_jsonl)
+                           multi_rows, packing_gap, response_columns, spawn_ranks, synthetic_pairs, write_jsonl)
 
 PACKED_BOUND = 0.05   # nat per sequence: packed against padded, both in bf16 on the GPU
 FLOAT64_BOUND = 0.5   # nat per sequence: bf16 on the GPU against float64 on the CPU (a 30-layer bf16 body)
@@ -165,16 +164,11 @@ def export_once(out: Path, base_model: str, gpus: int) -> str:
 def lora_zero3_persistence(out: Path, base_model: str, gpus: int) -> str:
     """2 GPU ranks under ZeRO-3 with LoRA factors above the default threshold: every factor
     persistent (DeepSpeed's ds_persist: kept whole after their first gather); the engine's logits (adapters start at zero) against the base model in float64."""
-    import torch.multiprocessing as mp
-
     from trainers.checkpoints import probe_input_ids
     from trainers.core.models import load_causal_lm
 
     model = _tiny(out)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(lora_zero3_worker, args=(2, port, model, str(out / "lora.pt"), True), nprocs=2, join=True)
+    spawn_ranks(lora_zero3_worker, model, str(out / "lora.pt"), True)
     got = torch.load(out / "lora.pt", weights_only=True)
     lora = {n: v for n, v in got["state"].items() if "lora_" in n}
     split = [n for n, (persist, _, _) in lora.items() if not persist]

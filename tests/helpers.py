@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -326,6 +327,27 @@ def bf16_head_errors(model_path: str, device: str = "cpu", scale: float = 30.0):
     want = head_logps(model, batch)
     got = torch.stack(pair_logps(model, batch)).double()
     return float((got - want).abs().max()), float((head_logps(model, batch, torch.bfloat16) - want).abs().max())
+
+
+def spawn_ranks(worker, *args, world: int = 2) -> None:
+    """Runs ``worker(rank, world, port, *args)`` on ``world`` spawned processes that meet on a free
+    loopback port; each rank then waits for the others and closes its process group, because a rank
+    that exits with its gloo group open can abort (``terminate called without an active exception``)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(worker, world, port, args), nprocs=world, join=True)
+
+
+def _rank_main(rank, worker, world, port, args) -> None:
+    worker(rank, world, port, *args)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def lora_zero3_worker(rank, world, port, model_dir, out, on_gpu: bool = False):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.helpers import spawn_ranks
 from trainers.balancing import gapo_coefficients, gapo_from_gram, min_norm_weights, pgapo_coefficients
 
 D = torch.float64
@@ -165,8 +166,6 @@ def test_frank_wolfe_is_scale_free_on_a_gram_matrix(s):
                                min_norm_weights(s * (pair @ pair.T), frank_wolfe=True), rtol=0, atol=1e-9)
 
 
-
-
 def _gram_worker(rank, world, port, grads, out):
     import os
 
@@ -187,22 +186,14 @@ def _gram_worker(rank, world, port, grads, out):
     gram = averaged_gram(grads[rank].clone())
     dist.all_reduce = real
     torch.save({"gram": gram, "all_reduce_bytes": sent}, f"{out}.{rank}")
-    dist.destroy_process_group()
 
 
 def test_averaged_gram_of_two_workers_reduces_only_the_k_by_k_matrix(tmp_path):
     """Two gloo ranks with different gradients: each gets the Gram matrix of their average (so the
     α of the union batch), and ``all_reduce`` carries K×K doubles, not K×D gradients."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     K, D = 3, 1001
     grads = torch.randn(2, K, D, generator=torch.Generator().manual_seed(0))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_gram_worker, args=(2, port, grads, str(tmp_path / "r")), nprocs=2, join=True)
+    spawn_ranks(_gram_worker, grads, str(tmp_path / "r"))
     mean = grads.double().mean(0)
     for rank in range(2):
         got = torch.load(f"{tmp_path / 'r'}.{rank}", weights_only=True)

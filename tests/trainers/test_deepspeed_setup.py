@@ -5,13 +5,11 @@ bf16 on its CPU accelerator, two gloo ranks, ZeRO-2 and ZeRO-3, sharded exports 
 ``deepspeed.initialize``."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.helpers import lora_zero3_worker
+from tests.helpers import lora_zero3_worker, spawn_ranks
 from trainers.core.export import INDEX_FILE, load_state
 from trainers.core.models import load_causal_lm
 from trainers.job_config import TrainConfig
@@ -92,11 +90,8 @@ def _worker(rank, world, port, model_dir, stage, checkpointing, out):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, checkpointing", [(2, False), (3, False), (3, True)])
 def test_bf16_exports_fp32_master_weights_and_zero3_builds_partitioned(tiny_model, tmp_path, stage, checkpointing):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "result.pt"
-    mp.spawn(_worker, args=(2, port, tiny_model, stage, checkpointing, str(out)), nprocs=2, join=True)
+    spawn_ranks(_worker, tiny_model, stage, checkpointing, str(out))
     got = torch.load(out, weights_only=True)
     if stage == 3:  # every weight partitioned as it loaded, before deepspeed.initialize
         assert got["partitioned"] and all(got["partitioned"])
@@ -151,11 +146,8 @@ def test_zero3_does_not_partition_lora_factors(tiny_model, tmp_path):
     """Two gloo ranks under ZeRO-3: every LoRA factor is marked persistent (gathered once, then kept
     whole on each rank instead of all-gathered at every use), the base model's large weights stay
     partitioned."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "state.pt"
-    mp.spawn(lora_zero3_worker, args=(2, port, tiny_model, str(out)), nprocs=2, join=True)
+    spawn_ranks(lora_zero3_worker, tiny_model, str(out))
     state = torch.load(out, weights_only=True)["state"]
     lora = {n: v for n, v in state.items() if "lora_" in n}
     assert lora and all(persist for persist, _, _ in lora.values())  # DeepSpeed's flag: never released after use

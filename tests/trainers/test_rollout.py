@@ -2,11 +2,11 @@
 training engine's zero.Init (two gloo ranks, DeepSpeed's CPU accelerator)."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests.helpers import spawn_ranks
 
 PROMPTS = ["Tell me about the park.", "How was the movie?", "What should I cook tonight?"]
 RESPONSES = ["The park is green and quiet.", "I liked the film a lot.", "Pasta with tomatoes."]
@@ -40,11 +40,8 @@ def _worker(rank, world, port, model_dir, out):
 def test_relevance_scorer_is_whole_inside_zero3_workers(tiny_model, tmp_path):
     from reward_models.objectives import RelevanceScorer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "rank"
-    mp.spawn(_worker, args=(2, port, tiny_model, str(out)), nprocs=2, join=True)
+    spawn_ranks(_worker, tiny_model, str(out))
     outside = RelevanceScorer()
     want = torch.as_tensor(outside.score(PROMPTS, RESPONSES))
     for rank in range(2):
