@@ -8,7 +8,9 @@ K = 1 this is plain incremental decoding (the soup mode).
 Shapes: ``B`` requests, prompts left-padded to ``L``; position ids count real tokens only, so a
 padded row decodes exactly like the same prompt alone. Every row is sampled at once on the
 models' device (its own temperature, top-k, top-p and seeded generator); the tokens cross to the
-host once per step, for the text streams. A finished row leaves the batch and its KV caches.
+host once per step, for the text streams. A finished row leaves the batch and its KV caches
+(:class:`~serving.kv_cache.RoomyCache`: written in place), and so do leading positions that only
+pad the rows left.
 """
 
 from __future__ import annotations
@@ -50,14 +52,18 @@ def row_probs(logits: torch.Tensor, samplings: Sequence[Sampling]) -> torch.Tens
     dev = logits.device
     temp = torch.tensor([x.temperature or 1.0 for x in samplings], dtype=torch.float64, device=dev)
     scores = logits.double() / temp[:, None]
-    k = torch.tensor([x.top_k if 0 < x.top_k < V else V for x in samplings], device=dev)
-    if bool(any(0 < x.top_k < V for x in samplings)):
-        kth = torch.sort(scores, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+    on = [0 < x.top_k < V for x in samplings]
+    kmax = max((x.top_k for x, o in zip(samplings, on) if o), default=V)
+    if any(on):  # the k-th largest score by topk: a sort of the whole vocabulary costs ~40x more on a CPU
+        k = torch.tensor([x.top_k if o else 1 for x, o in zip(samplings, on)], device=dev)
+        kth = torch.topk(scores, kmax, dim=-1).values.gather(1, (k - 1)[:, None])
+        kth = kth.masked_fill(~torch.tensor(on, device=dev)[:, None], float("-inf"))
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if any(x.top_p < 1.0 for x in samplings):
         top_p = torch.tensor([x.top_p for x in samplings], dtype=torch.float64, device=dev)
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        n = int((probs > 0).sum(-1).max())  # sorting the tokens top-k left is enough (ties included)
+        sorted_p, order = torch.topk(probs, n, dim=-1)
         keep = (torch.cumsum(sorted_p, -1) - sorted_p < top_p[:, None]) | (top_p[:, None] >= 1.0)
         probs = torch.zeros_like(probs).scatter(1, order, sorted_p * keep)
         probs = probs / probs.sum(-1, keepdim=True)
@@ -125,7 +131,7 @@ class LockstepDecoder:
         the ones so far): they are prefilled and decode from the next step on, in the same
         forwards (continuous batching; every model then runs, as a joining row may need it).
         """
-        from transformers import DynamicCache
+        from serving.kv_cache import RoomyCache
 
         rows = list(rows)
         weights = [list(r.weights) for r in rows]  # on the host: mixing's checks need no device sync
@@ -136,7 +142,7 @@ class LockstepDecoder:
         ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id)
         mask = mask.to(self.device)
         step_ids, step_pos = ids.to(self.device), (mask.cumsum(1) - 1).clamp(min=0)
-        caches = {k: DynamicCache() for k in active}
+        caches = {k: RoomyCache() for k in active}
         gens = [_generator(r) for r in rows]
         out: List[List[int]] = [[] for _ in rows]
         live = list(range(len(rows)))  # rows still decoding; finished rows leave the batch and its caches
@@ -163,6 +169,12 @@ class LockstepDecoder:
                     cache.batch_select_indices(index.to(cache_device(cache, index)))
                 step_ids, mask, step_pos = step_ids[index], mask[index], step_pos[index]
                 live = [live[j] for j in keep]
+                if live:  # positions every remaining row pads: attention would skip them at every step
+                    lead = int(torch.argmax(mask.any(0).to(torch.int8)))
+                    if lead:
+                        mask = mask[:, lead:]
+                        for cache in caches.values():
+                            cache.trim_left(lead)
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=self.device)], dim=1)
             joining = list(more(len(live))) if more is not None else []
@@ -187,14 +199,14 @@ class LockstepDecoder:
         """Rows joining a running batch: each prompt but its last token is prefilled into new KV
         caches; both sides are left-padded to one length and stacked. The last prompt token is the
         joining row's input at the next step, so its first token comes from the common forward."""
-        from transformers import DynamicCache
+        from serving.kv_cache import RoomyCache
 
         n = len(rows)
         heads = [r.prompt_ids[:-1] for r in rows]
         ids, new_mask = left_pad(heads, self.pad_id)
         Ln = ids.shape[1]
         new_mask = new_mask.to(self.device)
-        new_caches = {k: DynamicCache() for k in active}
+        new_caches = {k: RoomyCache() for k in active}
         if Ln:
             self._rows_changed(list(range(first, first + n)))  # the prefill's rows: the joining ones
             pos = (new_mask.cumsum(1) - 1).clamp(min=0)
@@ -227,9 +239,9 @@ def _pad_left(t: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
 def _stack_caches(running, new, n_new: int, length: int):
     """One KV cache of the running rows and ``n_new`` joining rows, every layer's keys and values
     ``(B, H, T, D)`` left-padded to ``length`` (the padding is masked out)."""
-    from transformers import DynamicCache
+    from serving.kv_cache import RoomyCache
 
-    out = DynamicCache()
+    out = RoomyCache()
     for i, layer in enumerate(running.layers):
         k, v = layer.keys, layer.values
         if new.layers and i < len(new.layers) and new.layers[i].keys is not None and new.layers[i].keys.numel():

@@ -190,6 +190,27 @@ def test_rows_that_finish_leave_the_batch_without_changing_the_others(loaded):
     assert together == [dec.generate([r])[0] for r in rows]
 
 
+def test_padding_no_remaining_row_needs_leaves_with_the_row_that_needed_it(loaded):
+    """The longest prompt's row finishes first: the columns that only padded the others are dropped
+    from the mask and the KV caches (every later forward attends over fewer positions), and each
+    row still decodes exactly as it does alone."""
+    tok, models = loaded
+    dec = LockstepDecoder(models, tok.pad_token_id, [tok.eos_token_id])
+    greedy = lambda n: Sampling(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+    rows = [Row(tok(PROMPTS[2])["input_ids"], (0.5, 0.5), greedy(2)), Row(tok(PROMPTS[1])["input_ids"], (1.0, 0.0), greedy(6))]
+    widths = []
+    hooks = [m.register_forward_pre_hook(lambda _, a, kw: widths.append(kw["attention_mask"].shape[1]), with_kwargs=True)
+             for m in models]
+    try:
+        together = dec.generate(rows)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert together == [dec.generate([r])[0] for r in rows]
+    long, short = (len(r.prompt_ids) for r in rows)
+    assert widths[-1] == short + 5 < long + 5  # the last step: the short row's own positions only
+
+
 def test_row_probs_of_a_mixed_batch_equal_each_row_alone():
     from serving.decode import row_probs, sample_rows
 
