@@ -9,12 +9,13 @@ Shapes: ``B`` requests, prompts left-padded to ``L``; position ids count real to
 padded row decodes exactly like the same prompt alone. Every row is sampled at once on the
 models' device (its own temperature, top-k, top-p and seeded generator); the tokens cross to the
 host once per step, for the text streams. A finished row leaves the batch and its KV caches
-(:class:`~serving.kv_cache.RoomyCache`: written in place), and so do leading positions that only
+(:func:`roomy_cache`: written in place), and so do leading positions that only
 pad the rows left.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -84,6 +85,87 @@ def sample_rows(logits: torch.Tensor, samplings: Sequence[Sampling], generators:
     return torch.where(greedy, argmax, drawn)
 
 
+GROW_MIN = 256  # positions a full KV buffer grows by, at least
+
+
+@functools.lru_cache(maxsize=None)
+def roomy_cache() -> type:
+    """The decoder's KV cache class, built on first use (transformers loads with the models).
+
+    ``DynamicCache`` concatenates each step's keys and values onto the whole cache, so a step copies
+    ``B x T`` positions of every layer (at 64 rows and 1,024 positions, most of a CPU step). Here each
+    layer keeps them in a buffer with room to grow (by a quarter, at least ``GROW_MIN`` positions):
+    a step writes in place and the model sees a view of the positions written. ``trim_left`` drops
+    leading positions no row attends to without a copy."""
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """One layer's keys and values ``(B, H, T, D)``: views of the first ``T`` positions of a buffer."""
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+            self._n = 0
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, t = self._n, key_states.shape[-2]
+            if self._k is None or n + t > self._k.shape[-2]:
+                cap = n + t + max(GROW_MIN, (n + t) // 4)
+                k = key_states.new_empty(key_states.shape[:2] + (cap, key_states.shape[-1]))
+                v = value_states.new_empty(value_states.shape[:2] + (cap, value_states.shape[-1]))
+                if n:
+                    k[:, :, :n], v[:, :, :n] = self._k[:, :, :n], self._v[:, :, :n]
+                self._k, self._v = k, v
+            self._k[:, :, n:n + t] = key_states
+            self._v[:, :, n:n + t] = value_states
+            self._n = n + t
+            self._views()
+            return self.keys, self.values
+
+        def _views(self) -> None:
+            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.is_initialized and self._n:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self._views()
+
+        def trim_left(self, positions: int) -> None:
+            """Drop the first ``positions`` positions (the buffer keeps its storage; no copy)."""
+            if self.is_initialized and self._n and positions:
+                self._k, self._v = self._k[:, :, positions:], self._v[:, :, positions:]
+                self._n -= positions
+                self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            super().crop(tokens_to_remove)
+            if self.is_initialized and tokens_to_remove:
+                self._n = self.keys.shape[-2]
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.batch_select_indices(beam_idx.to(self.keys.device))
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized and self._n:
+                self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+                self._views()
+
+    class RoomyCache(DynamicCache):
+        """A ``DynamicCache`` whose layers are :class:`RoomyLayer`: the same keys and values, written in place."""
+
+        def __init__(self):
+            Cache.__init__(self, layer_class_to_replicate=RoomyLayer)
+
+        def trim_left(self, positions: int) -> None:
+            """Drop the first ``positions`` positions of every layer (columns of left padding)."""
+            for layer in self.layers:
+                layer.trim_left(positions)
+
+    return RoomyCache
+
+
 def cache_device(cache, fallback: torch.Tensor) -> torch.device:
     """The device of a KV cache's tensors (a policy's GPU), where its row index must be."""
     layers = getattr(cache, "layers", None) or []
@@ -131,8 +213,7 @@ class LockstepDecoder:
         the ones so far): they are prefilled and decode from the next step on, in the same
         forwards (continuous batching; every model then runs, as a joining row may need it).
         """
-        from serving.kv_cache import RoomyCache
-
+        new_cache = roomy_cache()
         rows = list(rows)
         weights = [list(r.weights) for r in rows]  # on the host: mixing's checks need no device sync
         if any(len(w) != len(self.models) for w in weights):
@@ -142,7 +223,7 @@ class LockstepDecoder:
         ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id)
         mask = mask.to(self.device)
         step_ids, step_pos = ids.to(self.device), (mask.cumsum(1) - 1).clamp(min=0)
-        caches = {k: RoomyCache() for k in active}
+        caches = {k: new_cache() for k in active}
         gens = [_generator(r) for r in rows]
         out: List[List[int]] = [[] for _ in rows]
         live = list(range(len(rows)))  # rows still decoding; finished rows leave the batch and its caches
@@ -199,14 +280,13 @@ class LockstepDecoder:
         """Rows joining a running batch: each prompt but its last token is prefilled into new KV
         caches; both sides are left-padded to one length and stacked. The last prompt token is the
         joining row's input at the next step, so its first token comes from the common forward."""
-        from serving.kv_cache import RoomyCache
-
+        new_cache = roomy_cache()
         n = len(rows)
         heads = [r.prompt_ids[:-1] for r in rows]
         ids, new_mask = left_pad(heads, self.pad_id)
         Ln = ids.shape[1]
         new_mask = new_mask.to(self.device)
-        new_caches = {k: RoomyCache() for k in active}
+        new_caches = {k: new_cache() for k in active}
         if Ln:
             self._rows_changed(list(range(first, first + n)))  # the prefill's rows: the joining ones
             pos = (new_mask.cumsum(1) - 1).clamp(min=0)
@@ -239,9 +319,7 @@ def _pad_left(t: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
 def _stack_caches(running, new, n_new: int, length: int):
     """One KV cache of the running rows and ``n_new`` joining rows, every layer's keys and values
     ``(B, H, T, D)`` left-padded to ``length`` (the padding is masked out)."""
-    from serving.kv_cache import RoomyCache
-
-    out = RoomyCache()
+    out = roomy_cache()()
     for i, layer in enumerate(running.layers):
         k, v = layer.keys, layer.values
         if new.layers and i < len(new.layers) and new.layers[i].keys is not None and new.layers[i].keys.numel():
