@@ -95,9 +95,13 @@ class Steps:
             return self.done[name]["result"]
         tic = time.perf_counter()
         result = fn()
-        self.done[name] = {"seconds": time.perf_counter() - tic, "result": result}
-        self.path.write_text(json.dumps({"settings": self.settings, "steps": self.done}, indent=2, default=float))
+        self.record(name, time.perf_counter() - tic, result)
         return result
+
+    def record(self, name: str, seconds: float, result: Any) -> None:
+        """A step done elsewhere (its seconds measured by the caller)."""
+        self.done[name] = {"seconds": seconds, "result": result}
+        self.path.write_text(json.dumps({"settings": self.settings, "steps": self.done}, indent=2, default=float))
 
     def seconds(self, name: str) -> float:
         return float(self.done[name]["seconds"]) if name in self.done else 0.0

@@ -8,14 +8,15 @@ set of on-policy samples of the base model it produces
   standardised over the samples) for w_sentiment ∈ {0.25, 0.5, 0.75};
 - MPO logits mixing of the two DPO policies at the same w and at the BSMD max-min weights;
   Personalized Soups at the same w;
-- GAPO; P-GAPO with preference (w, 1 − w) at the same w; MOPO (conciseness maximised, sentiment
-  win-rate held at two thresholds); WRPO with the two DPO policies as sources and the base as
-  target; the preference-conditioned policy (one training run) at the same w;
+- GAPO; P-GAPO with preference (w, 1 − w) at the same w (at w = 0.5 that is GAPO, §5: trained
+  once); MOPO (conciseness maximised, sentiment win-rate held at two thresholds); WRPO with the
+  two DPO policies as sources and the base as target; the preference-conditioned policy (one
+  training run) served at the same w;
 
 and the two per-objective DPO policies and ``ls-0.5`` again with other training seeds (training
 noise). Every policy and mix is sampled for evaluation by the serving engine in this process
-(:mod:`serving.engine_sampling`) on held-out prompts that nothing trained or searched on, with a token cap
-few of the base's answers reach; :mod:`cluster.recipes.study_report` compares the methods' hypervolumes
+(:mod:`serving.engine_sampling`; a sweep's vectors in one pass, two passes side by side) on held-out
+prompts that nothing trained or searched on, with a token cap few of the base's answers reach; :mod:`cluster.recipes.study_report` compares the methods' hypervolumes
 (reference: sentiment −1, length at the cap) with paired bootstrap intervals over prompts and
 writes ``study.md``, ``study.json`` and ``study.png``. Cost is the wall-clock seconds to produce a
 policy from the base, counting the shared sampling of training data, its own data and training,
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -34,12 +36,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cluster.recipes.demo import OBJECTIVES, pipeline, policy_constraints
+from cluster.recipes.demo import OBJECTIVES, Steps, pipeline, policy_constraints
 from cluster.recipes.study_report import RETRAINING, compare, format_study, plot_study, seed_report
 from reward_models.evaluate import EvalSettings, evaluate, write_json
 from reward_models.pairs import best_vs_worst, make_wrpo_pairs, scalarise, write_jsonl
 from reward_models.sampling import Samples
-from serving.engine_sampling import engine_sample
+from serving.engine_sampling import engine_sample_vectors
 from serving.offline.soup import soup_policies
 from trainers.jobs import JOBS
 
@@ -58,6 +60,7 @@ class StudyPlan:
     eval_max_new_tokens: int  # evaluation's cap: at most 5% of the base's answers reach it (SmolLM2, 1024: 4.3%)
     seeds: Tuple[int, ...]    # training seeds of the per-objective DPO policies and of ls-0.5
     batch: int = 64           # rows the serving engine decodes at once during evaluation
+    workers: int = 2          # evaluation passes decoded side by side (the CPUs' torch threads split among them)
     resamples: int = 1000     # paired bootstrap resamples over prompts
     level: float = 0.95
 
@@ -95,18 +98,47 @@ def scalarised_pairs(candidates: str, weights: Dict[str, float], out: str) -> Tu
 
 # -- sampling for evaluation -----------------------------------------------------------------
 
-def engine_sampler(policies: Dict[str, str], weights: Dict[str, float], batch: int) -> Callable:
-    """Samples from the mix of ``policies`` at ``weights`` (one policy at weight 1: the policy itself)
-    through the serving engine in this process (:func:`serving.engine_sampling.engine_sample`): the
-    sampling path the Serve app runs, seeded per answer."""
-    def sample(prompts: Sequence[str], n: int, s) -> Samples:
-        return engine_sample(policies, weights, prompts, n, s.max_new_tokens, s.seed, s.temperature, s.top_k,
-                             batch=batch, threads=2)
-    return sample
+class SharedPass:
+    """Weight vectors over the same policies, sampled together through the serving engine in this
+    process (:func:`serving.engine_sampling.engine_sample_vectors`, the sampling path the Serve app
+    runs, seeded per answer): the rows of every vector share the batches, so a sweep pays one
+    pass's tail of long answers instead of one per vector."""
+
+    def __init__(self, policies: Dict[str, str], vectors: Dict[str, Dict[str, float]], batch: int,
+                 mixing: str = "logits"):
+        self.policies, self.vectors, self.batch, self.mixing = dict(policies), dict(vectors), batch, mixing
+
+    @classmethod
+    def single(cls, name: str, path: str, batch: int) -> "SharedPass":
+        return cls({name: path}, {name: {name: 1.0}}, batch)
+
+    def sample(self, prompts: Sequence[str], n: int, s, threads: int) -> Dict[str, Samples]:
+        got = engine_sample_vectors(self.policies, list(self.vectors.values()), prompts, n, s.max_new_tokens, s.seed,
+                                    s.temperature, s.top_k, mixing=self.mixing, batch=self.batch, threads=threads)
+        return dict(zip(self.vectors, got))
 
 
-def policy_sampler(path: str, batch: int) -> Callable:
-    return engine_sampler({"policy": path}, {"policy": 1.0}, batch)
+class Ahead:
+    """The passes behind ``sources`` (name -> its pass) decoded in order, ``workers`` at a time, while
+    evaluation scores the answers already made: one pass's tail of a few long answers, which keeps a
+    core idle, decodes beside the next pass. ``sampler(name)`` waits for its pass."""
+
+    def __init__(self, sources: Dict[str, SharedPass], prompts: Sequence[str], s, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import transformers  # its lazy attributes are not thread-safe on first use: resolve them here
+        _ = (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.DynamicCache)
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)  # this process's CPUs
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="moray-eval")
+        passes = {id(q): q for q in sources.values()}
+        self.futures = {k: self.pool.submit(q.sample, prompts, s.samples, s, threads) for k, q in passes.items()}
+        self.of = {name: id(q) for name, q in sources.items()}
+
+    def sampler(self, name: str) -> Callable:
+        return lambda prompts, n, s: self.futures[self.of[name]].result()[name]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- the study -------------------------------------------------------------------------------
@@ -125,6 +157,7 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
     weights: Dict[str, Dict[str, float]] = {}
     needs: Dict[str, List[str]] = {}              # the policies a mix or fusion is made of
     samples: Dict[str, int] = {}                  # samples generated for its own data
+    same: Dict[str, str] = {}                     # a policy that is another one: evaluated once
     sources: Dict[str, Any] = {"base": p.base}
     pair_samples = len(p.train_prompts) * s.samples
 
@@ -138,7 +171,11 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
         sources[f"ls-{w}"], method[f"ls-{w}"] = linear_scalarisation(p, w), RETRAINING
     sources["gapo"], method["gapo"] = p.gapo(), "GAPO"
     for w in WEIGHTS:
-        sources[f"pgapo-{w}"], method[f"pgapo-{w}"] = p.gapo(f"pgapo-{w}", weights[f"pgapo-{w}"]), "P-GAPO"
+        method[f"pgapo-{w}"] = "P-GAPO"
+        if w == 0.5:  # P-GAPO at (1/2, 1/2) is GAPO (p = 1, K = 2: the min-norm point of two unit vectors is their midpoint)
+            same[f"pgapo-{w}"], needs[f"pgapo-{w}"] = "gapo", ["gapo"]
+        else:
+            sources[f"pgapo-{w}"] = p.gapo(f"pgapo-{w}", weights[f"pgapo-{w}"])
     for thr in MOPO_THRESHOLDS:
         sources[f"mopo-{thr}"], method[f"mopo-{thr}"] = p.mopo(thr), "MOPO"
 
@@ -158,22 +195,22 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
     mpo = p.mpo_weights(per_objective)
     weights["mpo-maxmin"] = mpo["weights"]
     samples["mpo-maxmin"] = s.mpo_prompts * 4
-    for name in [f"mpo-{w}" for w in WEIGHTS] + ["mpo-maxmin"]:
-        sources[name] = engine_sampler(per_objective, weights[name], plan.batch)
-        method[name], needs[name] = "MPO logits mixing", both
-    for name, path in conditioned(p).items():  # one trained model, swept over the same w
-        sources[name], method[name], needs[name] = path, "preference-conditioned", ["conditioned"]
+    mpo_names = [f"mpo-{w}" for w in WEIGHTS] + ["mpo-maxmin"]
+    mixes = SharedPass(per_objective, {n: weights[n] for n in mpo_names}, plan.batch)
+    for name in mpo_names:
+        sources[name], method[name], needs[name] = mixes, "MPO logits mixing", both
+    vertices = conditioned(p)  # one trained model, served at each w as `moray serve` does (per-row LoRA soup)
+    sweep = SharedPass(vertices, {f"conditioned-{w}": weights[f"conditioned-{w}"] for w in WEIGHTS}, plan.batch, "soup")
+    for w in WEIGHTS:
+        name = f"conditioned-{w}"
+        sources[name], method[name], needs[name] = sweep, "preference-conditioned", ["conditioned"]
 
     replicates = seed_replicates(p, plan.seeds)  # training noise: the same jobs with other seeds
     constraints = {n: policy_constraints(sources[n]) for n, m in method.items() if m == "MOPO"}
-    sources = {k: policy_sampler(v, plan.batch) if isinstance(v, str) else v for k, v in {**sources, **replicates}.items()}
-    settings = EvalSettings(samples=plan.eval_samples, max_new_tokens=plan.eval_max_new_tokens, seed=2)
-    log.info("study: evaluating %d policies and mixes on %d held-out prompts x %d samples (up to %d new tokens)",
-             len(sources), len(p.eval_prompts), plan.eval_samples, plan.eval_max_new_tokens)
-    eval_tic = time.perf_counter()
-    scored = evaluate(sources, p.eval_prompts, OBJECTIVES, p.base, settings)
-    eval_seconds = time.perf_counter() - eval_tic
-    results = {n: scored[n] for n in method}
+    passes = {k: SharedPass.single(k, v, plan.batch) if isinstance(v, str) else v
+              for k, v in {**sources, **replicates}.items()}
+    scored, eval_seconds = evaluate_all(p, plan, passes)
+    results = {n: dict(scored[same.get(n, n)]) for n in method}
 
     def cost(name: str) -> Tuple[float, int]:
         """Seconds and samples from the base: the shared pair sampling, its own data, training or
@@ -230,31 +267,42 @@ def linear_scalarisation(p, w: float, seed: int = 0) -> str:
     return p.fit(name, JOBS["dpo"], data[0], objective=f"ls-{w}", **({"train.seed": seed} if seed else {}))
 
 
+def evaluate_all(p, plan: StudyPlan, sources: Dict[str, SharedPass]) -> Tuple[Dict[str, Dict[str, Any]], float]:
+    """Every source's scores on the held-out prompts and the evaluation's seconds. Each policy's
+    evaluation is a step of ``<out>/eval/steps.json``: an interrupted study resumes at the next one."""
+    settings = EvalSettings(samples=plan.eval_samples, max_new_tokens=plan.eval_max_new_tokens, seed=2)
+    (p.root / "eval").mkdir(exist_ok=True)
+    done = Steps(p.root / "eval", json.loads(json.dumps({"run": p.steps.settings, "plan": asdict(plan)})))
+    todo = {k: v for k, v in sources.items() if k not in done.done}
+    log.info("study: evaluating %d policies and mixes (%d done before) on %d held-out prompts x %d samples "
+             "(up to %d new tokens), %d passes side by side", len(todo), len(sources) - len(todo),
+             len(p.eval_prompts), plan.eval_samples, plan.eval_max_new_tokens, plan.workers)
+    clock = [time.perf_counter()]
+
+    def record(name: str, result: Dict[str, Any]) -> None:
+        now = time.perf_counter()
+        done.record(name, now - clock[0], result)
+        clock[0] = now
+
+    if todo:
+        ahead = Ahead(todo, p.eval_prompts, settings, plan.workers)
+        try:
+            evaluate({k: ahead.sampler(k) for k in todo}, p.eval_prompts, OBJECTIVES, p.base, settings,
+                     on_policy=record)
+        finally:
+            ahead.close()
+    return {k: done.done[k]["result"] for k in sources}, sum(done.seconds(k) for k in sources)
+
+
 def conditioned(p) -> Dict[str, str]:
     """The preference-conditioned policy (``moray train conditioned``, one job on the pairs labelled
-    by both objectives) at each w in WEIGHTS, as checkpoints: ``conditioned-<w>``."""
-    model = p.fit("conditioned", JOBS["conditioned"], p.made["pairs_multi"], objectives=list(OBJECTIVES),
-                  **{"train.zero_stage": min(p.train["train.zero_stage"], 2)})
-    return {f"conditioned-{w}": p.steps(f"conditioned-{w}", lambda: conditioned_at(
-        model, [w, 1 - w], str(p.root / "policies" / f"conditioned-{w}"))) for w in WEIGHTS}
-
-
-def conditioned_at(model: str, preference: Sequence[float], out: str) -> str:
-    """The conditioned policy at λ = ``preference`` (objectives in OBJECTIVES' order) as a full
-    checkpoint: the base plus the λ-weighted LoRA soup of its vertices, ``W + s(B_0A_0 + Σ_k λ_k B_kA_k)``
-    (docs/algorithms.md §9)."""
-    from serving.mixing import merge_lora
-    from trainers.core.export import load_lora_factors, load_matching_state, save_hf
-    from trainers.core.metadata import read_metadata
-    from trainers.core.models import load_causal_lm, load_tokenizer
+    by both objectives) as its vertices, ``{objective: adapter directory}``: the engine serves any
+    λ from them (docs/algorithms.md §9)."""
     from trainers.jobs.conditioned import VERTICES_DIR
 
-    base = load_causal_lm(model)
-    factors = [load_lora_factors(str(Path(model) / VERTICES_DIR / k)) for k in OBJECTIVES]
-    load_matching_state(base, merge_lora(base.state_dict(), factors, list(preference)))
-    meta = read_metadata(model).with_entries(kind="soup", objective="+".join(OBJECTIVES),
-                                             weights=dict(zip(OBJECTIVES, preference)), sources={"conditioned": model})
-    return save_hf(base, load_tokenizer(model), out, meta)
+    model = p.fit("conditioned", JOBS["conditioned"], p.made["pairs_multi"], objectives=list(OBJECTIVES),
+                  **{"train.zero_stage": min(p.train["train.zero_stage"], 2)})
+    return {k: str(Path(model) / VERTICES_DIR / k) for k in OBJECTIVES}
 
 
 def seed_replicates(p, seeds: Sequence[int]) -> Dict[str, str]:

@@ -1,11 +1,12 @@
 """Offline sampling through the serving engine: seeded per answer whatever the batch, the cap
-reported per answer, a unit weight vector samples its policy exactly."""
+reported per answer, a unit weight vector samples its policy exactly, several vectors in one run
+answer as each alone."""
 
 import pytest
 import torch
 
 from serving.decode import LockstepDecoder, Row, Sampling
-from serving.engine_sampling import engine_sample
+from serving.engine_sampling import engine_sample, engine_sample_vectors
 from trainers.core.models import load_causal_lm, load_tokenizer
 from trainers.core.prompts import ask, encode
 
@@ -34,3 +35,14 @@ def test_answers_do_not_depend_on_the_batch_and_the_cap_is_reported(two_policies
 def test_unknown_weights_are_refused(two_policies):
     with pytest.raises(ValueError, match="not among the policies"):
         engine_sample(two_policies, {"helpfulness": 1.0}, PROMPTS, 1, 4, seed=0)
+
+
+def test_vectors_sampled_together_answer_as_each_alone(two_policies):
+    vectors = [{"sentiment": 1.0}, {"sentiment": 0.3, "conciseness": 0.7}, {"conciseness": 1.0}]
+    together = engine_sample_vectors(two_policies, vectors, PROMPTS, 2, 12, seed=5, top_k=50, batch=4, threads=1)
+    alone = [engine_sample(two_policies, v, PROMPTS, 2, 12, seed=5, top_k=50, batch=4, threads=1) for v in vectors]
+    for t, a in zip(together, alone):
+        assert t.texts == a.texts and t.capped == a.capped and t.tokens == a.tokens
+    assert together[0].texts != together[2].texts
+    with pytest.raises(ValueError, match="not among the policies"):
+        engine_sample_vectors(two_policies, [{"sentiment": 1.0}, {"helpfulness": 1.0}], PROMPTS, 1, 4, seed=0)

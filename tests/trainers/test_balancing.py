@@ -75,6 +75,15 @@ def test_pgapo_coefficients_and_validation():
             pgapo_coefficients(G, bad)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_pgapo_at_equal_preference_is_gapo_for_two_objectives(seed):
+    # p = 1, K = 2: the min-norm point of two unit vectors is their midpoint, so α = (1/2, 1/2) and
+    # c_i = 1 / (2 ‖g_i‖), up to ε·max_j‖g_j‖/‖g_i‖ -- the study trains GAPO once for both
+    g = torch.randn(2, 12, generator=torch.Generator().manual_seed(seed), dtype=D) * torch.tensor([[0.1], [30.0]], dtype=D)
+    torch.testing.assert_close(pgapo_coefficients(g, [0.5, 0.5]).coefficients, gapo_coefficients(g, p=1).coefficients,
+                               rtol=1e-8, atol=0)
+
+
 def test_two_quadratics_move_to_the_pareto_segment():
     """L_i(θ) = ½‖θ − a_i‖²: the Pareto set is the segment [a_1, a_2]; GAPO steps end on it."""
     a1, a2 = torch.tensor([1.0, 0.0], dtype=D), torch.tensor([0.0, 1.0], dtype=D)
