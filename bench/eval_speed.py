@@ -7,6 +7,9 @@ same prompts, samples and cap, measured in one run, with their ratio.
 
 ``--lengths 512``: the base model's answer lengths under a cap of 512 (engine sampling): quantiles
 and the share of answers that would reach each candidate cap.
+
+``--side-by-side --prompts 128 --cap 1024``: two passes (two seeds) one after the other with 2 torch
+threads against the same two passes side by side with 1 thread each (how ``moray study`` evaluates).
 """
 
 from __future__ import annotations
@@ -34,6 +37,38 @@ def hf_generate(model: str, prompts, samples: int, cap: int):
     return tokens
 
 
+def engine_pass(model: str, prompts, a, seed: int = 2, threads: int = 2):
+    tic = time.perf_counter()
+    got = engine_sample({"base": model}, {"base": 1.0}, prompts, a.samples, a.cap, seed=seed, top_k=GENERATE_TOP_K,
+                        batch=a.batch, threads=threads)
+    return got, time.perf_counter() - tic
+
+
+def side_by_side(model: str, prompts, a) -> None:
+    import threading
+
+    import transformers  # resolve its lazy attributes before two threads load models
+    _ = (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.DynamicCache)
+    tic = time.perf_counter()
+    turns = [engine_pass(model, prompts, a, seed=s, threads=2) for s in (2, 3)]
+    t_turns = time.perf_counter() - tic
+    out = {}
+    workers = [threading.Thread(target=lambda s=s: out.__setitem__(s, engine_pass(model, prompts, a, seed=s, threads=1)))
+               for s in (2, 3)]
+    tic = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    t_side = time.perf_counter() - tic
+    tokens = sum(g.tokens for g, _ in turns)
+    assert tokens == sum(out[s][0].tokens for s in (2, 3)), "the same passes, the same answers"
+    print(f"two passes of {len(prompts)} prompts, cap {a.cap}, batches of {a.batch}: {tokens} tokens")
+    print(f"one after the other, 2 threads: {t_turns:.1f}s = {tokens / t_turns:.1f} tokens/s")
+    print(f"side by side, 1 thread each:    {t_side:.1f}s = {tokens / t_side:.1f} tokens/s")
+    print(f"ratio (side by side / in turn, tokens/s): {t_turns / t_side:.2f}")
+
+
 def main() -> None:
     from cluster.recipes.base_models import smollm2_dir
 
@@ -44,10 +79,13 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lengths", type=int, default=0, help="measure answer lengths under this cap instead")
+    ap.add_argument("--side-by-side", action="store_true", help="compare passes in turn and side by side instead")
     a = ap.parse_args()
     torch.set_num_threads(2)
     model = a.model or smollm2_dir()
     prompts = prompt_split(0, a.prompts, seed=0).heldout
+    if a.side_by_side:
+        return side_by_side(model, prompts, a)
     if a.lengths:
         tic = time.perf_counter()
         got = engine_sample({"base": model}, {"base": 1.0}, prompts, a.samples, a.lengths, seed=2,
