@@ -16,8 +16,9 @@ set of on-policy samples of the base model it produces
 and the two per-objective DPO policies and ``ls-0.5`` again with other training seeds (training
 noise). Every policy and mix is sampled for evaluation by the serving engine in this process
 (:mod:`serving.engine_sampling`; a sweep's vectors in one pass, two passes side by side) on held-out
-prompts that nothing trained or searched on, with a token cap few of the base's answers reach; :mod:`cluster.recipes.study_report` compares the methods' hypervolumes
-(reference: sentiment −1, length at the cap) with paired bootstrap intervals over prompts and
+prompts that nothing trained or searched on, with a token cap few of the base's answers reach;
+:mod:`cluster.recipes.study_report` compares the methods' hypervolumes (reference: sentiment −1,
+length at the cap) with paired bootstrap intervals over prompts and
 writes ``study.md``, ``study.json`` and ``study.png``. Cost is the wall-clock seconds to produce a
 policy from the base, counting the shared sampling of training data, its own data and training,
 its mixing, and the per-objective policies it mixes or fuses.
