@@ -47,8 +47,6 @@ def engine_pass(model: str, prompts, a, seed: int = 2, threads: int = 2):
 def side_by_side(model: str, prompts, a) -> None:
     import threading
 
-    import transformers  # resolve its lazy attributes before two threads load models
-    _ = (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.DynamicCache)
     tic = time.perf_counter()
     turns = [engine_pass(model, prompts, a, seed=s, threads=2) for s in (2, 3)]
     t_turns = time.perf_counter() - tic

@@ -49,6 +49,8 @@ def engine_sample_vectors(policies: Mapping[str, str], vectors: Sequence[Mapping
     cfg = cfg or ServeConfig(policies=dict(policies), max_batch_size=batch, batch_wait_ms=0, threads=threads,
                              max_tokens_limit=max_new_tokens, default_max_tokens=max_new_tokens).validate()
     with _LOADING:
+        import transformers  # its lazy attributes are not thread-safe on first use either: resolved here, once at a time
+        _ = (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.DynamicCache)
         engine = MixEngine(cfg)
     try:
         tok = engine.tokenizer

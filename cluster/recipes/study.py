@@ -127,8 +127,6 @@ class Ahead:
     def __init__(self, sources: Dict[str, SharedPass], prompts: Sequence[str], s, workers: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        import transformers  # its lazy attributes are not thread-safe on first use: resolve them here
-        _ = (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.DynamicCache)
         threads = max(1, len(os.sched_getaffinity(0)) // workers)  # this process's CPUs
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="moray-eval")
         passes = {id(q): q for q in sources.values()}
