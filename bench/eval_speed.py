@@ -24,7 +24,7 @@ import torch
 from reward_models import GENERATE_TOP_K
 from reward_models.prompts import prompt_split
 from reward_models.sampling import Generate
-from serving.engine_sampling import engine_sample
+from serving.engine_sampling import before_threads, engine_sample
 
 
 def hf_generate(model: str, prompts, samples: int, cap: int):
@@ -47,6 +47,7 @@ def engine_pass(model: str, prompts, a, seed: int = 2, threads: int = 2):
 def side_by_side(model: str, prompts, a) -> None:
     import threading
 
+    before_threads()
     tic = time.perf_counter()
     turns = [engine_pass(model, prompts, a, seed=s, threads=2) for s in (2, 3)]
     t_turns = time.perf_counter() - tic

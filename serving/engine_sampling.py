@@ -21,6 +21,15 @@ from trainers.core.prompts import ask, encode
 _LOADING = threading.Lock()
 
 
+def before_threads() -> None:
+    """Resolve transformers' lazy attributes in the calling thread. Call it before starting threads
+    that sample: a thread whose first use meets another thread's (a scorer loading, say) raises
+    AttributeError, and a lock here cannot cover the other thread."""
+    import transformers
+
+    _ = (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.DynamicCache)
+
+
 def engine_sample(policies: Mapping[str, str], weights: Mapping[str, float], prompts: Sequence[str], samples: int,
                   max_new_tokens: int, seed: int, temperature: float = 1.0, top_k: int = 0, mixing: str = "logits",
                   batch: int = 64, threads: int = 2, cfg: Optional[ServeConfig] = None) -> Samples:
@@ -49,8 +58,6 @@ def engine_sample_vectors(policies: Mapping[str, str], vectors: Sequence[Mapping
     cfg = cfg or ServeConfig(policies=dict(policies), max_batch_size=batch, batch_wait_ms=0, threads=threads,
                              max_tokens_limit=max_new_tokens, default_max_tokens=max_new_tokens).validate()
     with _LOADING:
-        import transformers  # its lazy attributes are not thread-safe on first use either: resolved here, once at a time
-        _ = (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.DynamicCache)
         engine = MixEngine(cfg)
     try:
         tok = engine.tokenizer

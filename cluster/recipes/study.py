@@ -42,7 +42,7 @@ from cluster.recipes.study_report import RETRAINING, compare, format_study, plot
 from reward_models.evaluate import EvalSettings, evaluate, write_json
 from reward_models.pairs import best_vs_worst, make_wrpo_pairs, scalarise, write_jsonl
 from reward_models.sampling import Samples
-from serving.engine_sampling import engine_sample_vectors
+from serving.engine_sampling import before_threads, engine_sample_vectors
 from serving.offline.soup import soup_policies
 from trainers.jobs import JOBS
 
@@ -127,6 +127,7 @@ class Ahead:
     def __init__(self, sources: Dict[str, SharedPass], prompts: Sequence[str], s, workers: int):
         from concurrent.futures import ThreadPoolExecutor
 
+        before_threads()
         threads = max(1, len(os.sched_getaffinity(0)) // workers)  # this process's CPUs
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="moray-eval")
         passes = {id(q): q for q in sources.values()}
