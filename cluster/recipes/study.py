@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,19 +120,49 @@ class SharedPass:
         return dict(zip(self.vectors, got))
 
 
+class Slots:
+    """``n`` slots taken in turn: the pass started ``i``-th waits for its turn and for ``need`` free
+    slots. A pass of several models (MPO's mixes: a KV cache per model) takes them all and runs alone,
+    since two such passes side by side outgrew this machine's memory; the turn keeps later one-slot
+    passes from starving it."""
+
+    def __init__(self, n: int):
+        self.n, self.free, self.turn = n, n, 0
+        self.cv = threading.Condition()
+
+    def run(self, i: int, need: int, fn: Callable, *args):
+        need = min(need, self.n)
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == i and self.free >= need)
+            self.free -= need
+            self.turn += 1
+            self.cv.notify_all()
+        try:
+            return fn(*args)
+        finally:
+            with self.cv:
+                self.free += need
+                self.cv.notify_all()
+
+
 class Ahead:
-    """The passes behind ``sources`` (name -> its pass) decoded in order, ``workers`` at a time, while
-    evaluation scores the answers already made: one pass's tail of a few long answers, which keeps a
-    core idle, decodes beside the next pass. ``sampler(name)`` waits for its pass."""
+    """The passes behind ``sources`` (name -> its pass) decoded in order, ``workers`` slots at a time
+    (a pass takes one per model it loads), while evaluation scores the answers already made: one
+    pass's tail of a few long answers, which keeps a core idle, decodes beside the next pass.
+    ``sampler(name)`` waits for its pass."""
 
     def __init__(self, sources: Dict[str, SharedPass], prompts: Sequence[str], s, workers: int):
         from concurrent.futures import ThreadPoolExecutor
 
         before_threads()
-        threads = max(1, len(os.sched_getaffinity(0)) // workers)  # this process's CPUs
+        per_slot = max(1, len(os.sched_getaffinity(0)) // workers)  # this process's CPUs, split
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="moray-eval")
+        slots = Slots(workers)
         passes = {id(q): q for q in sources.values()}
-        self.futures = {k: self.pool.submit(q.sample, prompts, s.samples, s, threads) for k, q in passes.items()}
+        self.futures = {}
+        for i, (k, q) in enumerate(passes.items()):
+            need = min(len(q.policies), workers)
+            self.futures[k] = self.pool.submit(slots.run, i, need, q.sample, prompts, s.samples, s, per_slot * need)
         self.of = {name: id(q) for name, q in sources.items()}
 
     def sampler(self, name: str) -> Callable:

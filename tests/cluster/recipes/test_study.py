@@ -1,21 +1,45 @@
 """`moray study --tiny` on the directory `moray demo --tiny` left (slow): it reuses the demo's
 steps, trains the rest, writes the table, JSON and plot, and its fronts, hypervolumes and
-costs agree with its own per-policy numbers; `moray eval` on two of its policies."""
+costs agree with its own per-policy numbers; `moray eval` on two of its policies. The evaluation's
+pass scheduler (fast)."""
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from cluster.cli import main
-from cluster.recipes.study import run_study
+from cluster.recipes.study import Slots, run_study
 from reward_models.evaluate import hypervolume, pareto_mask
-
-pytestmark = pytest.mark.slow
 
 SHARED = ("base", "pairs", "dpo-sentiment", "dpo-conciseness", "gapo", "mopo-0.5", "mpo-maxmin")
 
 
+def test_slots_run_a_many_model_pass_alone_and_in_turn():
+    needs = [1, 1, 2, 1, 1, 2, 1]
+    slots, lock, busy, log = Slots(2), threading.Lock(), [0], []
+
+    def task(i, need):
+        with lock:
+            busy[0] += need
+            log.append((i, busy[0]))
+        time.sleep(0.02 * (1 + i % 3))
+        with lock:
+            busy[0] -= need
+        return i
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(slots.run, i, need, task, i, need) for i, need in enumerate(needs)]
+        assert [f.result() for f in futures] == list(range(len(needs)))
+    assert [i for i, _ in log] == list(range(len(needs)))  # started in turn
+    assert max(b for _, b in log) <= 2
+    assert all(b == 2 for i, b in log if needs[i] == 2)  # a two-slot pass had the slots to itself
+
+
+@pytest.mark.slow
 def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
     import ray
 
