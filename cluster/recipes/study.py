@@ -123,8 +123,8 @@ class SharedPass:
 class Slots:
     """``n`` slots taken in turn: the pass started ``i``-th waits for its turn and for ``need`` free
     slots. A pass of several models (MPO's mixes: a KV cache per model) takes them all and runs alone,
-    since two such passes side by side outgrew this machine's memory; the turn keeps later one-slot
-    passes from starving it."""
+    since beside another pass it outgrew this machine's memory; the turn keeps later one-slot passes
+    from starving it."""
 
     def __init__(self, n: int):
         self.n, self.free, self.turn = n, n, 0
