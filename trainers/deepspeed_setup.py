@@ -10,6 +10,9 @@ model is built partitioned from the start (``deepspeed.zero.Init`` through trans
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import math
 import os
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -19,6 +22,7 @@ import torch
 from trainers.core.export import module_tensors
 from trainers.job_config import TrainConfig
 
+logger = logging.getLogger(__name__)
 
 def use_bf16(cfg: TrainConfig, on_gpu: bool) -> bool:
     return cfg.bf16 == "true" or (cfg.bf16 == "auto" and on_gpu)
@@ -104,6 +108,52 @@ def worker_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def load_shm_comm_op() -> None:
+    """Build or load DeepSpeed's ``shm_comm`` op (the CPU accelerator's; DeepSpeed's communication
+    set-up loads it) in this process before DeepSpeed does, one process of this machine at a time.
+
+    torch's build lock is a file (``<build dir>/lock``) that every load creates and removes, even of
+    an op already built; a process killed meanwhile leaves it behind and every later load waits on it
+    forever. Here an ``flock`` beside it, which the kernel drops when its holder dies, says whether
+    anyone is inside: a lock file found while holding the flock is stale and removed."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed will not load it either
+    from torch.utils.cpp_extension import _get_build_directory
+
+    directory = _get_build_directory(builder.name, verbose=False)
+    with held(os.path.join(directory, "moray.flock")):
+        clear_stale_lock(os.path.join(directory, "lock"))
+        builder.load(verbose=False)  # cached in-process: DeepSpeed's own call returns it
+
+
+@contextlib.contextmanager
+def held(path: str):
+    """Hold an exclusive ``flock`` on ``path`` (created if missing)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def clear_stale_lock(lock: str) -> bool:
+    """Remove torch's build lock file ``lock`` (the caller holds the flock, so no process of ours is
+    building or loading); whether there was one."""
+    try:
+        os.remove(lock)
+    except FileNotFoundError:
+        return False
+    logger.warning("removed %s: a process stopped while it built or loaded DeepSpeed's shm_comm op left it, "
+                   "and every later load would have waited on it", lock)
+    return True
+
+
 def build_engine(build: Callable[[], torch.nn.Module], cfg: TrainConfig, total_steps: int, on_gpu: bool):
     """The model ``build()`` returns in a DeepSpeed engine with AdamW, the schedule and the ZeRO
     stage of ``cfg``. Under ZeRO-3 ``build`` runs inside ``deepspeed.zero.Init``: parameters are
@@ -114,6 +164,7 @@ def build_engine(build: Callable[[], torch.nn.Module], cfg: TrainConfig, total_s
     import torch.distributed as dist
 
     backend = "nccl" if on_gpu else "gloo"
+    load_shm_comm_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     world = dist.get_world_size() if dist.is_initialized() else 1
     config = deepspeed_config(cfg, world, on_gpu)

@@ -5,6 +5,10 @@ bf16 on its CPU accelerator, two gloo ranks, ZeRO-2 and ZeRO-3, sharded exports 
 ``deepspeed.initialize``."""
 
 import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,8 @@ from trainers.deepspeed_setup import (PERSIST_BELOW, deepspeed_config, load_plac
                                       worker_device)
 from trainers.jobs.dpo import DPOJobConfig
 from trainers.task import build_policy
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_without_cuda_fails_fast(monkeypatch):
@@ -153,3 +159,51 @@ def test_zero3_does_not_partition_lora_factors(tiny_model, tmp_path):
     assert lora and all(persist for persist, _, _ in lora.values())  # DeepSpeed's flag: never released after use
     big = {n: v for n, v in state.items() if "lora_" not in n and v[2] > max(w for _, _, w in lora.values())}
     assert big and all(not persist and held < whole for persist, held, whole in big.values())
+
+
+def test_a_build_lock_is_cleared_only_once_its_holder_has_died(tmp_path):
+    from trainers.deepspeed_setup import clear_stale_lock, held
+
+    flock, lock = str(tmp_path / "moray.flock"), tmp_path / "lock"
+    lock.touch()  # as torch's build left it
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", flock],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        cleared = []
+        waiter = threading.Thread(target=lambda: cleared.append(_clear(held, clear_stale_lock, flock, str(lock))))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and lock.exists(), "the lock was taken while another process held the flock"
+        holder.kill()  # dies inside: the kernel drops its flock, the lock file stays
+        waiter.join(30)
+        assert cleared == [True] and not lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with held(flock):
+        assert clear_stale_lock(str(lock)) is False  # nothing left to clear
+
+
+def _clear(held, clear_stale_lock, flock, lock):
+    with held(flock):
+        return clear_stale_lock(lock)
+
+
+@pytest.mark.slow
+def test_deepspeed_set_up_goes_past_a_build_lock_a_killed_process_left():
+    """Without the clearing, DeepSpeed's communication set-up waits on this file forever."""
+    script = ("import os, torch.utils.cpp_extension as ext\n"
+              "from deepspeed.accelerator import get_accelerator\n"
+              "from trainers.deepspeed_setup import load_shm_comm_op\n"
+              "name = get_accelerator().create_op_builder('ShareMemCommBuilder').name\n"
+              "lock = os.path.join(ext._get_build_directory(name, verbose=False), 'lock')\n"
+              "open(lock, 'w').close()\n"
+              "load_shm_comm_op()\n"
+              "print('loaded; lock left:', os.path.exists(lock))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"), cwd=str(ROOT))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded; lock left: False" in done.stdout
+    assert "removed" in done.stderr and "shm_comm" in done.stderr
