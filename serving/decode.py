@@ -139,6 +139,14 @@ def roomy_cache() -> type:
                 self._n -= positions
                 self._views()
 
+        def place(self, rows: torch.Tensor, new: "RoomyLayer") -> None:
+            """Write ``new``'s positions into the last positions of batch rows ``rows`` (in place)."""
+            if self.is_initialized and self._n and new.is_initialized and new.keys.numel():
+                t = new.keys.shape[-2]
+                self._k[rows, :, self._n - t:self._n] = new.keys.to(self._k.device)
+                self._v[rows, :, self._n - t:self._n] = new.values.to(self._v.device)
+                self._views()
+
         def crop(self, tokens_to_remove: int) -> None:
             super().crop(tokens_to_remove)
             if self.is_initialized and tokens_to_remove:
@@ -162,6 +170,11 @@ def roomy_cache() -> type:
             """Drop the first ``positions`` positions of every layer (columns of left padding)."""
             for layer in self.layers:
                 layer.trim_left(positions)
+
+        def place(self, rows: torch.Tensor, new: "RoomyCache") -> None:
+            """Write ``new``'s keys and values into the last positions of batch rows ``rows``."""
+            for layer, other in zip(self.layers, new.layers):
+                layer.place(rows, other)
 
     return RoomyCache
 
@@ -244,30 +257,40 @@ class LockstepDecoder:
                 else:
                     keep.append(j)
             step_ids = sampled[:, None]
-            if len(keep) < len(live):
-                index = torch.tensor(keep, dtype=torch.long, device=self.device)
-                for cache in caches.values():
-                    cache.batch_select_indices(index.to(cache_device(cache, index)))
-                step_ids, mask, step_pos = step_ids[index], mask[index], step_pos[index]
-                live = [live[j] for j in keep]
-                if live:  # positions every remaining row pads: attention would skip them at every step
-                    lead = int(torch.argmax(mask.any(0).to(torch.int8)))
-                    if lead:
-                        mask = mask[:, lead:]
-                        for cache in caches.values():
-                            cache.trim_left(lead)
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            joining = list(more(len(live))) if more is not None else []
+            gone = [j for j in range(len(live)) if j not in set(keep)]
+            joining = list(more(len(keep))) if more is not None else []
             if joining:
                 first = len(rows)
                 rows += joining
                 weights += [list(r.weights) for r in joining]
                 gens += [_generator(r) for r in joining]
                 out += [[] for _ in joining]
-                caches, mask, step_ids, step_pos = self._join(joining, first, active, caches, mask, step_ids, step_pos)
-                live += list(range(first, len(rows)))
-            if live and (joining or len(keep) < len(tokens)):
+            taken = gone[:len(joining)] if joining and gone and self._fits(joining[:len(gone)], mask) else []
+            if taken:  # joining rows take finished rows' places: no copy of the running caches
+                step_ids, step_pos = self._replace(joining[:len(taken)], first, taken, active, caches, mask, step_ids,
+                                                   step_pos)
+                live = [first + taken.index(j) if j in taken else i for j, i in enumerate(live)]
+            kept = sorted(keep + taken)
+            if len(kept) < len(live):
+                index = torch.tensor(kept, dtype=torch.long, device=self.device)
+                for cache in caches.values():
+                    cache.batch_select_indices(index.to(cache_device(cache, index)))
+                step_ids, mask, step_pos = step_ids[index], mask[index], step_pos[index]
+                live = [live[j] for j in kept]
+            if live and (taken or len(kept) < len(tokens)):  # positions every row pads: attention would skip them
+                lead = int(torch.argmax(mask.any(0).to(torch.int8)))
+                if lead:
+                    mask = mask[:, lead:]
+                    for cache in caches.values():
+                        cache.trim_left(lead)
+            rest = joining[len(taken):]
+            if rest:
+                start = first + len(taken)
+                caches, mask, step_ids, step_pos = self._join(rest, start, active, caches, mask, step_ids, step_pos)
+                live += list(range(start, len(rows)))
+            if live and (joining or len(kept) < len(tokens)):
                 self._rows_changed(live)
         return out
 
@@ -276,21 +299,50 @@ class LockstepDecoder:
         if models is not None:
             self.models = list(models)
 
+    @staticmethod
+    def _fits(rows: Sequence[Row], mask: torch.Tensor) -> bool:
+        """Whether every prompt but its last token fits in the running caches' positions."""
+        return max(len(r.prompt_ids) - 1 for r in rows) <= mask.shape[1] - 1
+
+    def _prefill(self, rows: Sequence[Row], first: int, active: Sequence[int]):
+        """The joining rows' prompts but their last tokens, left-padded, through the active models:
+        ``(new caches, their mask, the heads)``; the caches are empty for one-token prompts."""
+        heads = [r.prompt_ids[:-1] for r in rows]
+        ids, new_mask = left_pad(heads, self.pad_id)
+        new_mask = new_mask.to(self.device)
+        new_caches = {k: roomy_cache()() for k in active}
+        if ids.shape[1]:
+            self._rows_changed(list(range(first, first + len(rows))))  # the prefill's rows: the joining ones
+            pos = (new_mask.cumsum(1) - 1).clamp(min=0)
+            self._forwards(active, ids.to(self.device), new_mask, pos, new_caches)
+        return new_caches, new_mask, heads
+
+    def _replace(self, rows: Sequence[Row], first: int, slots: Sequence[int], active: Sequence[int], caches, mask,
+                 step_ids, step_pos):
+        """Joining rows written into the places of finished rows (``slots``, batch positions): each
+        one's prefilled keys and values fill the last positions of its place and the mask hides the
+        rest. ``mask`` is updated in place; returns the new ``(step_ids, step_pos)``."""
+        new_caches, new_mask, heads = self._prefill(rows, first, active)
+        T, Ln = mask.shape[1] - 1, new_mask.shape[1]
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        if Ln:
+            for k in active:
+                caches[k].place(index.to(cache_device(caches[k], index)), new_caches[k])
+        mask[index] = 0
+        mask[index, T - Ln:T] = new_mask.to(mask.dtype)
+        mask[index, T] = 1
+        step_ids, step_pos = step_ids.clone(), step_pos.clone()
+        step_ids[index, 0] = torch.tensor([r.prompt_ids[-1] for r in rows], dtype=step_ids.dtype, device=self.device)
+        step_pos[index, 0] = torch.tensor([len(h) for h in heads], dtype=step_pos.dtype, device=self.device)
+        return step_ids, step_pos
+
     def _join(self, rows: Sequence[Row], first: int, active: Sequence[int], caches, mask, step_ids, step_pos):
         """Rows joining a running batch: each prompt but its last token is prefilled into new KV
         caches; both sides are left-padded to one length and stacked. The last prompt token is the
         joining row's input at the next step, so its first token comes from the common forward."""
-        new_cache = roomy_cache()
         n = len(rows)
-        heads = [r.prompt_ids[:-1] for r in rows]
-        ids, new_mask = left_pad(heads, self.pad_id)
-        Ln = ids.shape[1]
-        new_mask = new_mask.to(self.device)
-        new_caches = {k: new_cache() for k in active}
-        if Ln:
-            self._rows_changed(list(range(first, first + n)))  # the prefill's rows: the joining ones
-            pos = (new_mask.cumsum(1) - 1).clamp(min=0)
-            self._forwards(active, ids.to(self.device), new_mask, pos, new_caches)
+        new_caches, new_mask, heads = self._prefill(rows, first, active)
+        Ln = new_mask.shape[1]
         T = max(mask.shape[1] - 1, Ln)  # cache length both sides are padded to
         joined = {k: _stack_caches(caches[k], new_caches[k], n, T) for k in active}
         ones = torch.ones((n, 1), dtype=mask.dtype, device=self.device)

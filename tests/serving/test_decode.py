@@ -252,6 +252,31 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(loaded, join_
     assert finished.index(1) < finished.index(0)  # the 3-token joiner ended before the long row
 
 
+@pytest.mark.parametrize("joiners", [1, 2])
+def test_rows_that_join_as_others_finish_take_their_places(loaded, joiners, monkeypatch):
+    """A row that joins as another finishes takes its place in the running KV caches (its prefill
+    written into that row's last positions, the rest masked): no cache is stacked for it, and
+    every row still decodes exactly as it does alone. A second joiner, with no place left, is
+    stacked as before."""
+    tok, models = loaded
+    dec = LockstepDecoder(models, tok.pad_token_id, [tok.eos_token_id])
+    greedy = lambda n: Sampling(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+    start = [Row(tok(PROMPTS[2])["input_ids"], (0.3, 0.7), greedy(14)), Row(tok(PROMPTS[1])["input_ids"], (1.0, 0.0), greedy(3))]
+    late = [Row(tok(PROMPTS[0])["input_ids"], (0.6, 0.4), greedy(6)), Row(tok(PROMPTS[1])["input_ids"], (0.0, 1.0), greedy(4))]
+    asked, stacked = [], []
+    real = serving.decode._stack_caches
+    monkeypatch.setattr(serving.decode, "_stack_caches", lambda *a: stacked.append(a[2]) or real(*a))
+
+    def more(n):
+        asked.append(n)
+        return late[:joiners] if len(asked) == 3 else []  # after the step where the 3-token row ends
+
+    out = dec.generate(start, more=more)
+    assert asked[2] == 1
+    assert stacked == [1] * (joiners - 1) * len(models)  # the first joiner took the finished row's place
+    assert out == [dec.generate([r])[0] for r in [*start, *late[:joiners]]]
+
+
 def test_every_policys_forward_is_launched_before_any_result_is_read(loaded):
     """Logits mode on K GPUs: the K forwards of a step (and of a joining row's prefill) are all
     issued before any logits are copied to the decoder's device, and the inputs are on every
