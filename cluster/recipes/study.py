@@ -180,6 +180,8 @@ def run_study(tiny: bool = False, out: str = "moray_runs/study", workers: Option
     settings, finish) the study; write ``study.md``, ``study.json`` and ``study.png`` to ``out``
     (and, with ``docs``, copy them there as ``study-smollm2.*`` / ``study-tiny.*``)."""
     plan = PLANS[tiny]
+    if docs:  # made (or refused) now, not after hours of work
+        Path(docs).mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     p = pipeline(tiny, out, workers, zero_stage, plan.eval_prompts)
     s, root, steps = p.s, p.root, p.steps

@@ -48,7 +48,7 @@ def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
     before = json.loads((root / "steps.json").read_text())["steps"]
     assert set(SHARED) <= set(before)
     try:
-        doc = run_study(tiny=True, out=str(root), docs=str(tmp_path))
+        doc = run_study(tiny=True, out=str(root), docs=str(tmp_path / "docs"))  # made on the way
         table = capsys.readouterr().out
         after = json.loads((root / "steps.json").read_text())["steps"]
         assert {k: after[k] for k in SHARED} == {k: before[k] for k in SHARED}  # reused, not redone
@@ -64,7 +64,7 @@ def test_tiny_study_on_the_demo_directory(tiny_demo, tmp_path, capsys):
         assert (root / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (root / "study.md").read_text() in table and "| mpo-maxmin" in table
         for ext in ("md", "json", "png"):  # --docs: the repository's copies
-            assert (tmp_path / f"study-tiny.{ext}").read_bytes() == (root / f"study.{ext}").read_bytes()
+            assert (tmp_path / "docs" / f"study-tiny.{ext}").read_bytes() == (root / f"study.{ext}").read_bytes()
         held, train = set(doc["prompts"]["heldout"]), set(doc["prompts"]["train"])
         assert len(held) == 48 and not held & train
         assert all(0 <= r["capped_fraction"] <= 1 and len(r["per_prompt"]["sentiment"]) == 48 for r in doc["policies"].values())
