@@ -207,3 +207,16 @@ def test_deepspeed_set_up_goes_past_a_build_lock_a_killed_process_left():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "loaded; lock left: False" in done.stdout
     assert "removed" in done.stderr and "shm_comm" in done.stderr
+
+
+def test_no_shm_op_to_load_where_the_accelerator_has_none(monkeypatch, tmp_path):
+    """CUDA's accelerator has no ``ShareMemCommBuilder`` (DeepSpeed's own ``build_shm_op`` then loads
+    nothing): nothing is loaded or locked."""
+    from deepspeed.accelerator import get_accelerator
+
+    from trainers.deepspeed_setup import load_shm_comm_op
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(get_accelerator(), "create_op_builder", lambda name: None)
+    assert load_shm_comm_op() is None
+    assert list(tmp_path.iterdir()) == []
