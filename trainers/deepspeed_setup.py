@@ -122,6 +122,10 @@ def load_shm_comm_op() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return  # DeepSpeed will not load it either
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(builder.name, False):
+        return  # built into this DeepSpeed install: loaded without torch's JIT build or its lock
     from torch.utils.cpp_extension import _get_build_directory
 
     directory = _get_build_directory(builder.name, verbose=False)

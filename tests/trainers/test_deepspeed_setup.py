@@ -193,19 +193,24 @@ def _clear(held, clear_stale_lock, flock, lock):
 
 @pytest.mark.slow
 def test_deepspeed_set_up_goes_past_a_build_lock_a_killed_process_left():
-    """Without the clearing, DeepSpeed's communication set-up waits on this file forever."""
-    script = ("import os, torch.utils.cpp_extension as ext\n"
+    """A one-rank engine built as every job builds it; without the clearing, DeepSpeed's
+    communication set-up waits on the planted lock file forever."""
+    script = ("import os, torch, torch.utils.cpp_extension as ext\n"
               "from deepspeed.accelerator import get_accelerator\n"
-              "from trainers.deepspeed_setup import load_shm_comm_op\n"
+              "from trainers.core.runtime import free_port\n"
+              "from trainers.deepspeed_setup import build_engine\n"
+              "from trainers.job_config import TrainConfig\n"
+              "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), RANK='0', WORLD_SIZE='1',\n"
+              "                  LOCAL_RANK='0')\n"
               "name = get_accelerator().create_op_builder('ShareMemCommBuilder').name\n"
               "lock = os.path.join(ext._get_build_directory(name, verbose=False), 'lock')\n"
               "open(lock, 'w').close()\n"
-              "load_shm_comm_op()\n"
-              "print('loaded; lock left:', os.path.exists(lock))\n")
+              "engine = build_engine(lambda: torch.nn.Linear(4, 4), TrainConfig(zero_stage=2), 1, on_gpu=False)\n"
+              "print('engine built; lock left:', os.path.exists(lock))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, DS_ACCELERATOR="cpu"), cwd=str(ROOT))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "loaded; lock left: False" in done.stdout
+    assert "engine built; lock left: False" in done.stdout
     assert "removed" in done.stderr and "shm_comm" in done.stderr
 
 
