@@ -210,7 +210,8 @@ def _demo_and_study(sub) -> None:
         run.add_argument("--zero-stage", dest="zero_stage", type=int, default=2, choices=[0, 1, 2, 3])
         if name == "study":
             run.add_argument("--docs", default=None, help="also copy study.{md,json,png} into this directory as "
-                             "study-smollm2.* (study-tiny.* with --tiny): `--docs docs` regenerates the repository's")
+                             "study-smollm2.* (study-tiny.* with --tiny), made first if missing: `--docs docs` "
+                             "regenerates the repository's copies")
 
 
 def _eval(sub) -> None:
