@@ -259,7 +259,8 @@ class LockstepDecoder:
             step_ids = sampled[:, None]
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            gone = [j for j in range(len(live)) if j not in set(keep)]
+            kept_now = set(keep)
+            gone = [j for j in range(len(live)) if j not in kept_now]
             joining = list(more(len(keep))) if more is not None else []
             if joining:
                 first = len(rows)

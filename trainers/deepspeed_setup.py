@@ -24,6 +24,7 @@ from trainers.job_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+
 def use_bf16(cfg: TrainConfig, on_gpu: bool) -> bool:
     return cfg.bf16 == "true" or (cfg.bf16 == "auto" and on_gpu)
 

@@ -18,8 +18,8 @@ from trainers.core.export import INDEX_FILE, load_state
 from trainers.core.models import load_causal_lm
 from trainers.job_config import TrainConfig
 from trainers.job_config import ModelConfig
-from trainers.deepspeed_setup import (PERSIST_BELOW, deepspeed_config, load_placement, persistence_threshold,
-                                      worker_device)
+from trainers.deepspeed_setup import (PERSIST_BELOW, clear_stale_lock, deepspeed_config, held, load_placement,
+                                      load_shm_comm_op, persistence_threshold, worker_device)
 from trainers.jobs.dpo import DPOJobConfig
 from trainers.task import build_policy
 
@@ -162,8 +162,6 @@ def test_zero3_does_not_partition_lora_factors(tiny_model, tmp_path):
 
 
 def test_a_build_lock_is_cleared_only_once_its_holder_has_died(tmp_path):
-    from trainers.deepspeed_setup import clear_stale_lock, held
-
     flock, lock = str(tmp_path / "moray.flock"), tmp_path / "lock"
     lock.touch()  # as torch's build left it
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
@@ -172,7 +170,7 @@ def test_a_build_lock_is_cleared_only_once_its_holder_has_died(tmp_path):
     try:
         assert holder.stdout.readline() == "held\n"
         cleared = []
-        waiter = threading.Thread(target=lambda: cleared.append(_clear(held, clear_stale_lock, flock, str(lock))))
+        waiter = threading.Thread(target=lambda: cleared.append(_clear(flock, str(lock))))
         waiter.start()
         waiter.join(1.0)
         assert waiter.is_alive() and lock.exists(), "the lock was taken while another process held the flock"
@@ -186,7 +184,7 @@ def test_a_build_lock_is_cleared_only_once_its_holder_has_died(tmp_path):
         assert clear_stale_lock(str(lock)) is False  # nothing left to clear
 
 
-def _clear(held, clear_stale_lock, flock, lock):
+def _clear(flock, lock):
     with held(flock):
         return clear_stale_lock(lock)
 
@@ -218,8 +216,6 @@ def test_no_shm_op_to_load_where_the_accelerator_has_none(monkeypatch, tmp_path)
     """CUDA's accelerator has no ``ShareMemCommBuilder`` (DeepSpeed's own ``build_shm_op`` then loads
     nothing): nothing is loaded or locked."""
     from deepspeed.accelerator import get_accelerator
-
-    from trainers.deepspeed_setup import load_shm_comm_op
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(get_accelerator(), "create_op_builder", lambda name: None)
