@@ -16,6 +16,7 @@ pad the rows left.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -186,6 +187,13 @@ def cache_device(cache, fallback: torch.Tensor) -> torch.device:
     return keys.device if isinstance(keys, torch.Tensor) else fallback.device
 
 
+@functools.lru_cache(maxsize=None)
+def cache_argument(model_class: type) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` where it has one (transformers
+    deprecates ``past_key_values`` for it and removes it in 5.40), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 class LockstepDecoder:
     """Decode a batch of rows through ``models`` (one tokenizer, one vocabulary)."""
 
@@ -210,7 +218,8 @@ class LockstepDecoder:
         devices = [self.models[k].get_input_embeddings().weight.device for k in active]
         moved = {d: (ids.to(d), mask.to(d), pos.to(d)) for d in dict.fromkeys(devices)}
         outs = [self.models[k](input_ids=moved[d][0], attention_mask=moved[d][1], position_ids=moved[d][2],
-                               past_key_values=caches[k], use_cache=True, logits_to_keep=1).logits
+                               use_cache=True, logits_to_keep=1,
+                               **{cache_argument(type(self.models[k])): caches[k]}).logits
                 for k, d in zip(active, devices)]
         return torch.stack([o[:, -1].to(self.device, torch.float32) for o in outs])
 

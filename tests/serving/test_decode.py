@@ -2,6 +2,7 @@
 the decoder's in-place KV cache against transformers' DynamicCache."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from transformers import DynamicCache
 
 import serving.decode
 from serving.api import Limits, RequestError, parse_request
-from serving.decode import LockstepDecoder, Row, Sampling, roomy_cache
+from serving.decode import LockstepDecoder, Row, Sampling, cache_argument, roomy_cache
 from serving.engine import TextStream, round_weights
 from serving.mixing import mix_logits
 from tests.helpers import next_token_probs, sample_next
@@ -314,8 +315,38 @@ def test_every_policys_forward_is_launched_before_any_result_is_read(loaded):
     assert len(got) == 3 and [len(g) for g in got] == [4, 4, 3]  # the values: the tests above
 
 
+class _BeforeTheRename(torch.nn.Module):
+    """A policy whose forward takes its KV cache as ``past_key_values`` only, as transformers'
+    forwards did before ``cache``: the same weights as ``model``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, logits_to_keep=logits_to_keep,
+                          **{cache_argument(type(self.model)): past_key_values})
+
+
+def test_the_kv_cache_goes_by_the_name_the_forward_takes(loaded):
+    """No deprecation warning from the installed transformers (its ``past_key_values`` goes in 5.40),
+    and a forward that knows only ``past_key_values`` decodes the same tokens."""
+    tok, models = loaded
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    rows = [Row(i, [1.0], Sampling(max_tokens=12, temperature=0)) for i in ids]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        got = LockstepDecoder(models[:1], tok.pad_token_id, [tok.eos_token_id]).generate(rows)
+        older = LockstepDecoder([_BeforeTheRename(models[0])], tok.pad_token_id, [tok.eos_token_id]).generate(rows)
+    assert cache_argument(_BeforeTheRename) == "past_key_values"
+    assert got == older == [_hf_greedy(models[0], i, 12, tok.eos_token_id) for i in ids]
+
 def _step(model, cache, ids, mask, pos):
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits
 
 
 def test_roomy_cache_decodes_exactly_as_the_dynamic_cache(tiny_model, monkeypatch):
@@ -362,9 +393,9 @@ def test_a_step_inside_the_buffer_writes_in_place(tiny_model):
     cache = roomy_cache()()
     ids = torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, cache=cache, use_cache=True)
         ptrs = [layer._k.data_ptr() for layer in cache.layers]
         for t in range(20):
-            model(input_ids=ids[:, :1], position_ids=torch.full((2, 1), 5 + t), past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :1], position_ids=torch.full((2, 1), 5 + t), cache=cache, use_cache=True)
     assert [layer._k.data_ptr() for layer in cache.layers] == ptrs  # 25 positions fit the first buffer
     assert all(layer.keys.shape[2] == 25 and layer.keys.data_ptr() == layer._k.data_ptr() for layer in cache.layers)
