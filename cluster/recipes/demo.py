@@ -56,6 +56,7 @@ class DemoSettings:
     eval_samples: int
     max_new_tokens: int
     lr: float
+    adapter_lr: float  # the learning rate of LoRA adapters (the study's conditioned policy)
     beta: float
     epochs: int
     micro_batch_size: int
@@ -63,10 +64,12 @@ class DemoSettings:
     prompt_pool: str  # reward_models.prompts.POOLS: where training and held-out prompts are drawn from
 
 
-TINY = DemoSettings(train_prompts=96, eval_prompts=24, samples=6, eval_samples=4, max_new_tokens=40,
-                    lr=1e-3, beta=0.1, epochs=3, micro_batch_size=8, mpo_prompts=32, prompt_pool="tiny")
-FULL = DemoSettings(train_prompts=48, eval_prompts=16, samples=4, eval_samples=2, max_new_tokens=64,
-                    lr=2e-5, beta=0.1, epochs=2, micro_batch_size=4, mpo_prompts=16, prompt_pool="short")
+# adapter_lr: at 2e-3 SmolLM2's rank-8 adapters reach 61-63% of a full DPO job's reward margin on their
+# training pairs; at 2e-4, 6-8%, and the policy barely moved (README, Results). The tiny model's 1e-3 moves them.
+TINY = DemoSettings(train_prompts=96, eval_prompts=24, samples=6, eval_samples=4, max_new_tokens=40, lr=1e-3,
+                    adapter_lr=1e-3, beta=0.1, epochs=3, micro_batch_size=8, mpo_prompts=32, prompt_pool="tiny")
+FULL = DemoSettings(train_prompts=48, eval_prompts=16, samples=4, eval_samples=2, max_new_tokens=64, lr=2e-5,
+                    adapter_lr=2e-3, beta=0.1, epochs=2, micro_batch_size=4, mpo_prompts=16, prompt_pool="short")
 
 
 def base_model(tiny: bool, out: Path) -> str:

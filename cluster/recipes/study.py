@@ -334,7 +334,7 @@ def conditioned(p) -> Dict[str, str]:
     from trainers.jobs.conditioned import VERTICES_DIR
 
     model = p.fit("conditioned", JOBS["conditioned"], p.made["pairs_multi"], objectives=list(OBJECTIVES),
-                  **{"train.zero_stage": min(p.train["train.zero_stage"], 2)})
+                  **{"train.zero_stage": min(p.train["train.zero_stage"], 2), "train.lr": p.s.adapter_lr})
     return {k: str(Path(model) / VERTICES_DIR / k) for k in OBJECTIVES}
 
 
