@@ -345,6 +345,7 @@ def test_the_kv_cache_goes_by_the_name_the_forward_takes(loaded):
     assert cache_argument(_BeforeTheRename) == "past_key_values"
     assert got == older == [_hf_greedy(models[0], i, 12, tok.eos_token_id) for i in ids]
 
+
 def _step(model, cache, ids, mask, pos):
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits
 
